@@ -1,0 +1,109 @@
+"""The lwqc IR: matmul sites, transformer blocks and the dataflow between them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+import networkx as nx
+import numpy as np
+
+from lwqc.ir.annotations import Annotation, annotation_key
+
+if TYPE_CHECKING:
+    from lwqc.ir.packed import PackedWeight
+    from lwqc.ir.plan import Plan
+
+
+class WeightSource(Protocol):
+    """What a frontend hands the IR: the weights behind the sites, in ``[out, in]`` order."""
+
+    def weight(self, site_id: str) -> np.ndarray: ...
+
+
+@dataclasses.dataclass
+class MatmulSite:
+    """One weight-bearing matmul; ``id`` is the qualified module name of its weight."""
+
+    id: str
+    role: str
+    block: int | None
+    shape: tuple[int, int]  # (out_features, in_features)
+    fusion_group: str
+    order: int
+    stats: dict[str, Annotation] = dataclasses.field(default_factory=dict)
+
+    @property
+    def params(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclasses.dataclass
+class Block:
+    """A transformer layer; its residual-stream input and output are the module's input/output."""
+
+    index: int
+    module: str
+    sites: list[str]
+    stats: dict[str, Annotation] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Graph:
+    """Sites and blocks in execution order, site-to-site dataflow, and what passes produced.
+
+    ``available`` holds the keys of everything the passes have provided so far
+    (``site.entropy``, ``plan``, ``packed``, ``lowered.onnx``); the pass manager checks
+    declared requirements against it.
+    """
+
+    model_id: str
+    architecture: str
+    sites: dict[str, MatmulSite]
+    blocks: list[Block]
+    dataflow: nx.DiGraph
+    keep_bits: int = 32
+    excluded: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    source: Any = None
+    plan: Plan | None = None
+    packed: dict[str, PackedWeight] = dataclasses.field(default_factory=dict)
+    lowered: dict[str, Any] = dataclasses.field(default_factory=dict)
+    available: set[str] = dataclasses.field(default_factory=set)
+
+    def __iter__(self) -> Iterator[MatmulSite]:
+        return iter(self.sites.values())
+
+    @property
+    def total_params(self) -> int:
+        return sum(site.params for site in self)
+
+    def weight(self, site_id: str) -> np.ndarray:
+        """The float weight of a site, ``[out, in]`` float32."""
+        if self.source is None:
+            raise RuntimeError("this graph was read back from an artifact and holds no weights")
+        return self.source.weight(site_id)
+
+    def block(self, index: int) -> Block:
+        return self.blocks[index]
+
+    def annotate_site(self, site_id: str, annotation: Annotation) -> None:
+        self.sites[site_id].stats[annotation_key(annotation)] = annotation
+        self.available.add(f"site.{annotation_key(annotation)}")
+
+    def annotate_block(self, index: int, annotation: Annotation) -> None:
+        self.blocks[index].stats[annotation_key(annotation)] = annotation
+        self.available.add(f"block.{annotation_key(annotation)}")
+
+    def block_dataflow(self) -> nx.DiGraph:
+        """The dataflow contracted to blocks (sites outside blocks keep their own node)."""
+        def unit(site_id: str) -> str:
+            block = self.sites[site_id].block
+            return site_id if block is None else self.blocks[block].module
+
+        contracted = nx.DiGraph()
+        contracted.add_nodes_from(dict.fromkeys(unit(s) for s in self.sites))
+        for a, b in self.dataflow.edges:
+            if unit(a) != unit(b):
+                contracted.add_edge(unit(a), unit(b))
+        return contracted
