@@ -64,6 +64,7 @@ class Graph:
     blocks: list[Block]
     dataflow: nx.DiGraph
     keep_bits: int = 32
+    weights_sha256: str = ""
     excluded: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     source: Any = None
     plan: Plan | None = None

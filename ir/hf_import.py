@@ -205,6 +205,7 @@ def lift(source: HFSource, model_id: str) -> Graph:
         blocks=blocks,
         dataflow=_dataflow(ep.graph, site_nodes),
         keep_bits=32,
+        weights_sha256=source.weights_sha256,
         excluded=excluded,
         source=source,
     )

@@ -118,7 +118,7 @@ def _number(value: Any) -> Any:
     return round(value, 9) if isinstance(value, float) else value
 
 
-def plan_document(graph: Graph, pipeline: str, weights_sha256: str) -> dict[str, Any]:
+def plan_document(graph: Graph, pipeline: str) -> dict[str, Any]:
     """The JSON document of ``plan.json``: everything needed to explain and re-apply the plan."""
     plan = graph.plan
     if plan is None:
@@ -141,7 +141,7 @@ def plan_document(graph: Graph, pipeline: str, weights_sha256: str) -> dict[str,
         "model": {
             "id": graph.model_id,
             "architecture": graph.architecture,
-            "weights_sha256": weights_sha256,
+            "weights_sha256": graph.weights_sha256,
             "keep_bits": graph.keep_bits,
         },
         "pipeline": pipeline,
@@ -217,6 +217,7 @@ def graph_from_document(document: dict[str, Any]) -> Graph:
         blocks=blocks,
         dataflow=nx.DiGraph(),
         keep_bits=document["model"]["keep_bits"],
+        weights_sha256=document["model"]["weights_sha256"],
     )
     graph.plan = Plan(
         specs=specs_from_document(document),

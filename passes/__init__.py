@@ -1,0 +1,14 @@
+"""Passes: analyses annotate, policies plan, transforms quantize. Importing registers them."""
+
+from lwqc.passes import (  # noqa: F401  (each module registers its passes)
+    apply_plan,
+    entropy,
+    outliers,
+    policy_entropy,
+    policy_llamacpp,
+    policy_random,
+    policy_uniform,
+    policy_zd,
+    quantize,
+    zd,
+)

@@ -1,0 +1,119 @@
+"""The pass contract: a declared kind, declared annotations in and out, typed options.
+
+A pass is a class with one method, ``run(graph, context)``. It declares what it requires and
+provides (``site.entropy``, ``block.entropy``, ``plan``, ``packed``, ``lowered.onnx``); the pass
+manager checks both sides, so a pass cannot lie about what it did. Options are declared once,
+parsed from the pipeline text and validated with a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, ClassVar, TypeVar
+
+from lwqc.ir.errors import PipelineError
+from lwqc.ir.graph import Graph
+
+T = TypeVar("T")
+
+
+class PassKind(enum.Enum):
+    ANALYSIS = "analysis"  # writes annotations, never changes graph, plan or packed weights
+    POLICY = "policy"  # writes the plan
+    TRANSFORM = "transform"  # quantizes or lowers
+
+
+class PassContractError(PipelineError):
+    """A pass did not provide what it declared, or an analysis changed the graph."""
+
+
+class MissingRequirementError(PipelineError):
+    """A pass needs an annotation that no earlier pass in the pipeline provides."""
+
+
+def choice(*allowed: str) -> Callable[[str], str]:
+    """An option parser accepting one of ``allowed``."""
+
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return text
+
+    parse.__name__ = "|".join(allowed)
+    return parse
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A typed pass option: ``parse`` turns pipeline text into the value."""
+
+    parse: Callable[[str], Any]
+    default: Any = None
+    help: str = ""
+    multiple: bool = False
+
+
+class PassContext:
+    """What the manager lends a running pass: progress reporting."""
+
+    def __init__(self, show_progress: bool = False) -> None:
+        self.show_progress = show_progress
+
+    def progress(self, items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
+        if not self.show_progress:
+            yield from items
+            return
+        from tqdm import tqdm
+
+        yield from tqdm(items, total=total, desc=desc, leave=False, unit="site")
+
+
+class Pass:
+    """Base of all passes. Subclasses set ``name``, ``kind`` and implement ``run``."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[PassKind]
+    requires: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[tuple[str, ...]] = ()
+    options: ClassVar[dict[str, Option]] = {}
+
+    def __init__(self, **values: Any) -> None:
+        unknown = sorted(set(values) - set(self.options))
+        if unknown:
+            known = ", ".join(self.options) or "none"
+            raise PipelineError(
+                f"pass '{self.name}' has no option {unknown[0]!r} (its options: {known})"
+            )
+        self.values = {name: values.get(name, opt.default) for name, opt in self.options.items()}
+        self.validate()
+
+    def validate(self) -> None:
+        """Check option combinations; raise ``PipelineError`` with the fix."""
+
+    def required(self) -> tuple[str, ...]:
+        """What must be available before this pass runs (may depend on options)."""
+        return self.requires
+
+    def run(self, graph: Graph, context: PassContext) -> None:
+        raise NotImplementedError(f"pass '{self.name}' does not implement run()")
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.values == other.values  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        return f"<pass {self.name} {self.values}>"
+
+
+REGISTRY: dict[str, type[Pass]] = {}
+
+P = TypeVar("P", bound=type[Pass])
+
+
+def register(cls: P) -> P:
+    """Class decorator: make a pass available to pipelines by its name."""
+    if cls.name in REGISTRY:
+        raise RuntimeError(f"two passes are named {cls.name!r}")
+    REGISTRY[cls.name] = cls
+    return cls

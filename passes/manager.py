@@ -1,0 +1,109 @@
+"""Run a pipeline: check each pass's contract, time it, and print the IR where asked."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import TextIO
+
+from lwqc.ir.graph import Graph
+from lwqc.ir.text import print_ir
+from lwqc.passes.base import (
+    MissingRequirementError,
+    Pass,
+    PassContext,
+    PassContractError,
+    PassKind,
+)
+from lwqc.passes.pipeline import format_pass, format_pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class PassTiming:
+    name: str
+    seconds: float
+
+
+class PassManager:
+    """Runs passes in order over one graph.
+
+    ``print_ir_after`` holds pass names (or ``"all"``) after which the IR text is written to
+    ``ir_stream``; ``log`` receives one timing line per pass unless it is ``None``.
+    """
+
+    def __init__(
+        self,
+        passes: list[Pass],
+        print_ir_after: tuple[str, ...] = (),
+        show_progress: bool = False,
+        log: TextIO | None = None,
+        ir_stream: TextIO | None = None,
+    ) -> None:
+        self.passes = passes
+        self.print_ir_after = set(print_ir_after)
+        self.context = PassContext(show_progress=show_progress)
+        self.log = log
+        self.ir_stream = ir_stream or sys.stdout
+        self.timings: list[PassTiming] = []
+
+    @property
+    def pipeline(self) -> str:
+        return format_pipeline(self.passes)
+
+    def check(self, available: set[str]) -> None:
+        """Fail before running anything if some pass's requirement is never provided."""
+        have = set(available)
+        for p in self.passes:
+            missing = [key for key in p.required() if key not in have]
+            if missing:
+                raise MissingRequirementError(
+                    f"pass '{p.name}' needs {missing[0]}, which no earlier pass provides; "
+                    f"add the pass that provides it before '{p.name}' in the pipeline"
+                )
+            have |= set(p.provides)
+
+    def run(self, graph: Graph) -> Graph:
+        self.check(graph.available)
+        for p in self.passes:
+            plan_before, packed_before = graph.plan, dict(graph.packed)
+            start = time.perf_counter()
+            p.run(graph, self.context)
+            seconds = time.perf_counter() - start
+            self.timings.append(PassTiming(p.name, seconds))
+            graph.available |= set(p.provides)
+            self._check_outcome(p, graph, plan_before, packed_before)
+            if self.log is not None:
+                print(f"lwqc: {format_pass(p)} {seconds:.2f} s", file=self.log)
+            if p.name in self.print_ir_after or "all" in self.print_ir_after:
+                print(f"// ----- IR after {p.name} -----", file=self.ir_stream)
+                self.ir_stream.write(print_ir(graph))
+        return graph
+
+    @staticmethod
+    def _check_outcome(p: Pass, graph: Graph, plan_before, packed_before) -> None:
+        if p.kind is PassKind.ANALYSIS and (
+            graph.plan is not plan_before or graph.packed != packed_before
+        ):
+            raise PassContractError(f"analysis pass '{p.name}' changed the plan or packed weights")
+        if "plan" in p.provides and graph.plan is None:
+            raise PassContractError(f"pass '{p.name}' declares 'plan' but wrote none")
+        if "plan" in p.provides and set(graph.plan.specs) != set(graph.sites):
+            raise PassContractError(f"pass '{p.name}' wrote a plan that does not cover every site")
+        if "packed" in p.provides:
+            assert graph.plan is not None
+            expected = {s for s, spec in graph.plan.specs.items() if not spec.kept}
+            if set(graph.packed) != expected:
+                raise PassContractError(f"pass '{p.name}' did not pack every quantized site")
+        for key in p.provides:
+            if key.startswith(("site.", "block.")) and not _annotated(graph, key):
+                raise PassContractError(f"pass '{p.name}' declares {key} but did not write it")
+            if key.startswith("lowered.") and key.removeprefix("lowered.") not in graph.lowered:
+                raise PassContractError(f"pass '{p.name}' declares {key} but lowered nothing")
+
+
+def _annotated(graph: Graph, key: str) -> bool:
+    scope, name = key.split(".", 1)
+    if scope == "site":
+        return all(name in site.stats for site in graph)
+    return all(name in block.stats for block in graph.blocks)

@@ -1,0 +1,37 @@
+"""Entropy policy, EWQ (arXiv 2503.04704).
+
+1. With a budget (``bits=`` or ``ratio=``): units ranked by entropy, higher = more bits.
+2. Without one, EWQ's threshold rule over the units' entropies (mean mu, std sigma):
+   H < mu - k*sigma -> ``lo`` (4 bits); up to mu + k*sigma -> ``hi`` (8 bits); above -> kept
+   float. ``k`` defaults to 0.65.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lwqc.ir.graph import Graph
+from lwqc.ir.packed import KEEP_BITS
+from lwqc.passes.base import Option, register
+from lwqc.passes.policy import BUDGET_OPTIONS, PolicyPass
+from lwqc.passes.solver import Unit
+
+
+@register
+class EntropyPolicy(PolicyPass):
+    name = "policy-entropy"
+    score_key = "entropy"
+    options = {**BUDGET_OPTIONS, "k": Option(float, 0.65, "threshold width in std units")}
+
+    def rule(self, graph: Graph, units: list[Unit], importance: list[float]) -> list[int]:
+        scores = np.asarray(importance)
+        mu, sigma, k = scores.mean(), scores.std(), self.values["k"]
+        lo, hi = self.values["lo"] or 4, self.values["hi"] or 8
+        return [
+            lo if h < mu - k * sigma else hi if h <= mu + k * sigma else KEEP_BITS
+            for h in scores
+        ]
+
+    def rule_notes(self) -> list[str]:
+        k = self.values["k"]
+        return [f"EWQ threshold rule: H < mu-{k:g}sd -> lo, <= mu+{k:g}sd -> hi, above -> float"]

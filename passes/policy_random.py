@@ -1,0 +1,19 @@
+"""Random-order policy: a seeded random importance, the baseline every ranking must beat."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lwqc.ir.graph import Graph
+from lwqc.passes.base import Option, register
+from lwqc.passes.policy import BUDGET_OPTIONS, PolicyPass
+from lwqc.passes.solver import Unit
+
+
+@register
+class RandomPolicy(PolicyPass):
+    name = "policy-random"
+    options = {**BUDGET_OPTIONS, "seed": Option(int, 0, "random seed")}
+
+    def importance(self, graph: Graph, units: list[Unit]) -> list[float]:
+        return list(np.random.default_rng(self.values["seed"]).permutation(len(units)) * 1.0)

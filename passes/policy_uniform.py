@@ -1,0 +1,34 @@
+"""Uniform policy: every site at one width (``width=W``), or the widest that fits ``bits=B``."""
+
+from __future__ import annotations
+
+from lwqc.ir.errors import PipelineError
+from lwqc.ir.graph import Graph
+from lwqc.passes.base import Option, register
+from lwqc.passes.policy import BUDGET_OPTIONS, PolicyPass, width
+from lwqc.passes.solver import Unit
+
+
+@register
+class UniformPolicy(PolicyPass):
+    name = "policy-uniform"
+    options = {"width": Option(width, None, "the one width for every site"), **BUDGET_OPTIONS}
+
+    def validate(self) -> None:
+        super().validate()
+        v = self.values
+        if v["width"] is None and v["bits"] is None:
+            raise PipelineError("policy-uniform needs width=W or bits=B")
+        if v["width"] is not None and (v["bits"] is not None or v["ratio"] is not None):
+            raise PipelineError("policy-uniform takes width=W or bits=B, not both")
+        if v["ratio"] is not None or v["hi"] is not None:
+            raise PipelineError("policy-uniform has one width: ratio= and hi= do not apply")
+
+    def importance(self, graph: Graph, units: list[Unit]) -> list[float]:
+        return [0.0] * len(units)
+
+    def rule(self, graph: Graph, units: list[Unit], importance: list[float]) -> list[int]:
+        return [self.values["width"]] * len(units)
+
+    def ladder(self, graph, units, capacity, pinned_bits) -> list[int]:
+        return super().ladder(graph, units, capacity, pinned_bits)[:1]

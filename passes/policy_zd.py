@@ -1,0 +1,12 @@
+"""ZD policy (arXiv 2406.17415): smaller z-score fraction = more important = more bits."""
+
+from __future__ import annotations
+
+from lwqc.passes.base import register
+from lwqc.passes.policy import PolicyPass
+
+
+@register
+class ZDPolicy(PolicyPass):
+    name = "policy-zd"
+    score_key = "zd"

@@ -1,0 +1,91 @@
+"""The budget solver every policy shares: scores + budget -> one width per unit.
+
+A unit is a set of sites that share a width (a block at ``layer`` granularity, one site at
+``matmul`` granularity). Costs are physical bytes (codes + scales + zero points).
+1. ``fill_by_importance`` (``--bits``): start every unit at the lowest width of the ladder,
+   then walk units from most to least important and move each to the next width whenever
+   the total still fits; repeat for each rung. The plan never exceeds the budget.
+2. ``split_by_ratio`` (``--ratio``): the least important units go to the low width while the
+   low-precision share of parameters stays at most the ratio.
+Ties in importance are broken by execution order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+
+from lwqc.ir.graph import Graph
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    name: str
+    sites: tuple[str, ...]
+    params: int
+    block: int | None
+    order: int
+
+
+def make_units(graph: Graph, granularity: str, exclude: set[str] = frozenset()) -> list[Unit]:
+    """Units at ``layer`` (a block, or a site outside blocks) or ``matmul`` granularity."""
+    groups: dict[str, list[str]] = {}
+    blocks: dict[str, int | None] = {}
+    for site in graph:
+        if site.id in exclude:
+            continue
+        if granularity == "layer" and site.block is not None:
+            name = graph.blocks[site.block].module
+        else:
+            name = site.id
+        groups.setdefault(name, []).append(site.id)
+        blocks[name] = site.block
+    return [
+        Unit(name, tuple(ids), sum(graph.sites[s].params for s in ids), blocks[name], order)
+        for order, (name, ids) in enumerate(groups.items())
+    ]
+
+
+def ranked(units: Sequence[Unit], importance: Sequence[float]) -> list[int]:
+    """Unit indices from most to least important (ties: earlier in execution first)."""
+    return sorted(range(len(units)), key=lambda i: (-importance[i], units[i].order))
+
+
+def fill_by_importance(
+    units: Sequence[Unit],
+    importance: Sequence[float],
+    ladder: Sequence[int],
+    cost: Callable[[Unit, int], int],
+    capacity_bits: Fraction,
+) -> list[int] | None:
+    """Widths per unit from ``ladder`` (ascending) within ``capacity_bits``; None if infeasible."""
+    widths = [ladder[0]] * len(units)
+    used = 8 * sum(cost(u, ladder[0]) for u in units)
+    if used > capacity_bits:
+        return None
+    order = ranked(units, importance)
+    for rung in range(1, len(ladder)):
+        for i in order:
+            if widths[i] != ladder[rung - 1]:
+                continue
+            extra = 8 * (cost(units[i], ladder[rung]) - cost(units[i], widths[i]))
+            if used + extra <= capacity_bits:
+                widths[i] = ladder[rung]
+                used += extra
+    return widths
+
+
+def split_by_ratio(
+    units: Sequence[Unit], importance: Sequence[float], ratio: Fraction, lo: int, hi: int
+) -> list[int]:
+    """Least important units at ``lo`` while their parameter share stays <= ``ratio``."""
+    total = sum(u.params for u in units)
+    widths = [hi] * len(units)
+    low = 0
+    for i in reversed(ranked(units, importance)):
+        if Fraction(low + units[i].params, total) > ratio:
+            break
+        widths[i] = lo
+        low += units[i].params
+    return widths
