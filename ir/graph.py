@@ -65,6 +65,7 @@ class Graph:
     dataflow: nx.DiGraph
     keep_bits: int = 32
     weights_sha256: str = ""
+    pipeline: str = ""
     excluded: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     source: Any = None
     plan: Plan | None = None

@@ -109,16 +109,11 @@ def totals(graph: Graph, specs: dict[str, QuantSpec]) -> Totals:
 
 def _annotations_json(stats: dict) -> dict[str, Any]:
     return {
-        key: {"source": a.source, **{k: _number(v) for k, v in a.values().items()}}
-        for key, a in sorted(stats.items())
+        key: {"source": a.source, **a.values()} for key, a in sorted(stats.items())
     }
 
 
-def _number(value: Any) -> Any:
-    return round(value, 9) if isinstance(value, float) else value
-
-
-def plan_document(graph: Graph, pipeline: str) -> dict[str, Any]:
+def plan_document(graph: Graph) -> dict[str, Any]:
     """The JSON document of ``plan.json``: everything needed to explain and re-apply the plan."""
     plan = graph.plan
     if plan is None:
@@ -144,7 +139,7 @@ def plan_document(graph: Graph, pipeline: str) -> dict[str, Any]:
             "weights_sha256": graph.weights_sha256,
             "keep_bits": graph.keep_bits,
         },
-        "pipeline": pipeline,
+        "pipeline": graph.pipeline,
         "policy": plan.policy,
         "budget": plan.budget,
         "counted": "the weights of all matmul sites below (biases, norms and embeddings excluded)",
@@ -171,7 +166,9 @@ def read_plan(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise PlanError(f"plan file {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PlanError(f"plan file {path} is not valid JSON ({exc}); restore it or recompile")
+        raise PlanError(
+            f"plan file {path} is not valid JSON ({exc}); restore it or recompile"
+        ) from None
     if not isinstance(document, dict) or document.get("schema") != SCHEMA:
         raise PlanError(f"plan file {path} is not an {SCHEMA} document (missing or wrong 'schema')")
     sites = document.get("sites")

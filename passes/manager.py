@@ -65,6 +65,7 @@ class PassManager:
 
     def run(self, graph: Graph) -> Graph:
         self.check(graph.available)
+        graph.pipeline = self.pipeline
         for p in self.passes:
             plan_before, packed_before = graph.plan, dict(graph.packed)
             start = time.perf_counter()

@@ -1,0 +1,154 @@
+"""The ``lwqc`` command line: compile, eval, show."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from lwqc.ir.errors import LwqcError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors end with one line, like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def _add_compile(sub) -> None:
+    p = sub.add_parser("compile", help="quantize a model under a budget and lower it")
+    p.add_argument("model", help="Hugging Face model directory or hub id")
+    p.add_argument("-o", "--out", required=True, type=Path, help="artifact directory to write")
+    p.add_argument("--policy", default="entropy",
+                   help="entropy | zd | uniform | random | llamacpp (default: entropy)")
+    budget = p.add_argument_group("budget (one of --bits, --ratio, --width; none = the "
+                                  "policy's own rule)")
+    budget.add_argument("--bits", type=float, help="average physical bits per weight, "
+                        "scales and zero points counted; never exceeded")
+    budget.add_argument("--ratio", type=float, help="share of parameters at the low width")
+    budget.add_argument("--width", type=int, help="uniform policy: every site at this width")
+    budget.add_argument("--hi", type=int, help="high width (2, 3, 4, 8, 16 = float)")
+    budget.add_argument("--lo", type=int, help="low width")
+    p.add_argument("--granularity", choices=("layer", "matmul"),
+                   help="unit sharing one width (default: matmul)")
+    p.add_argument("--group-size", type=int, help="group size along the input dim (128)")
+    p.add_argument("--scheme", choices=("rtn-asym", "rtn-sym"), help="default rtn-asym")
+    p.add_argument("--override", action="append", metavar="REGEX=BITS",
+                   help="pin sites whose id matches REGEX (repeatable; first match wins)")
+    p.add_argument("--seed", type=int, help="random policy seed")
+    p.add_argument("--k", type=float, help="entropy rule threshold in std units (0.65)")
+    p.add_argument("--plan", type=Path, help="recompile from an (edited) plan.json")
+    p.add_argument("--pipeline", help="full pipeline text, e.g. "
+                   "'zd,entropy,policy-entropy{bits=4.5},quantize,lower-onnx'")
+    p.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
+                   help="print the IR after PASS (repeatable, or 'all')")
+    p.add_argument("--backend", choices=("onnx", "torch"), default="onnx",
+                   help="onnx: model.onnx; torch: packed.safetensors for the eager module")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress or timings")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="measure a compiled artifact against its float model")
+    p.add_argument("out", type=Path, help="artifact directory written by lwqc compile")
+    p.add_argument("--data", default=None,
+                   help="wikitext2 (causal LMs), stsb (encoders) or a text FILE")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--windows", type=int, default=None, help="first N windows (default: all)")
+    p.add_argument("--backend", choices=("onnx", "torch"), default=None,
+                   help="runtime for the quantized model (default: what the artifact holds)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_show(sub) -> None:
+    p = sub.add_parser("show", help="print the IR of a model or of a compiled artifact")
+    p.add_argument("target", help="model directory / hub id, or an artifact directory")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lwqc", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_compile(sub)
+    _add_eval(sub)
+    _add_show(sub)
+    return parser
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from lwqc.compile import CompileRequest, compile_model, default_passes, plan_passes, policy_pass
+    from lwqc.passes.pipeline import parse_pipeline
+
+    if args.pipeline and args.plan:
+        raise LwqcError("give --pipeline or --plan, not both")
+    if args.pipeline:
+        pass_list = parse_pipeline(args.pipeline)
+    elif args.plan:
+        pass_list = plan_passes(args.plan, args.backend)
+    else:
+        options = {
+            "bits": args.bits, "ratio": args.ratio, "width": args.width, "hi": args.hi,
+            "lo": args.lo, "granularity": args.granularity, "group_size": args.group_size,
+            "scheme": args.scheme, "override": args.override, "seed": args.seed, "k": args.k,
+        }
+        pass_list = default_passes(policy_pass(args.policy, options), args.backend)
+    request = CompileRequest(
+        model=args.model, out=args.out, passes=pass_list,
+        print_ir_after=tuple(args.print_ir_after), trust_remote_code=args.trust_remote_code,
+        show_progress=not args.quiet and sys.stderr.isatty(),
+    )
+    compile_model(request, log=None if args.quiet else sys.stderr)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from lwqc.evaluate import evaluate, format_result
+
+    result = evaluate(args.out, data=args.data, seq_len=args.seq_len, windows=args.windows,
+                      backend=args.backend)
+    print(json.dumps(result, sort_keys=True) if args.json else format_result(result))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from lwqc.artifacts import PLAN_FILE
+    from lwqc.ir.hf_import import import_hf
+    from lwqc.ir.plan import graph_from_document, read_plan
+    from lwqc.ir.text import print_ir
+
+    target = Path(args.target)
+    if (target / PLAN_FILE).exists():
+        graph = graph_from_document(read_plan(target / PLAN_FILE))
+    else:
+        graph = import_hf(args.target, args.trust_remote_code)
+    sys.stdout.write(print_ir(graph))
+    return 0
+
+
+COMMANDS = {"compile": _compile, "eval": _eval, "show": _show}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except LwqcError as exc:
+        if args.debug:
+            raise
+        print(f"lwqc: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("lwqc: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""``lwqc compile``: import, run the pipeline, write plan.json, model.onnx and report.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from lwqc import backends, passes  # noqa: F401  (registers every pass)
+from lwqc.artifacts import (
+    MODEL_FILE,
+    PACKED_FILE,
+    PLAN_FILE,
+    REPORT_FILE,
+    atomic_directory,
+)
+from lwqc.backends import onnxruntime as ort_backend
+from lwqc.ir.errors import LwqcError, PipelineError
+from lwqc.ir.graph import Graph
+from lwqc.ir.hf_import import import_hf
+from lwqc.ir.packed import PackedWeight
+from lwqc.ir.plan import plan_document, totals, write_plan
+from lwqc.passes.apply_plan import ApplyPlanPass
+from lwqc.passes.base import REGISTRY, Pass, PassKind
+from lwqc.passes.entropy import EntropyPass
+from lwqc.passes.manager import PassManager, PassTiming
+from lwqc.passes.outliers import OutliersPass
+from lwqc.passes.quantize import QuantizePass
+from lwqc.passes.zd import ZDPass
+from lwqc.report import render
+
+LOWERINGS = {"onnx": "lower-onnx", "torch": "lower-torch"}
+
+
+def policies() -> list[str]:
+    return sorted(name.removeprefix("policy-") for name in REGISTRY if name.startswith("policy-"))
+
+
+def policy_pass(policy: str, values: dict[str, Any]) -> Pass:
+    """The policy pass for ``--policy NAME`` configured with the given (non-None) options."""
+    cls = REGISTRY.get(f"policy-{policy}")
+    if cls is None:
+        raise LwqcError(f"unknown policy {policy!r}: choose one of {', '.join(policies())}")
+    given = {k: v for k, v in values.items() if v is not None and v != []}
+    unsupported = sorted(set(given) - set(cls.options))
+    if unsupported:
+        raise LwqcError(
+            f"--{unsupported[0].replace('_', '-')} does not apply to policy {policy!r}"
+        )
+    return cls(**given)
+
+
+def default_passes(policy: Pass, backend: str) -> list[Pass]:
+    """Weight analyses (cheap, recorded in the plan), the policy, quantize, the lowering."""
+    lowering = REGISTRY[LOWERINGS[backend]]()
+    return [ZDPass(), EntropyPass(), OutliersPass(), policy, QuantizePass(), lowering]
+
+
+def plan_passes(plan_file: Path, backend: str) -> list[Pass]:
+    return default_passes(ApplyPlanPass(file=str(plan_file)), backend)
+
+
+@dataclasses.dataclass
+class CompileRequest:
+    model: str
+    out: Path
+    passes: list[Pass]
+    print_ir_after: tuple[str, ...] = ()
+    trust_remote_code: bool = False
+    show_progress: bool = False
+
+
+def _check_pipeline(request: CompileRequest) -> None:
+    names = [p.name for p in request.passes]
+    if not any(p.kind is PassKind.POLICY for p in request.passes):
+        raise PipelineError("the pipeline has no policy pass (policy-* or apply-plan)")
+    if not set(names) & set(LOWERINGS.values()):
+        raise PipelineError("the pipeline has no lowering pass: end it with lower-onnx")
+    for name in request.print_ir_after:
+        if name != "all" and name not in names:
+            raise PipelineError(f"--print-ir-after {name}: no pass of that name in the pipeline")
+
+
+def _packed_tensors(packed: dict[str, PackedWeight]) -> dict[str, np.ndarray]:
+    tensors = {}
+    for site_id in sorted(packed):
+        weights = packed[site_id]
+        tensors[f"{site_id}.codes"] = weights.codes
+        tensors[f"{site_id}.scales"] = weights.scales
+        if weights.zero_points is not None:
+            tensors[f"{site_id}.zero_points"] = weights.zero_points
+    return tensors
+
+
+def write_artifacts(graph: Graph, directory: Path, timings: list[PassTiming]) -> None:
+    write_plan(directory / PLAN_FILE, plan_document(graph))
+    if "onnx" in graph.lowered:
+        ort_backend.save(graph.lowered["onnx"], directory / MODEL_FILE)
+    if "torch" in graph.lowered:
+        from safetensors.numpy import save_file
+
+        save_file(_packed_tensors(graph.packed), str(directory / PACKED_FILE))
+    (directory / REPORT_FILE).write_text(render(graph, timings))
+
+
+def compile_model(request: CompileRequest, log: TextIO | None = sys.stderr) -> Graph:
+    """Run the whole compile; the artifact appears at ``request.out`` only if all of it worked."""
+    _check_pipeline(request)
+    with atomic_directory(request.out) as staging:
+        graph = import_hf(request.model, request.trust_remote_code)
+        manager = PassManager(
+            request.passes, print_ir_after=request.print_ir_after,
+            show_progress=request.show_progress, log=log,
+        )
+        manager.run(graph)
+        write_artifacts(graph, staging, manager.timings)
+    if log is not None:
+        total = totals(graph, graph.plan.specs)
+        print(
+            f"lwqc: wrote {request.out}: {total.avg_bits_physical:.4f} physical bits/weight, "
+            f"{total.bytes:,} bytes of quantized weights ({total.bytes_float:,} as float)",
+            file=log,
+        )
+    return graph
