@@ -1,0 +1,208 @@
+"""``lwqc eval``: the compiled artifact against its float model.
+
+Causal LMs: perplexity over non-overlapping windows (every token but each window's first is
+predicted; NLL summed over all of them), KL(float || quantized) of the next-token
+distribution per predicted token, and top-1 agreement. Encoders: STS-B Spearman of the cosine
+of mean-pooled, L2-normalised embeddings, and the cosine to the float embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lwqc.artifacts import MODEL_FILE, PACKED_FILE, PLAN_FILE
+from lwqc.backends import onnxruntime as ort_backend
+from lwqc.backends import torch_eager
+from lwqc.data import read_text, stsb_pairs, wikitext2_text
+from lwqc.ir.errors import LwqcError
+from lwqc.ir.hf_import import load_module, weights_sha256
+from lwqc.ir.packed import PackedWeight
+from lwqc.ir.plan import read_plan
+
+Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
+BATCH = 4
+
+
+def read_packed_safetensors(path: Path, document: dict[str, Any]) -> dict[str, PackedWeight]:
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(path))
+    packed = {}
+    for site_id, entry in document["sites"].items():
+        if entry["bits"] == 16:
+            continue
+        packed[site_id] = PackedWeight(
+            bits=entry["bits"], group_size=entry["group_size"], scheme=entry["scheme"],
+            codes=tensors[f"{site_id}.codes"], scales=tensors[f"{site_id}.scales"],
+            zero_points=tensors.get(f"{site_id}.zero_points"),
+        )
+    return packed
+
+
+def _torch_runner(module: torch.nn.Module, output: str) -> Runner:
+    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            result = module(**{k: torch.from_numpy(v) for k, v in inputs.items()})
+        return result[output].numpy()
+
+    return run
+
+
+def _ort_runner(path: Path, output: str) -> Runner:
+    session = ort_backend.session(path)
+    names = {i.name for i in session.get_inputs()}
+
+    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return session.run([output], {k: v for k, v in inputs.items() if k in names})[0]
+
+    return run
+
+
+def quantized_runner(out: Path, document: dict, module: torch.nn.Module, output: str,
+                     backend: str | None) -> tuple[Runner, str]:
+    onnx_path, packed_path = out / MODEL_FILE, out / PACKED_FILE
+    backend = backend or ("onnx" if onnx_path.exists() else "torch")
+    if backend == "onnx":
+        if not onnx_path.exists():
+            raise LwqcError(f"{out} holds no {MODEL_FILE}; evaluate with --backend torch")
+        return _ort_runner(onnx_path, output), backend
+    if onnx_path.exists():
+        packed = ort_backend.read_packed(onnx_path)
+    elif packed_path.exists():
+        packed = read_packed_safetensors(packed_path, document)
+    else:
+        raise LwqcError(f"{out} holds neither {MODEL_FILE} nor {PACKED_FILE}")
+    return _torch_runner(torch_eager.build(module, packed), output), backend
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def language_model_metrics(
+    tokens: np.ndarray, seq_len: int, windows: int | None, float_run: Runner, quant_run: Runner
+) -> dict[str, Any]:
+    available = len(tokens) // seq_len
+    if available == 0:
+        raise LwqcError(f"the data has {len(tokens)} tokens, fewer than one window of {seq_len}")
+    count = available if windows is None else min(windows, available)
+    nll_fp = nll_q = kl = agree = 0.0
+    predicted = 0
+    for start in range(0, count, BATCH):
+        stop = min(start + BATCH, count)
+        ids = tokens[start * seq_len : stop * seq_len].reshape(stop - start, seq_len)
+        targets = ids[:, 1:, None]
+        lp_fp = _log_softmax(float_run({"input_ids": ids})[:, :-1])
+        lp_q = _log_softmax(quant_run({"input_ids": ids})[:, :-1])
+        nll_fp -= np.take_along_axis(lp_fp, targets, axis=-1).sum()
+        nll_q -= np.take_along_axis(lp_q, targets, axis=-1).sum()
+        kl += (np.exp(lp_fp) * (lp_fp - lp_q)).sum()
+        agree += np.count_nonzero(lp_fp.argmax(-1) == lp_q.argmax(-1))
+        predicted += targets.size
+    ppl_fp, ppl = math.exp(nll_fp / predicted), math.exp(nll_q / predicted)
+    return {
+        "ppl": ppl, "ppl_fp": ppl_fp, "delta_ppl": (ppl - ppl_fp) / ppl_fp,
+        "kld": kl / predicted, "top1_agreement": agree / predicted,
+        "windows": count, "seq_len": seq_len, "predicted_tokens": predicted,
+    }
+
+
+def _embed(tokenizer, sentences: list[str], run: Runner, seq_len: int) -> np.ndarray:
+    chunks = []
+    for start in range(0, len(sentences), 64):
+        batch = tokenizer(sentences[start : start + 64], padding=True, truncation=True,
+                          max_length=seq_len, return_tensors="np")
+        inputs = {"input_ids": batch["input_ids"].astype(np.int64),
+                  "attention_mask": batch["attention_mask"].astype(np.int64)}
+        hidden = run(inputs).astype(np.float64)
+        mask = inputs["attention_mask"][..., None]
+        pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1)
+        chunks.append(pooled / np.linalg.norm(pooled, axis=1, keepdims=True))
+    return np.concatenate(chunks)
+
+
+def encoder_metrics(tokenizer, seq_len: int, float_run: Runner, quant_run: Runner) -> dict:
+    from scipy.stats import spearmanr
+
+    pairs = stsb_pairs()
+    gold = np.array([score for score, _, _ in pairs])
+    sentences = [s for _, a, b in pairs for s in (a, b)]
+    result: dict[str, Any] = {"pairs": len(pairs)}
+    embeddings = {}
+    for name, run in (("fp", float_run), ("q", quant_run)):
+        e = _embed(tokenizer, sentences, run, seq_len)
+        embeddings[name] = e
+        cos = (e[0::2] * e[1::2]).sum(1)
+        result["spearman_fp" if name == "fp" else "spearman"] = float(spearmanr(cos, gold)[0])
+    result["cosine_to_fp"] = float((embeddings["fp"] * embeddings["q"]).sum(1).mean())
+    return result
+
+
+def evaluate(out: Path, data: str | None = None, seq_len: int = 512, windows: int | None = None,
+             backend: str | None = None) -> dict[str, Any]:
+    """Metrics of the artifact at ``out`` against its float model (see module docstring)."""
+    if not (out / PLAN_FILE).exists():
+        raise LwqcError(f"{out} is not an lwqc artifact (no {PLAN_FILE}); run lwqc compile first")
+    if seq_len < 2:
+        raise LwqcError("--seq-len must be at least 2")
+    document = read_plan(out / PLAN_FILE)
+    module, kind, model_id = load_module(document["model"]["id"])
+    if weights_sha256(module) != document["model"]["weights_sha256"]:
+        raise LwqcError(f"the float model at {model_id} changed since this artifact was compiled")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+    except (OSError, ValueError):
+        raise LwqcError(f"{model_id} has no tokenizer; lwqc eval needs one") from None
+    output = "logits" if kind == "causal-lm" else "last_hidden_state"
+    quant_run, used = quantized_runner(out, document, module, output, backend)
+    float_run = _torch_runner(module, output)
+    result: dict[str, Any] = {
+        "model": model_id, "backend": used, "policy": document["policy"],
+        "avg_bits_physical": document["totals"]["avg_bits_physical"],
+        "bytes": document["totals"]["bytes"],
+    }
+    if kind == "causal-lm":
+        if data in (None, "wikitext2"):
+            text, result["data"] = wikitext2_text(), "wikitext2-test"
+        elif data == "stsb":
+            raise LwqcError("stsb evaluates sentence encoders; this is a causal LM")
+        else:
+            text, result["data"] = read_text(Path(data)), data
+        tokens = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
+        result.update(language_model_metrics(tokens, seq_len, windows, float_run, quant_run))
+    else:
+        if data not in (None, "stsb"):
+            raise LwqcError("encoders are evaluated on STS-B: use --data stsb")
+        result["data"] = "stsb-dev"
+        result.update(encoder_metrics(tokenizer, seq_len, float_run, quant_run))
+    return result
+
+
+def format_result(result: dict[str, Any]) -> str:
+    lines = [f"model {result['model']}  backend {result['backend']}  policy {result['policy']}",
+             f"physical bits/weight {result['avg_bits_physical']:.4f}"]
+    if "ppl" in result:
+        lines += [
+            f"{result['data']}: {result['windows']} windows x {result['seq_len']} tokens",
+            f"perplexity {result['ppl']:.4f} (float {result['ppl_fp']:.4f}, "
+            f"{100 * result['delta_ppl']:+.3f} %)",
+            f"KL(float || quantized) {result['kld']:.6f} nats/token, "
+            f"top-1 agreement {100 * result['top1_agreement']:.2f} %",
+        ]
+    else:
+        lines += [
+            f"STS-B dev ({result['pairs']} pairs): Spearman {result['spearman']:.4f} "
+            f"(float {result['spearman_fp']:.4f})",
+            f"cosine to float embeddings {result['cosine_to_fp']:.6f}",
+        ]
+    return "\n".join(lines)
