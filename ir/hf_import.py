@@ -67,6 +67,15 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or os.sep in model.strip("/").split(os.sep, 2)[-1]
 
 
+def _is_causal_lm(config, auto_causal) -> bool:
+    """Causal when the checkpoint says so (``*ForCausalLM``, ``*LMHeadModel``); encoders such
+    as ``BertModel`` stay encoders even though their config also maps to a causal head."""
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    return type(config) in auto_causal._model_mapping
+
+
 def load_module(model: str, trust_remote_code: bool = False) -> tuple[torch.nn.Module, str, str]:
     """Load ``model`` (local directory or hub id) as float32; returns (module, kind, id)."""
     import transformers
@@ -90,10 +99,9 @@ def load_module(model: str, trust_remote_code: bool = False) -> tuple[torch.nn.M
         config = transformers.AutoConfig.from_pretrained(
             model_id, trust_remote_code=trust_remote_code
         )
-        if type(config) in transformers.AutoModelForCausalLM._model_mapping:
-            module, kind = transformers.AutoModelForCausalLM.from_pretrained(model_id, **common), (
-                "causal-lm"
-            )
+        if _is_causal_lm(config, transformers.AutoModelForCausalLM):
+            module = transformers.AutoModelForCausalLM.from_pretrained(model_id, **common)
+            kind = "causal-lm"
         else:
             module, kind = transformers.AutoModel.from_pretrained(model_id, **common), "encoder"
     except OSError as exc:

