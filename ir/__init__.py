@@ -1,1 +1,1 @@
-"""The lwqc IR: matmul sites, blocks, annotations, plans and packed weights (imports nothing else)."""
+"""The lwqc IR: matmul sites, blocks, annotations, plans, packed weights (no other imports)."""

@@ -19,7 +19,8 @@ class Annotation:
 
     def values(self) -> dict[str, float | int | str]:
         """The annotation's fields, without ``source``, in declaration order."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
+        fields = dataclasses.fields(self)
+        return {f.name: getattr(self, f.name) for f in fields if f.name != "source"}
 
     def importance(self) -> float:
         """The score a policy ranks by: higher means keep at more bits."""

@@ -41,7 +41,6 @@ class HFSource:
     kind: str  # "causal-lm" or "encoder"
     module: torch.nn.Module
     exported: torch.export.ExportedProgram
-    input_names: tuple[str, ...]
     weights_sha256: str
     has_tokenizer: bool
     layouts: dict[str, tuple[str, bool]]  # site id -> (parameter name, stored [in, out])
@@ -93,6 +92,7 @@ def load_module(model: str, trust_remote_code: bool = False) -> tuple[torch.nn.M
     else:
         model_id = model
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()
     common = {"trust_remote_code": trust_remote_code, "use_safetensors": True,
               "dtype": torch.float32}
     try:
@@ -184,8 +184,8 @@ def lift(source: HFSource, model_id: str) -> Graph:
         site_id = _module_path(node)
         param_name = f"{site_id}.weight"
         if param_name in tied or param_of[weight.name] != param_name:
-            excluded.append((site_id, f"weight tied to {tied.get(param_name, param_of[weight.name])}"
-                                      "; stays float and is not counted"))
+            owner = tied.get(param_name, param_of[weight.name])
+            excluded.append((site_id, f"weight tied to {owner}; stays float and is not counted"))
             continue
         tensor = module.get_parameter(param_name)
         shape = tuple(tensor.shape[::-1] if transposed else tensor.shape)
@@ -295,7 +295,6 @@ def import_hf(model: str, trust_remote_code: bool = False) -> Graph:
         kind=kind,
         module=module,
         exported=exported,
-        input_names=tuple(k for k, v in _example_inputs(kind, 2, 1, 1).items() if torch.is_tensor(v)),
         weights_sha256=weights_sha256(module),
         has_tokenizer=(local / "tokenizer.json").exists() or (local / "tokenizer.model").exists()
         or not local.exists(),

@@ -35,7 +35,9 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as exc:
-        raise LwqcError(f"cannot write to {out.parent}: {exc.strerror}; choose another -o") from None
+        raise LwqcError(
+            f"cannot write to {out.parent}: {exc.strerror}; choose another -o"
+        ) from None
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)

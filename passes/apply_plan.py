@@ -24,6 +24,7 @@ class ApplyPlanPass(Pass):
     def validate(self) -> None:
         if not self.values["file"]:
             raise PlanError("apply-plan needs file=PATH")
+        read_plan(Path(self.values["file"]))  # a corrupt plan fails before any model loads
 
     def run(self, graph: Graph, context: PassContext) -> None:
         path = Path(self.values["file"])

@@ -67,13 +67,13 @@ class PassManager:
         self.check(graph.available)
         graph.pipeline = self.pipeline
         for p in self.passes:
-            plan_before, packed_before = graph.plan, dict(graph.packed)
+            before = _snapshot(graph)
             start = time.perf_counter()
             p.run(graph, self.context)
             seconds = time.perf_counter() - start
             self.timings.append(PassTiming(p.name, seconds))
+            self._check_outcome(p, graph, before)
             graph.available |= set(p.provides)
-            self._check_outcome(p, graph, plan_before, packed_before)
             if self.log is not None:
                 print(f"lwqc: {format_pass(p)} {seconds:.2f} s", file=self.log)
             if p.name in self.print_ir_after or "all" in self.print_ir_after:
@@ -82,10 +82,8 @@ class PassManager:
         return graph
 
     @staticmethod
-    def _check_outcome(p: Pass, graph: Graph, plan_before, packed_before) -> None:
-        if p.kind is PassKind.ANALYSIS and (
-            graph.plan is not plan_before or graph.packed != packed_before
-        ):
+    def _check_outcome(p: Pass, graph: Graph, before: tuple) -> None:
+        if p.kind is PassKind.ANALYSIS and _snapshot(graph) != before:
             raise PassContractError(f"analysis pass '{p.name}' changed the plan or packed weights")
         if "plan" in p.provides and graph.plan is None:
             raise PassContractError(f"pass '{p.name}' declares 'plan' but wrote none")
@@ -101,6 +99,13 @@ class PassManager:
                 raise PassContractError(f"pass '{p.name}' declares {key} but did not write it")
             if key.startswith("lowered.") and key.removeprefix("lowered.") not in graph.lowered:
                 raise PassContractError(f"pass '{p.name}' declares {key} but lowered nothing")
+
+
+def _snapshot(graph: Graph) -> tuple:
+    """What an analysis must leave alone: the plan (by identity and content), packed weights."""
+    plan = graph.plan
+    specs = None if plan is None else dict(plan.specs)
+    return id(plan), specs, {k: id(v) for k, v in graph.packed.items()}
 
 
 def _annotated(graph: Graph, key: str) -> bool:

@@ -30,9 +30,10 @@ def column_outlier_counts(weights: np.ndarray, factor: float = CLAQ_FACTOR) -> n
 def kurtosis(weights: np.ndarray) -> float:
     """Pearson kurtosis of the entries (0 for a constant matrix)."""
     w = np.asarray(weights, dtype=np.float64).ravel()
+    if np.ptp(w) == 0.0:
+        return 0.0
     centered = w - w.mean()
-    var = np.mean(centered**2)
-    return 0.0 if var == 0.0 else float(np.mean(centered**4) / var**2)
+    return float(np.mean(centered**4) / np.mean(centered**2) ** 2)
 
 
 @dataclasses.dataclass(frozen=True)

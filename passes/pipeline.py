@@ -21,6 +21,9 @@ class _Reader:
         self.text, self.pos = text, 0
 
     def peek(self) -> str:
+        """The next character that is not a space ("" at the end)."""
+        while self.pos < len(self.text) and self.text[self.pos].isspace():
+            self.pos += 1
         return self.text[self.pos] if self.pos < len(self.text) else ""
 
     def take(self, expected: str) -> None:
@@ -43,14 +46,14 @@ class _Reader:
             return self.word()
         self.take('"')
         chars = []
-        while self.peek() != '"':
-            if not self.peek():
-                raise PipelineError(f"pipeline text: unterminated quote in {self.text!r}")
-            if self.peek() == "\\":
+        while self.pos < len(self.text) and self.text[self.pos] != '"':
+            if self.text[self.pos] == "\\":
                 self.pos += 1
-            chars.append(self.peek())
+            chars.append(self.text[self.pos : self.pos + 1])
             self.pos += 1
-        self.take('"')
+        if self.pos >= len(self.text):
+            raise PipelineError(f"pipeline text: unterminated quote in {self.text!r}")
+        self.pos += 1
         return "".join(chars)
 
 
@@ -85,7 +88,9 @@ def parse_pipeline(text: str) -> list[Pass]:
     while True:
         name = reader.word()
         if not name:
-            raise PipelineError(f"pipeline text: empty pass name at position {reader.pos}: {text!r}")
+            raise PipelineError(
+                f"pipeline text: empty pass name at position {reader.pos}: {text!r}"
+            )
         raw: list[tuple[str, str]] = []
         if reader.peek() == "{":
             reader.take("{")

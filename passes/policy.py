@@ -13,6 +13,7 @@ offer a budget-free rule of its own (``rule``). Budgets:
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 from typing import Any, ClassVar
@@ -83,9 +84,9 @@ class PolicyPass(Pass):
         v = self.values
         if v["bits"] is not None and v["ratio"] is not None:
             raise PipelineError(f"{self.name}: give either bits= or ratio=, not both")
-        if v["bits"] is not None and v["bits"] <= 0:
-            raise PipelineError(f"{self.name}: bits must be positive, got {v['bits']}")
-        if v["ratio"] is not None and not 0 <= v["ratio"] <= 1:
+        if v["bits"] is not None and not (math.isfinite(v["bits"]) and v["bits"] > 0):
+            raise PipelineError(f"{self.name}: bits must be a positive number, got {v['bits']}")
+        if v["ratio"] is not None and not 0 <= v["ratio"] <= 1:  # also rejects nan
             raise PipelineError(f"{self.name}: ratio must lie in [0, 1], got {v['ratio']}")
         if v["hi"] is not None and v["lo"] is not None and v["lo"] >= v["hi"]:
             raise PipelineError(f"{self.name}: lo ({v['lo']}) must be below hi ({v['hi']})")
@@ -130,7 +131,9 @@ class PolicyPass(Pass):
         spec = self.spec(bits)
         return sum(site_bytes(graph.sites[s], spec, graph.keep_bits) for s in unit.sites)
 
-    def ladder(self, graph: Graph, units: list[Unit], capacity: Fraction, pinned_bits: int) -> list[int]:
+    def ladder(
+        self, graph: Graph, units: list[Unit], capacity: Fraction, pinned_bits: int
+    ) -> list[int]:
         lo, hi = self.values["lo"], self.values["hi"]
         if lo is not None:
             return [lo] if hi is None else [lo, hi]

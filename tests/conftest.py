@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +84,27 @@ def save_tiny_model(arch: str, directory: Path, seed: int = 0) -> Path:
     auto = transformers.AutoModel if arch == "bert" else transformers.AutoModelForCausalLM
     auto.from_config(config).save_pretrained(directory)
     return directory
+
+
+def ort_dequantized(path) -> dict[str, np.ndarray]:
+    """Run ORT with every DequantizeLinear output exposed, oriented back to [out, in]."""
+    model = onnx.load(path)
+    names, axis = {}, {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear":
+            site = next(p.value for p in node.metadata_props if p.key == "lwqc.site")
+            names[site] = node.output[0]
+            axis[site] = next(a.i for a in node.attribute if a.name == "axis")
+            model.graph.output.append(
+                onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)
+            )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.ones((1, 8), np.int64) for i in session.get_inputs()}
+    outputs = session.run(list(names.values()), feeds)
+    return {s: w.T if axis[s] == 0 else w for s, w in zip(names, outputs, strict=True)}
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
-from conftest import save_tiny_model
 
+from conftest import ort_dequantized, save_tiny_model
 from lwqc import backends, passes  # noqa: F401
 from lwqc.backends import onnxruntime as ort_backend
 from lwqc.ir.hf_import import import_hf
@@ -36,27 +35,6 @@ def _lower(graph, group_size: int):
     return graph
 
 
-def _ort_dequantized(path) -> dict[str, np.ndarray]:
-    """Run ORT with every DequantizeLinear output exposed, oriented back to [out, in]."""
-    model = onnx.load(path)
-    names, axis = {}, {}
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear":
-            site = next(p.value for p in node.metadata_props if p.key == "lwqc.site")
-            names[site] = node.output[0]
-            axis[site] = next(a.i for a in node.attribute if a.name == "axis")
-            model.graph.output.append(
-                onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)
-            )
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    feeds = {i.name: np.ones((1, 8), np.int64) for i in session.get_inputs()}
-    outputs = session.run(list(names.values()), feeds)
-    return {s: w.T if axis[s] == 0 else w for s, w in zip(names, outputs, strict=True)}
-
-
 # llama: MatMul with B [in, out]; gpt2: Conv1D weights; bert: its pooler is a Gemm with transB
 @pytest.mark.parametrize(("arch", "group_size"), [("llama", 32), ("llama", 48), ("gpt2", 64),
                                                   ("bert", 128)])
@@ -66,7 +44,7 @@ def test_ort_and_torch_dequantize_to_identical_weights(arch, group_size, tmp_pat
     ort_backend.save(graph.lowered["onnx"], path)
     onnx.checker.check_model(str(path), full_check=True)
     module = graph.lowered["torch"]
-    from_ort = _ort_dequantized(path)
+    from_ort = ort_dequantized(path)
     quantized = {s for s, spec in graph.plan.specs.items() if not spec.kept}
     assert set(from_ort) == quantized
     for site_id, weight in from_ort.items():

@@ -7,8 +7,8 @@ import sys
 import networkx as nx
 import numpy as np
 import pytest
-from conftest import REPO, save_tiny_model
 
+from conftest import REPO, save_tiny_model
 from lwqc.ir.errors import ModelLoadError
 from lwqc.ir.hf_import import import_hf
 

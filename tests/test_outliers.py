@@ -117,3 +117,9 @@ def test_outliers_pass_sums_block_counts_and_pools_stats():
 def test_outliers_pass_rejects_non_positive_factor(factor):
     with pytest.raises(PipelineError, match="factor must be positive"):
         OutliersPass(factor=factor)
+
+
+def test_kurtosis_of_float64_constant_with_rounding_mean_is_zero():
+    # mean(0.1, 0.1, 0.1) is not exactly 0.1 in float64; a constant is still a constant
+    assert kurtosis(np.full(3, 0.1)) == 0.0
+    assert kurtosis(np.full((64, 64), 0.3)) == 0.0

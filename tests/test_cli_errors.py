@@ -1,0 +1,128 @@
+"""Every bad input ends with one clear line on stderr, exit code 2, and no output written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from conftest import save_tiny_model
+from lwqc.cli import main
+
+
+def _run_and_expect_error(capsys, argv, out, match):
+    code = main([*argv, "-q"] if argv[0] == "compile" else argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1, err
+    assert err[0].startswith("lwqc") and match in err[0], err[0]
+    if out is not None:
+        assert not out.exists()
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def test_missing_model_path(capsys, tmp_path):
+    out = tmp_path / "out"
+    _run_and_expect_error(capsys, ["compile", str(tmp_path / "missing"), "--bits", "4", "-o",
+                                   str(out)], out, "does not exist")
+
+
+def test_unknown_policy(capsys, tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    _run_and_expect_error(capsys, ["compile", str(tiny_llama_dir), "--policy", "magic",
+                                   "--bits", "4", "-o", str(out)], out, "unknown policy 'magic'")
+
+
+def test_infeasible_bits(capsys, tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    _run_and_expect_error(capsys, ["compile", str(tiny_llama_dir), "--bits", "1.5", "-o",
+                                   str(out)], out, "--bits 1.5 is infeasible")
+
+
+def test_nan_weights(capsys, tmp_path):
+    model = save_tiny_model("llama", tmp_path / "model")
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("inf")
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    _run_and_expect_error(capsys, ["compile", str(model), "--bits", "4", "-o", str(out)], out,
+                          "model.layers.1.mlp.up_proj holds 2 NaN/Inf values")
+
+
+def test_unwritable_output_directory(capsys, tiny_llama_dir):
+    # /proc refuses new entries even to root
+    _run_and_expect_error(capsys, ["compile", str(tiny_llama_dir), "--bits", "4", "-o",
+                                   "/proc/lwqc-out"], None, "cannot write to /proc")
+
+
+def test_output_parent_missing(capsys, tiny_llama_dir, tmp_path):
+    out = tmp_path / "missing" / "out"
+    _run_and_expect_error(capsys, ["compile", str(tiny_llama_dir), "--bits", "4", "-o",
+                                   str(out)], None, "does not exist")
+    assert not out.parent.exists()
+
+
+def test_corrupt_plan_json(capsys, tiny_llama_dir, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"schema": "lwqc.plan/1", "sites": {')
+    out = tmp_path / "out"
+    _run_and_expect_error(capsys, ["compile", str(tiny_llama_dir), "--plan", str(plan), "-o",
+                                   str(out)], out, "is not valid JSON")
+
+
+def test_plan_with_a_bad_width(capsys, tiny_llama_dir, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"schema": "lwqc.plan/1", "sites": {
+        "lm_head": {"bits": 5, "group_size": 128, "scheme": "rtn-asym"}}}))
+    out = tmp_path / "out"
+    _run_and_expect_error(capsys, ["compile", str(tiny_llama_dir), "--plan", str(plan), "-o",
+                                   str(out)], out, "unsupported width 5")
+
+
+def test_option_that_does_not_apply_to_the_policy(capsys, tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    _run_and_expect_error(capsys, ["compile", str(tiny_llama_dir), "--policy", "zd", "--bits",
+                                   "4", "--seed", "3", "-o", str(out)], out,
+                          "--seed does not apply to policy 'zd'")
+
+
+def test_pipeline_with_unknown_pass(capsys, tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    _run_and_expect_error(capsys, ["compile", str(tiny_llama_dir), "--pipeline",
+                                   "zd,frobnicate,lower-onnx", "-o", str(out)], out,
+                          "unknown pass 'frobnicate'")
+
+
+def test_eval_of_a_directory_that_is_no_artifact(capsys, tmp_path):
+    _run_and_expect_error(capsys, ["eval", str(tmp_path)], None, "is not an lwqc artifact")
+
+
+def test_existing_foreign_directory_is_not_overwritten(capsys, tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code = main(["compile", str(tiny_llama_dir), "--bits", "4", "-o", str(out), "-q"])
+    assert code == 2 and "not empty" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_console_script_exits_non_zero_with_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "lwqc.cli", "compile", str(tmp_path / "missing"), "--bits", "4",
+         "-o", str(tmp_path / "out")], capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"lwqc: error: model path {tmp_path / 'missing'} does not exist; check the path"
+    ]
+
+
+def test_argument_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compile", "model", "--bits", "four", "-o", "out"])
+    assert exit_info.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -1,0 +1,147 @@
+"""lwqc compile and eval end to end on the real models (slow, runs in CI)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ort_dequantized
+from lwqc.backends import onnxruntime as ort_backend
+from lwqc.backends import torch_eager
+from lwqc.cli import main
+from lwqc.data import wikitext2_text
+from lwqc.ir.hf_import import load_module
+
+pytestmark = pytest.mark.slow
+BASELINE_PPL_FP = 165.32  # BASELINES.md: ref-llama-6L, 64 windows of 512 tokens
+
+
+def _compile(model, out, *args):
+    assert main(["compile", str(model), "-o", str(out), "-q", *args]) == 0
+    return out
+
+
+def _eval(capsys, out, *args):
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def entropy_45(ref_llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("entropy") / "out"
+    return _compile(ref_llama_dir, out, "--policy", "entropy", "--bits", "4.5")
+
+
+def test_entropy_budget_is_met_and_eval_reports_ppl(entropy_45, capsys):
+    plan = json.loads((entropy_45 / "plan.json").read_text())
+    assert plan["schema"] == "lwqc.plan/1"
+    assert plan["totals"]["avg_bits_physical"] <= 4.5
+    # the totals follow from the per-site bytes
+    assert plan["totals"]["bytes"] == sum(s["bytes"] for s in plan["sites"].values())
+    result = _eval(capsys, entropy_45, "--windows", "64")
+    assert result["avg_bits_physical"] <= 4.5
+    assert result["predicted_tokens"] == 64 * 511
+    assert result["ppl_fp"] == pytest.approx(BASELINE_PPL_FP, abs=0.01)
+    assert result["ppl_fp"] < result["ppl"] < 1.05 * result["ppl_fp"]
+    assert 0 < result["kld"] < 0.05
+
+
+def test_uniform_8_bit_costs_under_half_a_percent(ref_llama_dir, tmp_path, capsys):
+    out = _compile(ref_llama_dir, tmp_path / "u8", "--policy", "uniform", "--width", "8")
+    result = _eval(capsys, out, "--windows", "64")
+    assert result["avg_bits_physical"] == pytest.approx(8 + (32 + 8) / 128)
+    assert abs(result["delta_ppl"]) < 0.005
+    assert result["kld"] < 1e-3 and result["top1_agreement"] > 0.98
+
+
+def test_same_command_twice_gives_identical_bytes(ref_llama_dir, entropy_45, tmp_path):
+    again = _compile(ref_llama_dir, tmp_path / "again", "--policy", "entropy", "--bits", "4.5")
+    for name in ("plan.json", "model.onnx"):
+        assert (again / name).read_bytes() == (entropy_45 / name).read_bytes(), name
+
+
+def test_recorded_pipeline_reproduces_the_plan(ref_llama_dir, entropy_45, tmp_path):
+    pipeline = json.loads((entropy_45 / "plan.json").read_text())["pipeline"]
+    out = _compile(ref_llama_dir, tmp_path / "from-text", "--pipeline", pipeline)
+    assert (out / "plan.json").read_bytes() == (entropy_45 / "plan.json").read_bytes()
+
+
+def test_ort_and_torch_agree_on_every_weight_and_on_logits(entropy_45, ref_llama_dir):
+    path = entropy_45 / "model.onnx"
+    module, _, _ = load_module(str(ref_llama_dir))
+    quantized = torch_eager.build(module, ort_backend.read_packed(path))
+    from_ort = ort_dequantized(path)
+    plan = json.loads((entropy_45 / "plan.json").read_text())
+    assert set(from_ort) == set(plan["sites"])  # every site is quantized at 4.5 bits
+    for site_id, weight in from_ort.items():
+        expected = quantized.get_submodule(site_id).dequantized_weight().numpy()
+        np.testing.assert_array_equal(weight, expected, err_msg=site_id)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ref_llama_dir))
+    ids = np.asarray(tokenizer(wikitext2_text()[:20000])["input_ids"][:512], np.int64)[None]
+    ort_logits = ort_backend.session(path).run(["logits"], {"input_ids": ids})[0]
+    with torch.no_grad():
+        torch_logits = quantized(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(ort_logits - torch_logits).max() < 1e-3
+
+
+def test_show_prints_what_print_ir_after_printed(ref_llama_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    capsys.readouterr()
+    main(["compile", str(ref_llama_dir), "-o", str(out), "-q", "--bits", "4",
+          "--print-ir-after", "lower-onnx"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("// ----- IR after lower-onnx -----\n")
+    assert main(["show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert shown == printed.split("\n", 1)[1]
+    assert "spec=w4g128:rtn-asym" in shown and "entropy.entropy=" in shown
+
+
+def test_edited_plan_recompiles_with_the_edit(ref_llama_dir, entropy_45, tmp_path):
+    plan = json.loads((entropy_45 / "plan.json").read_text())
+    site = "model.layers.2.mlp.up_proj"
+    plan["sites"][site].update(bits=2, group_size=64)
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(plan))
+    out = _compile(ref_llama_dir, tmp_path / "edited", "--plan", str(edited))
+    recompiled = json.loads((out / "plan.json").read_text())
+    assert recompiled["sites"][site]["bits"] == 2
+    assert recompiled["sites"][site]["group_size"] == 64
+    assert f"apply-plan{{file={edited}}}" in recompiled["pipeline"]
+    for other, entry in plan["sites"].items():
+        if other != site:
+            assert recompiled["sites"][other]["bits"] == entry["bits"]
+    assert recompiled["totals"]["bytes"] < plan["totals"]["bytes"]
+
+
+def test_override_pins_sites_and_budget_still_holds(ref_llama_dir, tmp_path):
+    out = _compile(ref_llama_dir, tmp_path / "pinned", "--policy", "zd", "--bits", "4.5",
+                   "--override", r"mlp\.down_proj=8", "--override", "lm_head=4")
+    plan = json.loads((out / "plan.json").read_text())
+    downs = [e["bits"] for s, e in plan["sites"].items() if s.endswith("down_proj")]
+    assert downs == [8] * 6
+    assert plan["sites"]["lm_head"]["bits"] == 4
+    assert plan["totals"]["avg_bits_physical"] <= 4.5
+
+
+def test_recompiling_into_an_existing_artifact_replaces_it(ref_llama_dir, entropy_45, tmp_path):
+    out = tmp_path / "replace"
+    shutil.copytree(entropy_45, out)
+    _compile(ref_llama_dir, out, "--policy", "uniform", "--width", "8")
+    assert json.loads((out / "plan.json").read_text())["policy"] == "policy-uniform"
+
+
+def test_minilm_uniform_8_bit_keeps_sts_quality(minilm_dir, tmp_path, capsys):
+    out = _compile(minilm_dir, tmp_path / "minilm", "--policy", "uniform", "--width", "8")
+    result = _eval(capsys, out)
+    assert result["pairs"] == 1500
+    assert result["spearman_fp"] > 0.8  # the real all-MiniLM-L6-v2 on STS-B dev
+    assert abs(result["spearman"] - result["spearman_fp"]) < 0.005
+    assert result["cosine_to_fp"] > 0.999
