@@ -1,0 +1,129 @@
+"""Policies on the real ref-llama-6L weights: each is a scorer feeding the shared solver."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from lwqc.ir.errors import BudgetError, PipelineError
+from lwqc.ir.hf_import import import_hf
+from lwqc.ir.plan import totals
+from lwqc.passes.manager import PassManager
+from lwqc.passes.pipeline import parse_pipeline
+from lwqc.passes.policy_llamacpp import use_more_bits
+
+
+@pytest.fixture(scope="module")
+def analysed(ref_llama_dir):
+    graph = import_hf(str(ref_llama_dir))
+    PassManager(parse_pipeline("zd,entropy")).run(graph)
+    return graph
+
+
+def plan(graph, policy: str) -> dict[str, int]:
+    graph.plan = None
+    graph.available.discard("plan")
+    PassManager(parse_pipeline(policy)).run(graph)
+    return {s: spec.bits for s, spec in graph.plan.specs.items()}
+
+
+def physical_bits(graph) -> float:
+    return totals(graph, graph.plan.specs).avg_bits_physical
+
+
+def test_llamacpp_rule_on_six_layers_picks_v_and_down_of_layers_2_and_5(analysed):
+    # n = 6: n//8 = 0, 7n//8 = 5, (i - 0) % 3 == 2 -> layers 2 and 5
+    assert [i for i in range(6) if use_more_bits(i, 6)] == [2, 5]
+    bits = plan(analysed, "policy-llamacpp")
+    high = {s for s, b in bits.items() if b == 8}
+    assert high == {f"model.layers.{i}.{m}" for i in (2, 5)
+                    for m in ("self_attn.v_proj", "mlp.down_proj")}
+    assert set(bits.values()) == {4, 8}
+    # closed form: 4-bit = 4 + (32 + 4)/128 per weight, 8-bit = 8 + (32 + 8)/128
+    n8 = 2 * (128 * 256 + 256 * 768)
+    n4 = analysed.total_params - n8
+    expected = (n4 * (4 + 36 / 128) + n8 * (8 + 40 / 128)) / analysed.total_params
+    assert physical_bits(analysed) == pytest.approx(expected)
+
+
+def test_llamacpp_rule_for_32_layers_matches_llama_cpp():
+    # llama.cpp: i < 4, i >= 28, or (i - 4) % 3 == 2
+    chosen = [i for i in range(32) if use_more_bits(i, 32)]
+    assert chosen == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+
+
+@pytest.mark.parametrize(("budget", "width"), [(4.3, 4), (4.2, 2), (8.32, 8), (40.0, 16)])
+def test_uniform_bits_takes_the_widest_width_that_fits(analysed, budget, width):
+    assert set(plan(analysed, f"policy-uniform{{bits={budget}}}").values()) == {width}
+    assert physical_bits(analysed) <= budget
+
+
+@pytest.mark.parametrize("policy", ["policy-zd{", "policy-entropy{", "policy-random{seed=1,",
+                                    "policy-llamacpp{"])
+@pytest.mark.parametrize("budget", [2.5, 3.5, 4.5, 6.0])
+def test_budget_is_never_exceeded_and_little_is_left(analysed, policy, budget):
+    plan(analysed, f"{policy}bits={budget}}}")
+    used = physical_bits(analysed)
+    assert used <= budget
+    # no single unit could still be raised: the slack is below the cheapest upgrade
+    cheapest_upgrade = 64 * 256 * (8 - 4) / analysed.total_params  # a k/v proj from 4 to 8
+    if budget > 4.5:
+        assert budget - used < cheapest_upgrade + 1e-9
+
+
+def test_zd_layer_granularity_keeps_the_lowest_zd_blocks_high(analysed):
+    bits = plan(analysed, "policy-zd{bits=3.5,granularity=layer}")
+    block_bits = {}
+    for block in analysed.blocks:
+        widths = {bits[s] for s in block.sites}
+        assert len(widths) == 1  # a block shares one width
+        block_bits[block.index] = widths.pop()
+    by_zd = sorted(analysed.blocks, key=lambda b: b.stats["zd"].zd)
+    ordered = [block_bits[b.index] for b in by_zd]
+    assert ordered == sorted(ordered, reverse=True)  # lower ZD never gets fewer bits
+    assert set(ordered) == {2, 4}
+
+
+def test_entropy_threshold_rule_without_budget(analysed):
+    bits = plan(analysed, "policy-entropy{granularity=layer,k=0.5}")
+    scores = {b.index: b.stats["entropy"].entropy - b.stats["entropy"].max_entropy
+              for b in analysed.blocks}
+    head = analysed.sites["lm_head"].stats["entropy"]
+    values = np.array([*scores.values(), head.entropy - head.max_entropy])
+    mu, sd = values.mean(), values.std()
+    for index, h in scores.items():
+        expected = 4 if h < mu - 0.5 * sd else 8 if h <= mu + 0.5 * sd else 16
+        assert {bits[s] for s in analysed.blocks[index].sites} == {expected}
+    assert analysed.plan.budget["mode"] == "rule"
+    assert "EWQ threshold rule" in analysed.plan.notes[0]
+
+
+def test_ratio_puts_at_most_that_share_at_the_low_width(analysed):
+    bits = plan(analysed, "policy-zd{ratio=0.5,lo=2,hi=4}")
+    low = sum(analysed.sites[s].params for s, b in bits.items() if b == 2)
+    assert Fraction(low, analysed.total_params) <= Fraction(1, 2)
+    # the next least important unit would have crossed the ratio
+    assert low / analysed.total_params > 0.5 - 768 * 256 / analysed.total_params
+
+
+def test_random_policy_is_seeded(analysed):
+    first = plan(analysed, "policy-random{bits=3.5,seed=7}")
+    assert plan(analysed, "policy-random{bits=3.5,seed=7}") == first
+    assert any(plan(analysed, f"policy-random{{bits=3.5,seed={s}}}") != first for s in range(3))
+
+
+def test_overrides_are_charged_first_and_can_make_the_budget_infeasible(analysed):
+    with pytest.raises(BudgetError, match="infeasible"):
+        plan(analysed, 'policy-zd{bits=3,override="lm_head=16"}')
+
+
+def test_override_that_matches_nothing_is_an_error(analysed):
+    with pytest.raises(PipelineError, match="matches no site"):
+        plan(analysed, 'policy-zd{bits=4,override="no_such_layer=8"}')
+
+
+def test_policy_without_budget_or_rule_asks_for_one(analysed):
+    with pytest.raises(PipelineError, match="needs a budget"):
+        plan(analysed, "policy-zd")
