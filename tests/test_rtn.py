@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from lwqc.ir.errors import NonFiniteWeightError
-from lwqc.passes.rtn import quantize_rtn
+from lwqc.passes.rtn import CLIP_GRID, quantize_rtn
 
 
 def test_asym_2bit_hand_group_scale_zero_point_codes_and_values():
@@ -186,3 +186,40 @@ def test_packed_weight_records_width_group_and_scheme():
     assert (packed.bits, packed.group_size, packed.scheme) == (3, 4, "rtn-sym")
     assert packed.shape == (3, 10)
     assert packed.scales.shape == (3, 3)
+
+
+@pytest.mark.parametrize("scheme", ["rtn-asym", "rtn-sym"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_clip_search_never_has_more_squared_error_per_group(scheme, bits):
+    rng = np.random.default_rng(bits)
+    w = rng.standard_t(3, size=(16, 96)).astype(np.float32)  # heavy tails: clipping pays
+    group = 32
+    plain = quantize_rtn(w, bits, group, scheme)
+    searched = quantize_rtn(w, bits, group, scheme, clip_search=True)
+
+    def group_error(packed):
+        return ((packed.dequantize() - w) ** 2).reshape(16, -1, group).sum(axis=2)
+
+    assert np.all(group_error(searched) <= group_error(plain) * (1 + 1e-6) + 1e-12)
+    if bits <= 4:
+        assert group_error(searched).sum() < group_error(plain).sum()
+
+
+def test_clip_search_picks_the_least_squares_shrink_of_the_grid():
+    # an independent scalar re-statement of the rule for one 2-bit asymmetric group
+    w = np.array([[0.9, 1.0, 1.1, 1.2, -0.3, 0.0, 0.4, 6.0]], dtype=np.float32)
+
+    def error(alpha):
+        lo, hi = alpha * min(float(w.min()), 0.0), alpha * max(float(w.max()), 0.0)
+        scale = float(np.float32((hi - lo) / 3))
+        zero = min(max(round(-lo / scale), 0), 3)
+        total = 0.0
+        for x in w[0].astype(np.float64):
+            code = min(max(round(x / scale) + zero, 0), 3)
+            total += ((code - zero) * scale - x) ** 2
+        return total
+
+    best = min(error(a) for a in CLIP_GRID)
+    searched = quantize_rtn(w, 2, 8, "rtn-asym", clip_search=True)
+    assert np.sum((searched.dequantize().astype(np.float64) - w) ** 2) == pytest.approx(best)
+    assert best < error(1.0)  # the outlier at 6.0 makes a shrunk range pay
