@@ -47,8 +47,9 @@ def test_entropy_budget_is_met_and_eval_reports_ppl(entropy_45, capsys):
     assert result["avg_bits_physical"] <= 4.5
     assert result["predicted_tokens"] == 64 * 511
     assert result["ppl_fp"] == pytest.approx(BASELINE_PPL_FP, abs=0.01)
-    assert result["ppl_fp"] < result["ppl"] < 1.05 * result["ppl_fp"]
-    assert 0 < result["kld"] < 0.05
+    # at 4.5 bits perplexity may land on either side of float; the distributions still move
+    assert abs(result["ppl"] - result["ppl_fp"]) < 0.02 * result["ppl_fp"]
+    assert 0 < result["kld"] < 0.05 and result["top1_agreement"] < 1
 
 
 def test_uniform_8_bit_costs_under_half_a_percent(ref_llama_dir, tmp_path, capsys):

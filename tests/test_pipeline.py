@@ -1,5 +1,6 @@
 import pytest
 
+import lwqc.backends  # noqa: F401  (registers the lowering passes)
 import lwqc.passes  # noqa: F401  (registers the passes)
 from lwqc.ir.errors import PipelineError
 from lwqc.passes.base import REGISTRY, Option, Pass, PassKind
@@ -72,7 +73,7 @@ def test_canonical_text_lists_every_valued_option_in_declared_order():
     assert text == (
         "zd{block=mean},entropy{method=softmax},"
         "policy-entropy{bits=4.5,granularity=matmul,group_size=128,scheme=rtn-asym,k=0.65},"
-        "quantize"
+        "quantize{clip=mse}"
     )
 
 
@@ -123,8 +124,8 @@ def test_value_with_outer_spaces_is_quoted_and_bare_values_are_stripped():
 
 
 def test_pass_without_options_has_bare_canonical_name():
-    assert format_pipeline(parse_pipeline("quantize")) == "quantize"
-    assert format_pipeline(parse_pipeline("quantize{}")) == "quantize"
+    assert format_pipeline(parse_pipeline("lower-onnx")) == "lower-onnx"
+    assert format_pipeline(parse_pipeline("lower-onnx{}")) == "lower-onnx"
 
 
 def _error(text):
@@ -146,7 +147,7 @@ def test_unknown_option_is_rejected_with_the_pass_options():
 
 
 def test_option_on_pass_without_options_is_rejected():
-    message = _error("quantize{fast=1}")
+    message = _error("lower-onnx{fast=1}")
     assert "has no option 'fast'" in message
     assert "none" in message
 
