@@ -110,3 +110,15 @@ def test_decisions_are_written_into_node_metadata(tiny_llama_dir, tmp_path):
     assert '"zd"' in meta["lm_head"]["lwqc.scores"]
     model_meta = {p.key: p.value for p in model.metadata_props}
     assert model_meta["lwqc.pipeline"] == graph.pipeline
+
+
+def test_large_models_write_external_data(tiny_llama_dir, tmp_path, monkeypatch):
+    graph = _lower(import_hf(str(tiny_llama_dir)), 32)
+    monkeypatch.setattr(ort_backend, "EXTERNAL_DATA_THRESHOLD", 1024)
+    path = tmp_path / "model.onnx"
+    ort_backend.save(graph.lowered["onnx"], path)
+    data = tmp_path / "model.onnx.data"
+    assert data.exists() and data.stat().st_size > path.stat().st_size
+    ids = np.zeros((1, 4), np.int64)
+    assert ort_backend.session(path).run(["logits"], {"input_ids": ids})[0].shape == (1, 4, 128)
+    assert set(ort_backend.read_packed(path)) == set(graph.packed)

@@ -66,6 +66,22 @@ def test_same_command_twice_gives_identical_bytes(ref_llama_dir, entropy_45, tmp
         assert (again / name).read_bytes() == (entropy_45 / name).read_bytes(), name
 
 
+def test_artifact_carries_no_exporter_debug_paths(entropy_45):
+    data = (entropy_45 / "model.onnx").read_bytes()
+    assert b"site-packages" not in data and b"stack_trace" not in data
+
+
+def test_torch_backend_artifact_evaluates_like_the_onnx_one(ref_llama_dir, entropy_45, tmp_path,
+                                                            capsys):
+    out = _compile(ref_llama_dir, tmp_path / "torch", "--policy", "entropy", "--bits", "4.5",
+                   "--backend", "torch")
+    assert (out / "packed.safetensors").exists() and not (out / "model.onnx").exists()
+    from_packed = _eval(capsys, out, "--windows", "4")
+    from_onnx = _eval(capsys, entropy_45, "--windows", "4", "--backend", "torch")
+    assert from_packed["backend"] == "torch"
+    assert from_packed["ppl"] == from_onnx["ppl"] and from_packed["kld"] == from_onnx["kld"]
+
+
 def test_recorded_pipeline_reproduces_the_plan(ref_llama_dir, entropy_45, tmp_path):
     pipeline = json.loads((entropy_45 / "plan.json").read_text())["pipeline"]
     out = _compile(ref_llama_dir, tmp_path / "from-text", "--pipeline", pipeline)
