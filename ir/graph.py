@@ -68,6 +68,7 @@ class Graph:
     pipeline: str = ""
     excluded: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     source: Any = None
+    calibration: np.ndarray | None = None  # token windows [samples, seq_len]
     plan: Plan | None = None
     packed: dict[str, PackedWeight] = dataclasses.field(default_factory=dict)
     lowered: dict[str, Any] = dataclasses.field(default_factory=dict)

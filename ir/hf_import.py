@@ -6,10 +6,12 @@ Sites, blocks, fusion groups and dataflow are read off the exported FX graph: a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,69 @@ class HFSource:
 
     def example_inputs(self, batch: int = _EXAMPLE_BATCH, seq: int = _EXAMPLE_SEQ) -> dict:
         return _example_inputs(self.kind, self.module.config.vocab_size, batch, seq)
+
+    def tokenize(self, text: str) -> np.ndarray:
+        """Token ids of ``text`` (no special tokens), with the model's own tokenizer."""
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.path)
+        except (OSError, ValueError):
+            raise ModelLoadError(f"{self.path} has no tokenizer; calibration needs one") from None
+        return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
+
+    def run(self, input_ids: np.ndarray, taps: dict[str, Callable] | None = None) -> torch.Tensor:
+        """Run the float model on ``input_ids`` ``[batch, seq]``; returns its first output.
+
+        ``taps`` maps module names to ``callback(input, output)``: each receives the module's
+        first tensor input (``hidden_states``) and first tensor output, as float32 tensors.
+        """
+        ids = torch.from_numpy(np.asarray(input_ids, np.int64))
+        inputs = {"input_ids": ids}
+        if self.kind == "encoder":
+            inputs["attention_mask"] = torch.ones_like(ids)
+        else:
+            inputs["use_cache"] = False
+        handles = []
+        for name, callback in (taps or {}).items():
+            handles.append(self.module.get_submodule(name).register_forward_hook(
+                _tap(callback), with_kwargs=True))
+        try:
+            with torch.no_grad():
+                return self.module(**inputs)[0]
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def substituted(self, weights: dict[str, np.ndarray]) -> Iterator[None]:
+        """Temporarily replace site weights (``[out, in]`` arrays) in the float module."""
+        saved = {}
+        for site_id, weight in weights.items():
+            name, transposed = self.layouts[site_id]
+            param = self.module.get_parameter(name)
+            saved[name] = param.detach().clone()
+            value = torch.from_numpy(np.ascontiguousarray(weight.T if transposed else weight))
+            param.data.copy_(value)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                self.module.get_parameter(name).data.copy_(value)
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    if torch.is_tensor(value):
+        return value
+    return next(v for v in value if torch.is_tensor(v))
+
+
+def _tap(callback: Callable) -> Callable:
+    def hook(module, args, kwargs, output):
+        hidden_in = args[0] if args else kwargs.get("hidden_states")
+        callback(_first_tensor(hidden_in).float(), _first_tensor(output).float())
+
+    return hook
 
 
 def _example_inputs(kind: str, vocab: int, batch: int, seq: int) -> dict[str, Any]:

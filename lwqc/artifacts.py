@@ -19,8 +19,6 @@ REPORT_FILE = "report.md"
 
 def check_output(out: Path) -> None:
     """Refuse an output path that cannot hold an artifact, before any work is done."""
-    if not out.parent.is_dir():
-        raise LwqcError(f"output parent directory {out.parent} does not exist; create it first")
     if out.exists() and not out.is_dir():
         raise LwqcError(f"output path {out} is a file; choose a directory for -o")
     if out.is_dir() and any(out.iterdir()) and not (out / PLAN_FILE).exists():
@@ -30,9 +28,12 @@ def check_output(out: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(out: Path) -> Iterator[Path]:
-    """Yield a temp dir beside ``out``; on success it replaces ``out``, on failure it vanishes."""
+    """Yield a temp dir beside ``out``; on success it replaces ``out``, on failure it vanishes
+    (with any parent directories it had to create)."""
     check_output(out)
+    created = next((p for p in reversed(out.parents) if not p.exists()), None)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as exc:
         raise LwqcError(
@@ -53,3 +54,5 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+        if created is not None and not out.exists():
+            shutil.rmtree(created, ignore_errors=True)  # parents this compile made

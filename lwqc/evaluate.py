@@ -19,7 +19,7 @@ import torch
 from lwqc.artifacts import MODEL_FILE, PACKED_FILE, PLAN_FILE
 from lwqc.backends import onnxruntime as ort_backend
 from lwqc.backends import torch_eager
-from lwqc.data import read_text, stsb_pairs, wikitext2_text
+from lwqc.ir.datasets import read_text, stsb_pairs, wikitext2_text
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.hf_import import load_module, weights_sha256
 from lwqc.ir.packed import PackedWeight

@@ -45,6 +45,27 @@ def choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def boolean(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise ValueError("expected true or false")
+    return text == "true"
+
+
+def width_list(text: str) -> tuple[int, ...]:
+    """``2+4+8``: widths joined by ``+`` (commas separate options in pipeline text)."""
+    widths = tuple(sorted({int(part) for part in text.split("+")}))
+    if any(w not in (2, 3, 4, 8, 16) for w in widths):
+        raise ValueError("widths are drawn from 2, 3, 4, 8, 16")
+    return widths
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     """A typed pass option: ``parse`` turns pipeline text into the value."""

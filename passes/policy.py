@@ -22,7 +22,7 @@ from lwqc.ir.errors import BudgetError, PipelineError
 from lwqc.ir.graph import Graph
 from lwqc.ir.packed import KEEP_BITS, QUANT_WIDTHS, SCHEMES
 from lwqc.ir.plan import Plan, QuantSpec, site_bytes
-from lwqc.passes.base import Option, Pass, PassContext, PassKind, choice
+from lwqc.passes.base import Option, Pass, PassContext, PassKind, choice, positive_int
 from lwqc.passes.solver import Unit, fill_by_importance, make_units, split_by_ratio
 
 AUTO_LADDER = (2, 4, 8, KEEP_BITS)
@@ -33,13 +33,6 @@ def width(text: str) -> int:
     value = int(text)
     if value not in WIDTHS:
         raise ValueError(f"width must be one of {', '.join(map(str, WIDTHS))} (16 = keep float)")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be a positive integer")
     return value
 
 

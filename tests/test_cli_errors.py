@@ -59,11 +59,11 @@ def test_unwritable_output_directory(capsys, tiny_llama_dir):
                                    "/proc/lwqc-out"], None, "cannot write to /proc")
 
 
-def test_output_parent_missing(capsys, tiny_llama_dir, tmp_path):
-    out = tmp_path / "missing" / "out"
-    _run_and_expect_error(capsys, ["compile", str(tiny_llama_dir), "--bits", "4", "-o",
-                                   str(out)], None, "does not exist")
-    assert not out.parent.exists()
+def test_failed_compile_removes_the_parents_it_created(capsys, tiny_llama_dir, tmp_path):
+    out = tmp_path / "made" / "for" / "out"
+    _run_and_expect_error(capsys, ["compile", str(tiny_llama_dir), "--bits", "1.5", "-o",
+                                   str(out)], None, "infeasible")
+    assert not (tmp_path / "made").exists()
 
 
 def test_corrupt_plan_json(capsys, tiny_llama_dir, tmp_path):

@@ -13,7 +13,7 @@ from conftest import ort_dequantized
 from lwqc.backends import onnxruntime as ort_backend
 from lwqc.backends import torch_eager
 from lwqc.cli import main
-from lwqc.data import wikitext2_text
+from lwqc.ir.datasets import wikitext2_text
 from lwqc.ir.hf_import import load_module
 
 pytestmark = pytest.mark.slow
@@ -73,8 +73,8 @@ def test_artifact_carries_no_exporter_debug_paths(entropy_45):
 
 def test_torch_backend_artifact_evaluates_like_the_onnx_one(ref_llama_dir, entropy_45, tmp_path,
                                                             capsys):
-    out = _compile(ref_llama_dir, tmp_path / "torch", "--policy", "entropy", "--bits", "4.5",
-                   "--backend", "torch")
+    out = _compile(ref_llama_dir, tmp_path / "new" / "torch", "--policy", "entropy",
+                   "--bits", "4.5", "--backend", "torch")  # parents are created
     assert (out / "packed.safetensors").exists() and not (out / "model.onnx").exists()
     from_packed = _eval(capsys, out, "--windows", "4")
     from_onnx = _eval(capsys, entropy_45, "--windows", "4", "--backend", "torch")

@@ -1,4 +1,8 @@
-"""Evaluation data: WikiText-2 raw test and STS-B dev, from ``../shared`` or ``$LWQC_SHARED``."""
+"""Text data: WikiText-2 raw test and STS-B dev for evaluation, WikiText-2 valid and
+tiny-shakespeare for calibration; found in ``../shared`` or ``$LWQC_SHARED``.
+
+Calibration never reads the evaluation split (WikiText-2 test).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,17 @@ from lwqc.ir.errors import LwqcError
 
 WIKITEXT2_TEST = "data/wikitext2/wiki.test.raw"
 STSB_DEV = "data/stsb/sts-dev.csv"
+CALIBRATION_TEXTS = {
+    "wikitext2-valid": "data/wikitext2/wiki.valid.tokens",
+    "tinyshakespeare": "data/tinyshakespeare/input.txt",
+}
 
 
 def shared_dir() -> Path:
     """``$LWQC_SHARED``, else the ``shared`` directory beside the repository."""
     if os.environ.get("LWQC_SHARED"):
         return Path(os.environ["LWQC_SHARED"])
-    return Path(__file__).resolve().parents[2] / "shared"
+    return Path(__file__).resolve().parents[2] / "shared"  # <repo>/ir/datasets.py
 
 
 def _shared_file(relative: str, what: str) -> Path:
@@ -41,6 +49,18 @@ def read_text(path: Path) -> str:
         raise LwqcError(f"data file {path} does not exist") from None
     except UnicodeDecodeError:
         raise LwqcError(f"data file {path} is not UTF-8 text") from None
+
+
+def calibration_text(source: str) -> str:
+    """A named calibration corpus, or the text of the file ``source``."""
+    if source in CALIBRATION_TEXTS:
+        return _shared_file(CALIBRATION_TEXTS[source], f"calibration text {source}").read_text(
+            "utf-8"
+        )
+    path = Path(source)
+    if path.resolve() == (shared_dir() / WIKITEXT2_TEST).resolve():
+        raise LwqcError("calibration must not use the evaluation text (WikiText-2 test)")
+    return read_text(path)
 
 
 def stsb_pairs(path: Path | None = None) -> list[tuple[float, str, str]]:

@@ -1,0 +1,169 @@
+"""Sensitivity of each matmul to each candidate width, at matmul granularity.
+
+1. ``metric=output-error`` (one calibration pass): with G = sum over calibration tokens of
+   x x^T for the site's input x, the relative output error of width b is
+   ||(W - Q_b(W)) X||^2 / ||W X||^2 = tr(dW G dW^T) / tr(W G W^T).
+2. ``metric=delta-kl`` (expensive): quantize only that site to width b and measure the mean
+   KL(float || quantized) of the next-token distribution over the calibration tokens
+   (encoders: mean 1 - cosine of the last hidden states). Results are cached on disk per
+   weights hash, calibration windows and quantizer settings, so sweeps do not recompute.
+3. Block value = sum of its sites' values (errors are treated as additive).
+Q_b is the quantize pass's own round-to-nearest with the given group size, scheme and clip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lwqc.ir.annotations import Annotation
+from lwqc.ir.graph import Graph
+from lwqc.ir.packed import SCHEMES
+from lwqc.passes.base import Option, Pass, PassContext, PassKind, choice, positive_int, register
+from lwqc.passes.rtn import quantize_rtn
+
+WIDTHS = (2, 3, 4, 8)
+BATCH = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityStat(Annotation):
+    """Predicted damage of each width (lower = safer); ``importance`` is the 4-bit damage."""
+
+    key = "sensitivity"
+    metric: str
+    err2: float
+    err3: float
+    err4: float
+    err8: float
+
+    def error(self, bits: int) -> float:
+        return 0.0 if bits == 16 else getattr(self, f"err{bits}")
+
+    def importance(self) -> float:
+        return self.err4
+
+
+def relative_output_error(weight: np.ndarray, approx: np.ndarray, gram: np.ndarray) -> float:
+    """tr(dW G dW^T) / tr(W G W^T) for dW = weight - approx."""
+    delta = weight.astype(np.float64) - approx
+    w = weight.astype(np.float64)
+    reference = float(np.sum((w @ gram) * w))
+    return float(np.sum((delta @ gram) * delta)) / reference if reference > 0 else 0.0
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LWQC_CACHE", Path.home() / ".cache" / "lwqc"))
+
+
+@register
+class SensitivityPass(Pass):
+    """Annotate every site and block with its damage at each width in ``WIDTHS``."""
+
+    name = "sensitivity"
+    kind = PassKind.ANALYSIS
+    requires = ("calibration",)
+    provides = ("site.sensitivity", "block.sensitivity")
+    options = {
+        "metric": Option(choice("output-error", "delta-kl"), "output-error", "what is measured"),
+        "group_size": Option(positive_int, 128, "quantizer group size"),
+        "scheme": Option(choice(*SCHEMES), "rtn-asym", "quantizer scheme"),
+        "clip": Option(choice("mse", "minmax"), "mse", "quantizer range choice"),
+    }
+
+    def quantized(self, graph: Graph, site_id: str, bits: int) -> np.ndarray:
+        v = self.values
+        packed = quantize_rtn(graph.weight(site_id), bits, v["group_size"], v["scheme"],
+                              clip_search=v["clip"] == "mse")
+        return packed.dequantize()
+
+    def run(self, graph: Graph, context: PassContext) -> None:
+        if self.values["metric"] == "output-error":
+            errors = self._output_errors(graph, context)
+        else:
+            errors = self._measured(graph, context)
+        metric = self.values["metric"]
+        for site_id, per_width in errors.items():
+            graph.annotate_site(site_id, SensitivityStat(self.name, metric, *per_width))
+        for block in graph.blocks:
+            total = np.sum([errors[s] for s in block.sites], axis=0).tolist()
+            graph.annotate_block(block.index, SensitivityStat(self.name, metric, *total))
+
+    def _output_errors(self, graph: Graph, context: PassContext) -> dict[str, list[float]]:
+        grams = {s.id: np.zeros((s.shape[1], s.shape[1])) for s in graph}
+
+        def tap(site_id):
+            def callback(x: torch.Tensor, _: torch.Tensor) -> None:
+                flat = x.reshape(-1, x.shape[-1]).double()
+                grams[site_id] += (flat.T @ flat).numpy()
+            return callback
+
+        windows = graph.calibration
+        for start in context.progress(range(0, len(windows), BATCH), desc="gram"):
+            graph.source.run(windows[start : start + BATCH], {s: tap(s) for s in grams})
+        return {
+            site.id: [relative_output_error(graph.weight(site.id),
+                                            self.quantized(graph, site.id, b), grams[site.id])
+                      for b in WIDTHS]
+            for site in context.progress(graph, total=len(graph.sites), desc=self.name)
+        }
+
+    def _cache_file(self, graph: Graph) -> Path:
+        key = hashlib.sha256()
+        key.update(graph.weights_sha256.encode())
+        key.update(np.ascontiguousarray(graph.calibration).tobytes())
+        key.update(json.dumps(self.values, sort_keys=True).encode())
+        return cache_dir() / f"sensitivity-{key.hexdigest()[:24]}.json"
+
+    def _measured(self, graph: Graph, context: PassContext) -> dict[str, list[float]]:
+        path = self._cache_file(graph)
+        if path.exists():
+            cached = json.loads(path.read_text())
+            if set(cached) == set(graph.sites):
+                return cached
+        reference = Damage(graph)
+        errors = {
+            site.id: [reference.of({site.id: self.quantized(graph, site.id, b)}) for b in WIDTHS]
+            for site in context.progress(graph, total=len(graph.sites), desc=self.name)
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(errors))
+        temporary.replace(path)
+        return errors
+
+
+class Damage:
+    """Mean KL(float || changed) per token over the calibration windows (encoders: mean
+    1 - cosine of last hidden states) for the model with some site weights substituted."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.windows = graph.calibration
+        self.causal = graph.source.kind == "causal-lm"
+        self.reference = [self._outputs(self.windows[s : s + BATCH])
+                          for s in range(0, len(self.windows), BATCH)]
+
+    def _outputs(self, batch: np.ndarray) -> torch.Tensor:
+        out = self.graph.source.run(batch).double()
+        return torch.log_softmax(out, -1) if self.causal else out
+
+    def of(self, weights: dict[str, np.ndarray]) -> float:
+        total, count = 0.0, 0
+        with self.graph.source.substituted(weights):
+            for index, start in enumerate(range(0, len(self.windows), BATCH)):
+                changed = self._outputs(self.windows[start : start + BATCH])
+                reference = self.reference[index]
+                if self.causal:
+                    per_token = (reference.exp() * (reference - changed)).sum(-1)
+                else:
+                    per_token = 1 - torch.nn.functional.cosine_similarity(reference, changed, -1)
+                total += float(per_token.sum())
+                count += per_token.numel()
+        return total / count
