@@ -26,7 +26,8 @@ def _add_compile(sub) -> None:
     p.add_argument("model", help="Hugging Face model directory or hub id")
     p.add_argument("-o", "--out", required=True, type=Path, help="artifact directory to write")
     p.add_argument("--policy", default="entropy",
-                   help="entropy | zd | uniform | random | llamacpp (default: entropy)")
+                   help="entropy | zd | lim | sensitivity | uniform | random | llamacpp "
+                        "(default: entropy)")
     budget = p.add_argument_group("budget (one of --bits, --ratio, --width; none = the "
                                   "policy's own rule)")
     budget.add_argument("--bits", type=float, help="average physical bits per weight, "
@@ -43,6 +44,19 @@ def _add_compile(sub) -> None:
                    help="pin sites whose id matches REGEX (repeatable; first match wins)")
     p.add_argument("--seed", type=int, help="random policy seed")
     p.add_argument("--k", type=float, help="entropy rule threshold in std units (0.65)")
+    p.add_argument("--solver", choices=("greedy", "exact"),
+                   help="greedy: most important first (default for rank scores); exact: optimal "
+                        "knapsack (default for sensitivity)")
+    p.add_argument("--widths", help="candidate widths of the exact solver, e.g. 2+4+8")
+    calib = p.add_argument_group("calibration (policies lim and sensitivity)")
+    calib.add_argument("--calib", help="wikitext2-valid (default) | tinyshakespeare | FILE")
+    calib.add_argument("--calib-samples", type=int, help="windows (16)")
+    calib.add_argument("--calib-seq-len", type=int, help="tokens per window (256)")
+    calib.add_argument("--calib-seed", type=int, help="seed of the window offsets (0)")
+    calib.add_argument("--lim-skip-first", action="store_true",
+                       help="LIM: drop token position 0 (attention sink)")
+    calib.add_argument("--measure", action="store_true",
+                       help="sensitivity: measure delta-KL per site and width (slow, cached)")
     p.add_argument("--plan", type=Path, help="recompile from an (edited) plan.json")
     p.add_argument("--pipeline", help="full pipeline text, e.g. "
                    "'zd,entropy,policy-entropy{bits=4.5},quantize,lower-onnx'")
@@ -84,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _compile(args: argparse.Namespace) -> int:
     from lwqc.compile import CompileRequest, compile_model, default_passes, plan_passes, policy_pass
+    from lwqc.passes.base import width_list
     from lwqc.passes.pipeline import parse_pipeline
 
     if args.pipeline and args.plan:
@@ -97,8 +112,18 @@ def _compile(args: argparse.Namespace) -> int:
             "bits": args.bits, "ratio": args.ratio, "width": args.width, "hi": args.hi,
             "lo": args.lo, "granularity": args.granularity, "group_size": args.group_size,
             "scheme": args.scheme, "override": args.override, "seed": args.seed, "k": args.k,
+            "solver": args.solver,
+            "widths": width_list(args.widths) if args.widths else None,
         }
-        pass_list = default_passes(policy_pass(args.policy, options), args.backend)
+        calibration = {"source": args.calib, "samples": args.calib_samples,
+                       "seq_len": args.calib_seq_len, "seed": args.calib_seed}
+        analyses = {
+            "lim": {"skip_first": args.lim_skip_first or None},
+            "sensitivity": {"metric": "delta-kl" if args.measure else None,
+                            "group_size": args.group_size, "scheme": args.scheme},
+        }
+        pass_list = default_passes(policy_pass(args.policy, options), args.backend,
+                                   calibration, analyses)
     request = CompileRequest(
         model=args.model, out=args.out, passes=pass_list,
         print_ir_after=tuple(args.print_ir_after), trust_remote_code=args.trust_remote_code,

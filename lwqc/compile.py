@@ -25,6 +25,7 @@ from lwqc.ir.packed import PackedWeight
 from lwqc.ir.plan import plan_document, totals, write_plan
 from lwqc.passes.apply_plan import ApplyPlanPass
 from lwqc.passes.base import REGISTRY, Pass, PassKind
+from lwqc.passes.calibration import CalibrationPass
 from lwqc.passes.entropy import EntropyPass
 from lwqc.passes.manager import PassManager, PassTiming
 from lwqc.passes.outliers import OutliersPass
@@ -33,6 +34,7 @@ from lwqc.passes.zd import ZDPass
 from lwqc.report import render
 
 LOWERINGS = {"onnx": "lower-onnx", "torch": "lower-torch"}
+CALIBRATED = ("lim", "sensitivity")  # analyses that run the model on calibration windows
 
 
 def policies() -> list[str]:
@@ -53,10 +55,23 @@ def policy_pass(policy: str, values: dict[str, Any]) -> Pass:
     return cls(**given)
 
 
-def default_passes(policy: Pass, backend: str) -> list[Pass]:
-    """Weight analyses (cheap, recorded in the plan), the policy, quantize, the lowering."""
-    lowering = REGISTRY[LOWERINGS[backend]]()
-    return [ZDPass(), EntropyPass(), OutliersPass(), policy, QuantizePass(), lowering]
+def default_passes(
+    policy: Pass, backend: str, calibration: dict[str, Any] | None = None,
+    analysis_options: dict[str, dict[str, Any]] | None = None,
+) -> list[Pass]:
+    """Weight analyses (cheap, recorded in the plan), the calibration analyses the policy
+    needs, the policy, quantize, the lowering."""
+    options = analysis_options or {}
+    pipeline: list[Pass] = [ZDPass(), EntropyPass(), OutliersPass()]
+    needs = {key.split(".", 1)[1] for key in policy.required()} & set(CALIBRATED)
+    if needs:
+        pipeline.append(CalibrationPass(**_given(calibration or {})))
+        pipeline += [REGISTRY[name](**_given(options.get(name, {}))) for name in sorted(needs)]
+    return [*pipeline, policy, QuantizePass(), REGISTRY[LOWERINGS[backend]]()]
+
+
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def plan_passes(plan_file: Path, backend: str) -> list[Pass]:

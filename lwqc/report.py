@@ -11,6 +11,8 @@ from lwqc.passes.manager import PassTiming
 
 # Columns of the per-block table: (header, annotation key, field, format).
 _SCORE_COLUMNS = (
+    ("LIM", "lim", "lim", "{:.4f}"),
+    ("sensitivity @4b", "sensitivity", "err4", "{:.3g}"),
     ("entropy (nats)", "entropy", "entropy", "{:.6f}"),
     ("ZD", "zd", "zd", "{:.4f}"),
     ("outlier cols", "outliers", "outlier_columns", "{}"),
@@ -22,9 +24,9 @@ def _width(bits: int) -> str:
     return "fp" if bits == KEEP_BITS else str(bits)
 
 
-def _score_cells(stats: dict) -> list[str]:
+def _score_cells(stats: dict, columns: tuple) -> list[str]:
     cells = []
-    for _, key, field, fmt in _SCORE_COLUMNS:
+    for _, key, field, fmt in columns:
         value = stats[key].values().get(field) if key in stats else None
         cells.append("" if value is None else fmt.format(value))
     return cells
@@ -70,7 +72,8 @@ def render(graph: Graph, timings: list[PassTiming]) -> str:
     if budget.get("overrides"):
         lines.append(f"- overrides: {', '.join(budget['overrides'])}")
     lines += ["", "## Blocks", ""]
-    headers = ["block", "module", *(c[0] for c in _SCORE_COLUMNS), "widths", "bits/weight"]
+    columns = tuple(c for c in _SCORE_COLUMNS if any(c[1] in site.stats for site in graph))
+    headers = ["block", "module", *(c[0] for c in columns), "widths", "bits/weight"]
     lines += [_row(headers), _row(["---"] * len(headers))]
     for block in graph.blocks:
         widths = " ".join(
@@ -79,17 +82,17 @@ def render(graph: Graph, timings: list[PassTiming]) -> str:
         params = sum(graph.sites[s].params for s in block.sites)
         nbytes = sum(site_bytes(graph.sites[s], plan.specs[s], graph.keep_bits)
                      for s in block.sites)
-        lines.append(_row([block.index, block.module, *_score_cells(block.stats), widths,
+        lines.append(_row([block.index, block.module, *_score_cells(block.stats, columns), widths,
                            f"{8 * nbytes / params:.3f}"]))
     lines += ["", "## Matmuls", ""]
-    headers = ["site", "role", "block", "shape", *(c[0] for c in _SCORE_COLUMNS), "spec",
+    headers = ["site", "role", "block", "shape", *(c[0] for c in columns), "spec",
                "bytes"]
     lines += [_row(headers), _row(["---"] * len(headers))]
     for site in graph:
         spec = plan.specs[site.id]
         lines.append(_row([
             f"`{site.id}`", site.role, "-" if site.block is None else site.block,
-            f"{site.shape[0]}x{site.shape[1]}", *_score_cells(site.stats), spec.label(),
+            f"{site.shape[0]}x{site.shape[1]}", *_score_cells(site.stats, columns), spec.label(),
             f"{site_bytes(site, spec, graph.keep_bits):,}",
         ]))
     lines += ["", "## Widths", ""]

@@ -110,7 +110,12 @@ def parse_pipeline(text: str) -> list[Pass]:
 
 
 def _format_value(value: Any) -> str:
-    text = repr(value) if isinstance(value, float) else str(value)
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, tuple):
+        text = "+".join(map(str, value))
+    else:
+        text = repr(value) if isinstance(value, float) else str(value)
     if text and not (_SPECIAL & set(text)) and text == text.strip():
         return text
     escaped = text.replace("\\", "\\\\").replace('"', '\\"')

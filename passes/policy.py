@@ -9,6 +9,10 @@ offer a budget-free rule of its own (``rule``). Budgets:
 2. ``ratio=R``: share R of the parameters at ``lo`` (default 4), the rest at ``hi`` (8).
 3. ``override=REGEX=BITS`` pins matching sites (first matching override wins); pinned sites
    are charged against the budget first.
+4. ``solver=greedy`` (default for rank scores: the papers' "most important first") or
+   ``solver=exact``: the optimal multiple-choice knapsack over ``widths`` (default 2+4+8),
+   minimising the policy's ``loss``. For a rank score the loss of a unit at b bits is
+   w * params * 4^-b (the RTN error model), w rising linearly from 1 (least important) to 2.
 """
 
 from __future__ import annotations
@@ -22,10 +26,26 @@ from lwqc.ir.errors import BudgetError, PipelineError
 from lwqc.ir.graph import Graph
 from lwqc.ir.packed import KEEP_BITS, QUANT_WIDTHS, SCHEMES
 from lwqc.ir.plan import Plan, QuantSpec, site_bytes
-from lwqc.passes.base import Option, Pass, PassContext, PassKind, choice, positive_int
-from lwqc.passes.solver import Unit, fill_by_importance, make_units, split_by_ratio
+from lwqc.passes.base import (
+    Option,
+    Pass,
+    PassContext,
+    PassKind,
+    choice,
+    positive_int,
+    width_list,
+)
+from lwqc.passes.solver import (
+    Unit,
+    fill_by_importance,
+    make_units,
+    ranked,
+    solve_exact,
+    split_by_ratio,
+)
 
 AUTO_LADDER = (2, 4, 8, KEEP_BITS)
+EXACT_WIDTHS = (2, 4, 8)
 WIDTHS = (*QUANT_WIDTHS, KEEP_BITS)
 
 
@@ -62,6 +82,8 @@ BUDGET_OPTIONS: dict[str, Option] = {
     "group_size": Option(positive_int, 128, "group size along the input dimension"),
     "scheme": Option(choice(*SCHEMES), "rtn-asym", "quantization scheme"),
     "override": Option(_override_text, None, "REGEX=BITS pins matching sites", multiple=True),
+    "solver": Option(choice("greedy", "exact"), "greedy", "how scores and budget become widths"),
+    "widths": Option(width_list, None, "candidate widths of the exact solver, e.g. 2+4+8"),
 }
 
 
@@ -98,6 +120,13 @@ class PolicyPass(Pass):
             stats = graph.blocks[unit.block].stats if whole_block else graph.sites[unit.name].stats
             scores.append(stats[self.score_key].importance())
         return scores
+
+    def loss_function(self, graph: Graph, units: list[Unit], importance: list[float]):
+        """loss(unit, bits) for the exact solver: rank weight * params * 4^-bits."""
+        order = ranked(units, importance)
+        weight = {units[i].name: 2.0 - position / max(len(units) - 1, 1)
+                  for position, i in enumerate(order)}
+        return lambda unit, bits: weight[unit.name] * unit.params * 4.0 ** -bits
 
     def rule(self, graph: Graph, units: list[Unit], importance: list[float]) -> list[int]:
         """Widths without a budget; policies that have no such rule need bits= or ratio=."""
@@ -162,17 +191,24 @@ class PolicyPass(Pass):
             pinned_bits = 8 * sum(
                 site_bytes(graph.sites[s], self.spec(b), graph.keep_bits) for s, b in pinned.items()
             )
-            ladder = self.ladder(graph, units, capacity, pinned_bits)
-            widths = fill_by_importance(
-                units, importance, ladder, lambda u, b: self.cost(graph, u, b),
-                capacity - pinned_bits,
-            )
+            if v["solver"] == "exact":
+                ladder = list(v["widths"] or [w for w in (v["lo"], v["hi"]) if w] or EXACT_WIDTHS)
+                widths = solve_exact(
+                    units, ladder, lambda u, b: self.cost(graph, u, b),
+                    self.loss_function(graph, units, importance), capacity - pinned_bits,
+                )
+            else:
+                ladder = self.ladder(graph, units, capacity, pinned_bits)
+                widths = fill_by_importance(
+                    units, importance, ladder, lambda u, b: self.cost(graph, u, b),
+                    capacity - pinned_bits,
+                )
             if widths is None:
                 raise BudgetError(
                     f"--bits {v['bits']:g} is infeasible with widths {ladder}: even every site at "
                     f"{ladder[0]} bits exceeds it; raise --bits or lower --lo"
                 )
-            budget.update(mode="bits", bits=v["bits"], widths=ladder)
+            budget.update(mode="bits", bits=v["bits"], widths=ladder, solver=v["solver"])
         elif v["ratio"] is not None:
             lo, hi = v["lo"] or 4, v["hi"] or 8
             widths = split_by_ratio(units, importance, Fraction(str(v["ratio"])), lo, hi)

@@ -1,0 +1,26 @@
+"""Sensitivity policy: the exact solver minimises the summed predicted damage.
+
+The loss of a unit at b bits is the sum of its sites' sensitivity at b (relative output error
+on calibration activations, or measured delta-KL); kept sites cost nothing.
+"""
+
+from __future__ import annotations
+
+from lwqc.ir.graph import Graph
+from lwqc.passes.base import Option, choice, register
+from lwqc.passes.policy import BUDGET_OPTIONS, PolicyPass
+from lwqc.passes.solver import Unit
+
+
+@register
+class SensitivityPolicy(PolicyPass):
+    name = "policy-sensitivity"
+    score_key = "sensitivity"
+    options = {**BUDGET_OPTIONS,
+               "solver": Option(choice("greedy", "exact"), "exact", "exact: optimal knapsack")}
+
+    def loss_function(self, graph: Graph, units: list[Unit], importance: list[float]):
+        def loss(unit: Unit, bits: int) -> float:
+            return sum(graph.sites[s].stats["sensitivity"].error(bits) for s in unit.sites)
+
+        return loss
