@@ -1,4 +1,4 @@
-"""The ``lwqc`` command line: compile, eval, show."""
+"""The ``lwqc`` command line: compile, eval, analyze, show."""
 
 from __future__ import annotations
 
@@ -80,6 +80,21 @@ def _add_eval(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="every score per block and matmul (CSV, PNG)")
+    p.add_argument("model", help="Hugging Face model directory or hub id")
+    p.add_argument("-o", "--out", type=Path, help="directory for the CSVs and the chart "
+                   "(default: analysis-<model name>)")
+    p.add_argument("--validate", action="store_true",
+                   help="measure each block alone at --low bits; Spearman rho per score")
+    p.add_argument("--low", type=int, default=2, choices=(2, 3, 4, 8))
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--calib", default="wikitext2-valid")
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
 def _add_show(sub) -> None:
     p = sub.add_parser("show", help="print the IR of a model or of a compiled artifact")
     p.add_argument("target", help="model directory / hub id, or an artifact directory")
@@ -92,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_compile(sub)
     _add_eval(sub)
+    _add_analyze(sub)
     _add_show(sub)
     return parser
 
@@ -142,6 +158,23 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from lwqc.analyze import AnalyzeRequest, analyze
+    from lwqc.passes.calibration import CalibrationPass
+    from lwqc.passes.pipeline import format_pass
+
+    calibration = CalibrationPass(source=args.calib, samples=args.calib_samples,
+                                  seq_len=args.calib_seq_len)
+    out = args.out or Path(f"analysis-{Path(args.model.rstrip('/')).name}")
+    analyze(AnalyzeRequest(
+        model=args.model, out=out, calibration=format_pass(calibration), validate=args.validate,
+        low_bits=args.low, group_size=args.group_size, trust_remote_code=args.trust_remote_code,
+    ))
+    print(f"lwqc: wrote {out}/blocks.csv, sites.csv, scores.png"
+          + (", validate.csv" if args.validate else ""), file=sys.stderr)
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
     from lwqc.artifacts import PLAN_FILE
     from lwqc.ir.hf_import import import_hf
@@ -157,7 +190,7 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"compile": _compile, "eval": _eval, "show": _show}
+COMMANDS = {"compile": _compile, "eval": _eval, "analyze": _analyze, "show": _show}
 
 
 def main(argv: list[str] | None = None) -> int:
