@@ -1,4 +1,4 @@
-"""The ``lwqc`` command line: compile, eval, analyze, show."""
+"""The ``lwqc`` command line: compile, eval, analyze, sweep, show."""
 
 from __future__ import annotations
 
@@ -95,6 +95,18 @@ def _add_analyze(sub) -> None:
     p.add_argument("--trust-remote-code", action="store_true")
 
 
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="policies x budgets, each evaluated (resumable)")
+    p.add_argument("model", help="causal LM directory or hub id")
+    p.add_argument("-o", "--out", type=Path, required=True, help="results directory")
+    p.add_argument("--policies", default="zd,entropy,lim,sensitivity,random,llamacpp")
+    p.add_argument("--bits", default="2.5,3,3.5,4,4.5", help="comma-separated budgets")
+    p.add_argument("--granularity", choices=("layer", "matmul"), default="matmul")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the random policy (>= 3)")
+    p.add_argument("--windows", type=int, default=16, help="WikiText-2 windows per point")
+    p.add_argument("--seq-len", type=int, default=512)
+
+
 def _add_show(sub) -> None:
     p = sub.add_parser("show", help="print the IR of a model or of a compiled artifact")
     p.add_argument("target", help="model directory / hub id, or an artifact directory")
@@ -108,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile(sub)
     _add_eval(sub)
     _add_analyze(sub)
+    _add_sweep(sub)
     _add_show(sub)
     return parser
 
@@ -175,6 +188,25 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from lwqc.sweep import Sweeper, plot_pareto, sweep_policies
+
+    try:
+        budgets = [float(b) for b in args.bits.split(",")]
+    except ValueError:
+        raise LwqcError(f"--bits {args.bits!r}: expected comma-separated numbers") from None
+    if args.seeds < 1:
+        raise LwqcError("--seeds must be at least 1")
+    sweeper = Sweeper(args.model, args.out, windows=args.windows, seq_len=args.seq_len)
+    rows = sweep_policies(sweeper, args.policies.split(","), budgets, args.seeds,
+                          args.granularity)
+    plot_pareto(rows, args.out / "pareto.png",
+                f"{Path(sweeper.graph.model_id).name}: ΔPPL vs physical bits "
+                f"({args.windows} WikiText-2 windows)")
+    print(f"lwqc: {len(rows)} points in {args.out}/results.csv, pareto.png", file=sys.stderr)
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
     from lwqc.artifacts import PLAN_FILE
     from lwqc.ir.hf_import import import_hf
@@ -190,7 +222,9 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"compile": _compile, "eval": _eval, "analyze": _analyze, "show": _show}
+COMMANDS = {
+    "compile": _compile, "eval": _eval, "analyze": _analyze, "sweep": _sweep, "show": _show,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

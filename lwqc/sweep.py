@@ -1,0 +1,183 @@
+"""Sweeps: many plans of one model, each evaluated against the float model, resumably.
+
+The model is imported and analysed once; every point only plans, quantizes (each
+(site, width) once, cached) and evaluates an eager torch module on the same WikiText-2
+windows, whose float outputs are computed once. Results append to ``results.jsonl`` as each
+point finishes; a rerun skips the points already there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lwqc import backends, passes  # noqa: F401  (registers every pass)
+from lwqc.backends import torch_eager
+from lwqc.evaluate import language_model_metrics
+from lwqc.ir.datasets import wikitext2_text
+from lwqc.ir.errors import LwqcError
+from lwqc.ir.hf_import import import_hf
+from lwqc.ir.packed import PackedWeight
+from lwqc.ir.plan import QuantSpec, totals
+from lwqc.passes.manager import PassManager
+from lwqc.passes.pipeline import parse_pipeline
+from lwqc.passes.rtn import quantize_rtn
+
+ANALYSES = "zd,entropy,calib,lim,sensitivity{metric=delta-kl}"
+
+
+class Sweeper:
+    """One analysed model and the evaluation machinery shared by all points of a sweep."""
+
+    def __init__(self, model: str, out: Path, windows: int = 16, seq_len: int = 512,
+                 analyses: str = ANALYSES) -> None:
+        self.graph = import_hf(model)
+        if self.graph.source.kind != "causal-lm":
+            raise LwqcError("sweeps measure perplexity: give a causal language model")
+        PassManager(parse_pipeline(analyses)).run(self.graph)
+        self.analyses = analyses
+        self.tokens = self.graph.source.tokenize(wikitext2_text())
+        self.windows, self.seq_len = windows, seq_len
+        self._float_outputs: dict[bytes, np.ndarray] = {}
+        self._packed: dict[tuple, PackedWeight] = {}
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.results_path = out / "results.jsonl"
+        self.results = self._load()
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        if not self.results_path.exists():
+            return {}
+        rows = [json.loads(line) for line in self.results_path.read_text().splitlines() if line]
+        return {row["point"]: row for row in rows}
+
+    def _float_run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        key = inputs["input_ids"].tobytes()
+        if key not in self._float_outputs:
+            self._float_outputs[key] = self.graph.source.run(inputs["input_ids"]).numpy()
+        return self._float_outputs[key]
+
+    def packed(self, site_id: str, spec: QuantSpec) -> PackedWeight:
+        key = (site_id, spec)
+        if key not in self._packed:
+            self._packed[key] = quantize_rtn(self.graph.weight(site_id), spec.bits,
+                                             spec.group_size, spec.scheme, clip_search=True)
+        return self._packed[key]
+
+    def plan(self, policy: str) -> dict[str, QuantSpec]:
+        """The specs a policy pass (pipeline text of one pass) chooses."""
+        self.graph.plan = None
+        self.graph.available.discard("plan")
+        PassManager(parse_pipeline(policy)).run(self.graph)
+        return dict(self.graph.plan.specs)
+
+    def evaluate(self, specs: dict[str, QuantSpec], dropped: tuple[int, ...] = (),
+                 windows: int | None = None) -> dict[str, Any]:
+        packed = {s: self.packed(s, spec) for s, spec in specs.items() if not spec.kept}
+        module = torch_eager.build(self.graph.source.module, packed)
+
+        def quant_run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+            with identity_blocks(module, [self.graph.blocks[i].module for i in dropped]):
+                with torch.no_grad():
+                    ids = torch.from_numpy(inputs["input_ids"])
+                    return module(input_ids=ids, use_cache=False)[0].numpy()
+
+        metrics = language_model_metrics(self.tokens, self.seq_len, windows or self.windows,
+                                         self._float_run, quant_run)
+        size = totals(self.graph, specs)
+        return {**metrics, "avg_bits_physical": size.avg_bits_physical, "bytes": size.bytes}
+
+    def point(self, name: str, compute: Callable[[], dict[str, Any]],
+              **labels: Any) -> dict[str, Any]:
+        """The result of point ``name``: from an earlier run, or computed and appended now."""
+        if name not in self.results:
+            row = {"point": name, **labels, **compute()}
+            with self.results_path.open("a") as handle:
+                handle.write(json.dumps(row, sort_keys=True) + "\n")
+            self.results[name] = row
+        return self.results[name]
+
+    def write_tables(self) -> list[dict[str, Any]]:
+        rows = list(self.results.values())
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        with (self.out / "results.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        (self.out / "results.json").write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+        return rows
+
+
+@contextlib.contextmanager
+def identity_blocks(module: torch.nn.Module, names: list[str]) -> Iterator[None]:
+    """Make the named blocks pass their residual-stream input through unchanged."""
+
+    def skip(block, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handles = [module.get_submodule(n).register_forward_hook(skip, with_kwargs=True)
+               for n in names]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Delta-PPL against physical bits, one curve per policy; random seeds as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    by_policy: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_policy.setdefault(row["policy"], []).append(row)
+    for policy, points in sorted(by_policy.items()):
+        budgets = sorted({p["budget"] for p in points})
+        groups = [[p for p in points if p["budget"] == b] for b in budgets]
+        x = [np.mean([p["avg_bits_physical"] for p in g]) for g in groups]
+        y = [[100 * p["delta_ppl"] for p in g] for g in groups]
+        style = "s--" if policy == "uniform" else "o-"
+        axis.plot(x, [np.mean(v) for v in y], style, label=policy, markersize=4)
+        if any(len(v) > 1 for v in y):
+            axis.fill_between(x, [min(v) for v in y], [max(v) for v in y], alpha=0.2)
+    axis.axhline(0.0, color="black", linewidth=0.8, label="float")
+    axis.set_xlabel("physical bits per weight (scales and zero points included)")
+    axis.set_ylabel("ΔPPL vs float (%)")
+    axis.set_yscale("symlog", linthresh=1.0)
+    axis.set_title(title, fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def sweep_policies(sweeper: Sweeper, policies: list[str], budgets: list[float], seeds: int,
+                   granularity: str = "matmul") -> list[dict[str, Any]]:
+    """Every policy at every ``--bits`` budget (random: ``seeds`` seeds), plus uniform."""
+    for budget in budgets:
+        for policy in policies:
+            for seed in range(seeds if policy == "random" else 1):
+                text = f"policy-{policy}{{bits={budget},granularity={granularity}"
+                text += f",seed={seed}}}" if policy == "random" else "}"
+                name = f"{policy}-{granularity}-b{budget}" + (f"-s{seed}" if policy == "random"
+                                                              else "")
+                sweeper.point(name, lambda t=text: sweeper.evaluate(sweeper.plan(t)),
+                              policy=policy, budget=budget, seed=seed, granularity=granularity)
+        uniform = f"policy-uniform{{bits={budget}}}"
+        sweeper.point(f"uniform-b{budget}",
+                      lambda t=uniform: sweeper.evaluate(sweeper.plan(t)),
+                      policy="uniform", budget=budget, seed=0, granularity="matmul")
+    return sweeper.write_tables()
