@@ -1,0 +1,61 @@
+"""Sweeps evaluate plans against cached float outputs and resume from their results file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lwqc.ir.plan import QuantSpec
+from lwqc.sweep import Sweeper, plot_pareto, sweep_policies
+
+pytestmark = pytest.mark.slow
+ANALYSES = "zd,entropy,calib{samples=2,seq_len=64},lim"
+
+
+@pytest.fixture(scope="module")
+def sweeper(ref_llama_dir, tmp_path_factory):
+    return Sweeper(str(ref_llama_dir), tmp_path_factory.mktemp("sweep"), windows=2,
+                   analyses=ANALYSES)
+
+
+def test_keeping_every_site_float_reproduces_the_float_model(sweeper):
+    result = sweeper.evaluate({s: QuantSpec(16) for s in sweeper.graph.sites})
+    assert result["ppl"] == result["ppl_fp"]
+    assert result["kld"] == pytest.approx(0.0, abs=1e-12)
+    assert result["top1_agreement"] == 1.0
+    assert result["avg_bits_physical"] == 32.0
+
+
+def test_dropping_a_block_changes_the_model_and_is_undone_afterwards(sweeper):
+    kept = {s: QuantSpec(16) for s in sweeper.graph.sites}
+    dropped = sweeper.evaluate(kept, dropped=(3,))
+    assert dropped["kld"] > 1e-3
+    assert sweeper.evaluate(kept)["kld"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_points_resume_from_the_results_file(sweeper, ref_llama_dir):
+    specs = {s: QuantSpec(8) for s in sweeper.graph.sites}
+    first = sweeper.point("u8", lambda: sweeper.evaluate(specs), policy="uniform", budget=8.0)
+    lines = (sweeper.out / "results.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["point"] == "u8"
+
+    def must_not_run():
+        raise AssertionError("a finished point was computed again")
+
+    again = Sweeper(str(ref_llama_dir), sweeper.out, windows=2, analyses=ANALYSES)
+    assert again.point("u8", must_not_run) == first
+    assert 0 <= first["kld"] < 1e-3
+
+
+def test_policy_sweep_writes_tables_and_a_plot(sweeper):
+    rows = sweep_policies(sweeper, ["lim", "random"], [3.0], seeds=2)
+    names = {r["point"] for r in rows}
+    assert {"lim-matmul-b3.0", "random-matmul-b3.0-s0", "random-matmul-b3.0-s1",
+            "uniform-b3.0"} <= names
+    assert all(r["avg_bits_physical"] <= r["budget"] for r in rows if "budget" in r
+               and r["budget"] < 8)
+    plot_pareto([r for r in rows if "budget" in r and r["budget"] < 8],
+                sweeper.out / "pareto.png", "test")
+    assert (sweeper.out / "pareto.png").stat().st_size > 1000
+    assert (sweeper.out / "results.csv").read_text().startswith("point,")
