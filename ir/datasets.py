@@ -14,6 +14,7 @@ from lwqc.ir.errors import LwqcError
 
 WIKITEXT2_TEST = "data/wikitext2/wiki.test.raw"
 STSB_DEV = "data/stsb/sts-dev.csv"
+EVALUATION_TEXTS = (WIKITEXT2_TEST, "data/wikitext2/wiki.test.tokens")
 CALIBRATION_TEXTS = {
     "wikitext2-valid": "data/wikitext2/wiki.valid.tokens",
     "tinyshakespeare": "data/tinyshakespeare/input.txt",
@@ -57,10 +58,12 @@ def calibration_text(source: str) -> str:
         return _shared_file(CALIBRATION_TEXTS[source], f"calibration text {source}").read_text(
             "utf-8"
         )
-    path = Path(source)
-    if path.resolve() == (shared_dir() / WIKITEXT2_TEST).resolve():
-        raise LwqcError("calibration must not use the evaluation text (WikiText-2 test)")
-    return read_text(path)
+    text = read_text(Path(source))
+    for relative in EVALUATION_TEXTS:
+        evaluation = shared_dir() / relative
+        if evaluation.exists() and evaluation.read_text("utf-8") == text:
+            raise LwqcError(f"calibration must not use the evaluation text ({relative})")
+    return text
 
 
 def stsb_pairs(path: Path | None = None) -> list[tuple[float, str, str]]:

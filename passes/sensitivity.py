@@ -117,7 +117,9 @@ class SensitivityPass(Pass):
     def _cache_file(self, graph: Graph) -> Path:
         key = hashlib.sha256()
         key.update(graph.weights_sha256.encode())
-        key.update(np.ascontiguousarray(graph.calibration).tobytes())
+        windows = np.ascontiguousarray(graph.calibration)
+        key.update(f"{windows.shape}|{windows.dtype}|".encode())
+        key.update(windows.tobytes())
         key.update(json.dumps(self.values, sort_keys=True).encode())
         return cache_dir() / f"sensitivity-{key.hexdigest()[:24]}.json"
 

@@ -278,7 +278,8 @@ def test_log_receives_one_line_per_pass():
 def test_pipeline_property_is_canonical_text():
     manager = PassManager(parse_pipeline("zd, policy-zd{bits=4}"))
     assert manager.pipeline == (
-        "zd{block=mean},policy-zd{bits=4.0,granularity=matmul,group_size=128,scheme=rtn-asym}"
+        "zd{block=mean},"
+        "policy-zd{bits=4.0,granularity=matmul,group_size=128,scheme=rtn-asym,solver=greedy}"
     )
 
 

@@ -279,3 +279,117 @@ def test_split_by_ratio_ties_send_later_units_low_first():
     units = _units([25, 25, 25, 25], orders=[0, 3, 1, 2])
     # equal importance: ranked by order (0, 1, 2, 3); the two run last go low
     assert split_by_ratio(units, [1.0] * 4, Fraction(1, 2), 4, 8) == [8, 4, 8, 4]
+
+
+# ---------------------------------------------------------------- solve_exact
+
+
+def solve_exact(*args):
+    from lwqc.passes.solver import solve_exact as solve
+
+    return solve(*args)
+
+
+def _table_units(n):
+    return [Unit(f"u{i}", (f"u{i}",), 8, None, i) for i in range(n)]
+
+
+def _brute_force(costs, losses, capacity_bits):
+    """Least total loss over every width choice whose 8 * bytes fit; None if none fits."""
+    best = None
+    n, m = len(costs), len(costs[0]) if costs else 0
+    for choice in itertools.product(range(m), repeat=n):
+        if 8 * sum(costs[i][j] for i, j in enumerate(choice)) > capacity_bits:
+            continue
+        total = sum(losses[i][j] for i, j in enumerate(choice))
+        if best is None or total < best:
+            best = total
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_solve_exact_matches_brute_force_on_random_instances(seed):
+    rng = random.Random(500 + seed)
+    for _ in range(60):
+        n = rng.randint(1, 5)
+        widths = rng.choice([(2, 4, 8), (2, 4), (4, 8), (2, 3, 4, 8)])
+        units = _table_units(n)
+        costs = [[rng.randint(1, 40) for _ in widths] for _ in range(n)]
+        losses = [[rng.choice([0.0, rng.random(), 10 * rng.random()]) for _ in widths]
+                  for _ in range(n)]
+        column = {w: j for j, w in enumerate(widths)}
+        lowest = 8 * sum(min(row) for row in costs)
+        highest = 8 * sum(max(row) for row in costs)
+        capacity = Fraction(rng.randint(max(lowest - 40, 0), highest + 16), rng.choice([1, 3]))
+
+        cost_of = {(u.name, w): costs[i][column[w]] for i, u in enumerate(units) for w in widths}
+        loss_of = {(u.name, w): losses[i][column[w]] for i, u in enumerate(units) for w in widths}
+        plan = solve_exact(units, widths, lambda u, w, table=cost_of: table[u.name, w],
+                           lambda u, w, table=loss_of: table[u.name, w], capacity)
+        best = _brute_force(costs, losses, capacity)
+        if best is None:
+            assert plan is None, (costs, capacity)
+            continue
+        assert plan is not None and len(plan) == n
+        assert all(w in widths for w in plan)
+        used = 8 * sum(costs[i][column[w]] for i, w in enumerate(plan))
+        assert used <= capacity
+        total = sum(losses[i][column[w]] for i, w in enumerate(plan))
+        assert total == pytest.approx(best, rel=1e-9, abs=1e-12), (costs, losses, capacity)
+
+
+def test_solve_exact_returns_none_exactly_when_the_cheapest_plan_does_not_fit():
+    units = _table_units(2)
+    costs = {2: 3, 4: 5, 8: 9}
+    # cheapest plan: 2 * 3 bytes = 48 bits
+    for capacity, feasible in [(Fraction(47), False), (Fraction(95, 2), False),
+                               (Fraction(48), True), (Fraction(0), False)]:
+        plan = solve_exact(units, (2, 4, 8), lambda u, w: costs[w], lambda u, w: 1.0 / w,
+                           capacity)
+        assert (plan is not None) == feasible, capacity
+    assert solve_exact(units, (2, 4, 8), lambda u, w: costs[w], lambda u, w: 1.0 / w,
+                       Fraction(48)) == [2, 2]
+
+
+def test_solve_exact_counts_whole_bytes_of_a_fractional_capacity():
+    units = _table_units(1)
+    costs = {2: 1, 8: 2}
+    loss = {2: 1.0, 8: 0.0}
+    # 15.9 bits hold one byte, not two; 16 bits hold two
+    assert solve_exact(units, (2, 8), lambda u, w: costs[w], lambda u, w: loss[w],
+                       Fraction(159, 10)) == [2]
+    assert solve_exact(units, (2, 8), lambda u, w: costs[w], lambda u, w: loss[w],
+                       Fraction(16)) == [8]
+
+
+def test_solve_exact_of_no_units_is_an_empty_plan():
+    def never(unit, bits):
+        raise AssertionError("no unit to ask about")
+
+    assert solve_exact([], (2, 4, 8), never, never, Fraction(0)) == []
+
+
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_solve_exact_with_decreasing_losses_and_room_gives_every_unit_the_widest(n):
+    units = _units([8 * (i + 1) for i in range(n)])
+    capacity = Fraction(8 * sum(_linear_cost(u, 8) for u in units))
+    plan = solve_exact(units, (2, 4, 8), _linear_cost,
+                       lambda u, bits: u.params * 4.0 ** -bits, capacity)
+    assert plan == [8] * n
+    # one byte less and some unit must come down
+    plan = solve_exact(units, (2, 4, 8), _linear_cost,
+                       lambda u, bits: u.params * 4.0 ** -bits, capacity - 8)
+    assert plan is not None and plan != [8] * n
+
+
+def test_solve_exact_trades_one_big_unit_for_two_small_ones():
+    # units of 8, 8 and 16 params, 160 bits = 20 bytes: (8, 8, 2) costs 8 + 8 + 4 = 20
+    # bytes and (2, 2, 8) costs 2 + 2 + 16 = 20; (8, 8, 8) would cost 32
+    units = _units([8, 8, 16])
+    loss = {("u0", 2): 5.0, ("u0", 8): 0.0, ("u1", 2): 5.0, ("u1", 8): 0.0,
+            ("u2", 2): 8.0, ("u2", 8): 0.0}
+    plan = solve_exact(units, (2, 8), _linear_cost, lambda u, b: loss[u.name, b], Fraction(160))
+    assert plan == [8, 8, 2]  # loss 8 beats 10
+    loss["u2", 2] = 11.0
+    plan = solve_exact(units, (2, 8), _linear_cost, lambda u, b: loss[u.name, b], Fraction(160))
+    assert plan == [2, 2, 8]  # loss 10 beats 11

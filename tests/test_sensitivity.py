@@ -1,0 +1,344 @@
+"""Sensitivity: relative output error and measured delta-KL per site and width."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+import lwqc.passes  # noqa: F401  (registers the passes)
+from lwqc.ir.hf_import import import_hf
+from lwqc.passes.manager import PassManager
+from lwqc.passes.pipeline import parse_pipeline
+from lwqc.passes.rtn import quantize_rtn
+from lwqc.passes.sensitivity import WIDTHS, Damage, relative_output_error
+from lwqc.passes.solver import make_units
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Small matmuls run fastest on one thread (no OpenMP hand-offs on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# ---------------------------------------------------------------- relative_output_error
+
+
+def test_relative_output_error_with_diagonal_gram_by_hand():
+    # G = diag(1, 4): tr(dW G dW^T) = sum_ij dW_ij^2 g_j
+    weight = np.array([[1.0, 2.0], [3.0, -1.0]])
+    approx = np.array([[1.5, 2.0], [3.0, 0.0]])
+    gram = np.diag([1.0, 4.0])
+    # dW = [[-0.5, 0], [0, -1]] -> 0.25 * 1 + 1 * 4 = 4.25
+    # W  -> (1 + 9) * 1 + (4 + 1) * 4 = 30
+    assert relative_output_error(weight, approx, gram) == pytest.approx(4.25 / 30, rel=1e-15)
+
+
+def test_relative_output_error_with_off_diagonal_gram_equals_norms_on_activations():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((50, 6))
+    weight = rng.standard_normal((4, 6))
+    approx = weight + 0.1 * rng.standard_normal((4, 6))
+    direct = np.linalg.norm((weight - approx) @ x.T) ** 2 / np.linalg.norm(weight @ x.T) ** 2
+    assert relative_output_error(weight, approx, x.T @ x) == pytest.approx(direct, rel=1e-12)
+
+
+def test_relative_output_error_is_zero_when_approx_is_the_weight():
+    weight = np.array([[0.5, -1.25, 3.0]], dtype=np.float32)
+    assert relative_output_error(weight, weight.astype(np.float64), np.eye(3)) == 0.0
+
+
+def test_relative_output_error_of_zero_reference_is_zero():
+    # inputs never reach the weight's columns: nothing to compare against
+    weight = np.array([[1.0, 2.0]])
+    gram = np.zeros((2, 2))
+    assert relative_output_error(weight, np.zeros((1, 2)), gram) == 0.0
+
+
+def test_relative_output_error_ignores_columns_without_input_energy():
+    weight = np.array([[1.0, 7.0]])
+    approx = np.array([[1.0, -100.0]])  # only the column with zero input is wrong
+    assert relative_output_error(weight, approx, np.diag([2.0, 0.0])) == 0.0
+
+
+# ---------------------------------------------------------------- the pass on a tiny llama
+
+SAMPLES, SEQ = 6, 24
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    graph = import_hf(str(tiny_llama_dir))
+    graph.calibration = np.random.default_rng(3).integers(0, 128, (SAMPLES, SEQ))
+    graph.available.add("calibration")
+    return graph
+
+
+def run(graph, pipeline: str) -> None:
+    PassManager(parse_pipeline(pipeline)).run(graph)
+
+
+@pytest.fixture(scope="module")
+def output_error(tiny):
+    run(tiny, "sensitivity")
+    return {s.id: s.stats["sensitivity"] for s in tiny}, [b.stats["sensitivity"]
+                                                          for b in tiny.blocks]
+
+
+def test_output_error_decreases_with_width_at_every_site(tiny, output_error):
+    sites, _ = output_error
+    assert set(sites) == set(tiny.sites)
+    for site_id, stat in sites.items():
+        assert stat.metric == "output-error"
+        assert stat.err2 > stat.err4 > stat.err8 >= 0.0, site_id
+        assert stat.err3 > stat.err8, site_id  # 3-bit may tie with 4-bit, never beats 8-bit
+        assert stat.error(16) == 0.0
+        assert stat.importance() == stat.err4
+        # 8-bit RTN of a random init is tiny; 2-bit is a large share of the output
+        assert stat.err8 < 1e-3 < stat.err2 < 1.0, site_id
+
+
+def test_block_output_error_is_the_sum_of_its_sites(tiny, output_error):
+    sites, blocks = output_error
+    assert len(blocks) == 2
+    for block, stat in zip(tiny.blocks, blocks, strict=True):
+        assert len(block.sites) == 7
+        for bits in WIDTHS:
+            expected = math.fsum(sites[s].error(bits) for s in block.sites)
+            assert stat.error(bits) == pytest.approx(expected, rel=1e-12)
+
+
+def captured_inputs(graph, module_name: str) -> np.ndarray:
+    """Inputs of one HF module over the calibration windows, ``[tokens, in]`` float64."""
+    captured = []
+    module = graph.source.module.get_submodule(module_name)
+    handle = module.register_forward_hook(
+        lambda _m, args, _out: captured.append(args[0].detach().double().reshape(
+            -1, args[0].shape[-1]).numpy())
+    )
+    try:
+        with torch.no_grad():
+            graph.source.module(input_ids=torch.from_numpy(graph.calibration), use_cache=False)
+    finally:
+        handle.remove()
+    return np.concatenate(captured)
+
+
+@pytest.mark.parametrize("site_id", ["model.layers.0.self_attn.q_proj",
+                                     "model.layers.1.mlp.down_proj", "lm_head"])
+def test_output_error_equals_direct_computation_on_captured_activations(
+    tiny, output_error, site_id
+):
+    sites, _ = output_error
+    x = captured_inputs(tiny, site_id)
+    assert x.shape == (SAMPLES * SEQ, tiny.sites[site_id].shape[1])
+    weight = tiny.source.module.get_submodule(site_id).weight.detach().double().numpy()
+    reference = np.linalg.norm(x @ weight.T) ** 2
+    for bits in WIDTHS:
+        q = quantize_rtn(weight.astype(np.float32), bits, 128, "rtn-asym",
+                         clip_search=True).dequantize()
+        direct = np.linalg.norm(x @ (weight - q).T) ** 2 / reference
+        assert sites[site_id].error(bits) == pytest.approx(direct, rel=1e-9), bits
+
+
+def test_output_error_follows_the_quantizer_options(tiny, output_error):
+    sites, _ = output_error
+    site_id = "model.layers.1.self_attn.o_proj"
+    x = captured_inputs(tiny, site_id)
+    weight = tiny.weight(site_id).astype(np.float64)
+    run(tiny, "sensitivity{group_size=32,scheme=rtn-sym,clip=minmax}")
+    try:
+        stat = tiny.sites[site_id].stats["sensitivity"]
+        for bits in WIDTHS:
+            q = quantize_rtn(weight.astype(np.float32), bits, 32, "rtn-sym").dequantize()
+            direct = np.linalg.norm(x @ (weight - q).T) ** 2 / np.linalg.norm(x @ weight.T) ** 2
+            assert stat.error(bits) == pytest.approx(direct, rel=1e-9)
+        assert stat.err4 != sites[site_id].err4
+    finally:
+        run(tiny, "sensitivity")
+
+
+# ---------------------------------------------------------------- delta-KL
+
+
+def parameters(graph) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in graph.source.module.named_parameters()}
+
+
+def test_damage_of_no_change_is_zero(tiny):
+    assert Damage(tiny).of({}) == 0.0
+
+
+def test_damage_of_the_float_weights_themselves_is_zero(tiny):
+    damage = Damage(tiny)
+    same = {s: tiny.weight(s).copy() for s in ["model.layers.0.mlp.up_proj", "lm_head"]}
+    assert damage.of(same) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_damage_restores_the_weights_and_grows_with_coarser_widths(tiny):
+    before = parameters(tiny)
+    damage = Damage(tiny)
+    site_id = "model.layers.1.mlp.gate_proj"
+    values = {}
+    for bits in (2, 8):
+        q = quantize_rtn(tiny.weight(site_id), bits, 128, "rtn-asym").dequantize()
+        values[bits] = damage.of({site_id: q.astype(np.float32)})
+        after = parameters(tiny)
+        assert before.keys() == after.keys()
+        for name in before:
+            assert torch.equal(before[name], after[name]), name
+    assert values[2] > values[8] > 0.0
+    # restored: the unchanged model again shows no damage
+    assert damage.of({}) == 0.0
+
+
+def test_damage_is_mean_kl_of_next_token_distributions(tiny):
+    site_id = "model.layers.0.self_attn.v_proj"
+    changed = np.zeros_like(tiny.weight(site_id))  # zero the value projection
+    ids = torch.from_numpy(tiny.calibration)
+    module = tiny.source.module
+    with torch.no_grad():
+        p = torch.softmax(module(input_ids=ids, use_cache=False).logits.double(), -1)
+        param = module.get_submodule(site_id).weight
+        saved = param.detach().clone()
+        param.data.zero_()
+        try:
+            q = torch.softmax(module(input_ids=ids, use_cache=False).logits.double(), -1)
+        finally:
+            param.data.copy_(saved)
+    expected = float((p * (p.log() - q.log())).sum(-1).mean())
+    assert Damage(tiny).of({site_id: changed}) == pytest.approx(expected, rel=1e-6)
+
+
+def test_delta_kl_results_are_cached_and_read_back(tiny, monkeypatch, tmp_path):
+    monkeypatch.setenv("LWQC_CACHE", str(tmp_path))
+    try:
+        check_delta_kl_cache(tiny, tmp_path)
+    finally:
+        run(tiny, "sensitivity")  # leave the output-error annotations for later tests
+
+
+def check_delta_kl_cache(tiny, tmp_path) -> None:
+    run(tiny, "sensitivity{metric=delta-kl}")
+    files = list(tmp_path.glob("sensitivity-*.json"))
+    assert len(files) == 1
+    cached = json.loads(files[0].read_text())
+    assert set(cached) == set(tiny.sites)
+    for site_id, per_width in cached.items():
+        stat = tiny.sites[site_id].stats["sensitivity"]
+        assert stat.metric == "delta-kl"
+        assert per_width == [stat.err2, stat.err3, stat.err4, stat.err8]
+        assert stat.err2 > stat.err8 >= 0.0, site_id
+    # the second run reads the file: an edited value comes back in the annotation
+    cached["lm_head"][2] = 123.5
+    files[0].write_text(json.dumps(cached))
+    run(tiny, "sensitivity{metric=delta-kl}")
+    assert tiny.sites["lm_head"].stats["sensitivity"].err4 == 123.5
+    assert list(tmp_path.glob("sensitivity-*.json")) == files
+    # other quantizer settings are another cache entry
+    run(tiny, "sensitivity{metric=delta-kl,group_size=32}")
+    assert len(list(tmp_path.glob("sensitivity-*.json"))) == 2
+    assert tiny.sites["lm_head"].stats["sensitivity"].err4 != 123.5
+
+
+# ---------------------------------------------------------------- policy-sensitivity
+
+
+def physical_bytes(shape, bits, group_size=128):
+    """codes + float32 scales + zero points of rtn-asym, written out for this test."""
+    out_features, in_features = shape
+    groups = out_features * -(-in_features // group_size)
+    container = 4 if bits == 3 else bits
+    codes = -(-out_features * in_features * container // 8)
+    zero_points = -(-groups * container // 8)
+    return codes + 4 * groups + zero_points
+
+
+def best_by_dynamic_program(costs, losses, capacity):
+    """Least total loss choosing one option per unit with summed cost <= capacity."""
+    best = np.zeros(capacity + 1)  # best[c]: least loss of the units so far within c bytes
+    for unit_costs, unit_losses in zip(costs, losses, strict=True):
+        nxt = np.full(capacity + 1, np.inf)
+        for c, loss in zip(unit_costs, unit_losses, strict=True):
+            if c <= capacity:
+                nxt[c:] = np.minimum(nxt[c:], best[: capacity + 1 - c] + loss)
+        best = nxt
+    return best[capacity]
+
+
+def plan_of(graph, pipeline: str) -> dict[str, int]:
+    graph.plan = None
+    graph.available.discard("plan")
+    run(graph, pipeline)
+    return {s: spec.bits for s, spec in graph.plan.specs.items()}
+
+
+def loss_of(graph, bits: dict[str, int]) -> float:
+    assert all(graph.sites[s].stats["sensitivity"].metric == "output-error" for s in bits)
+    return sum(graph.sites[s].stats["sensitivity"].error(b) for s, b in bits.items())
+
+
+def used_bits(graph, bits: dict[str, int]) -> int:
+    return 8 * sum(physical_bytes(graph.sites[s].shape, b) for s, b in bits.items())
+
+
+@pytest.mark.parametrize("budget", [2.6, 3.0, 4.0, 5.0, 6.5, 8.5])
+def test_policy_sensitivity_matches_brute_force_at_layer_granularity(
+    tiny, output_error, budget
+):
+    widths = (2, 4, 8)
+    bits = plan_of(tiny, f"policy-sensitivity{{bits={budget},granularity=layer}}")
+    capacity = Fraction(str(budget)) * tiny.total_params
+    assert used_bits(tiny, bits) <= capacity
+    units = make_units(tiny, "layer")
+    assert [u.name for u in units] == ["model.layers.0", "model.layers.1", "lm_head"]
+    best = math.inf
+    for combo in itertools.product(widths, repeat=len(units)):
+        plan = {s: w for u, w in zip(units, combo, strict=True) for s in u.sites}
+        if used_bits(tiny, plan) <= capacity:
+            best = min(best, loss_of(tiny, plan))
+    assert best < math.inf
+    assert loss_of(tiny, bits) == pytest.approx(best, rel=1e-12, abs=1e-15)
+    for unit in units:  # one width per block
+        assert len({bits[s] for s in unit.sites}) == 1
+
+
+@pytest.mark.parametrize("budget", [2.6, 3.3, 4.4, 5.0, 7.0])
+def test_policy_sensitivity_is_optimal_at_matmul_granularity(tiny, output_error, budget):
+    widths = (2, 4, 8)
+    bits = plan_of(tiny, f"policy-sensitivity{{bits={budget}}}")
+    capacity = Fraction(str(budget)) * tiny.total_params
+    assert used_bits(tiny, bits) <= capacity
+    assert set(bits.values()) <= set(widths)
+    assert len(set(bits.values())) >= 2  # these budgets force a mixed plan
+    sites = list(tiny.sites.values())
+    costs = [[physical_bytes(s.shape, w) for w in widths] for s in sites]
+    losses = [[s.stats["sensitivity"].error(w) for w in widths] for s in sites]
+    best = best_by_dynamic_program(costs, losses, int(capacity // 8))
+    assert loss_of(tiny, bits) == pytest.approx(best, rel=1e-9, abs=1e-15)
+
+
+def test_policy_sensitivity_with_room_for_everything_takes_8_bits(tiny, output_error):
+    bits = plan_of(tiny, "policy-sensitivity{bits=9}")
+    assert set(bits.values()) == {8}
+
+
+def test_cache_key_tells_window_shapes_apart(tmp_path, monkeypatch):
+    from lwqc.ir.graph import Graph
+    from lwqc.passes.sensitivity import SensitivityPass
+
+    monkeypatch.setenv("LWQC_CACHE", str(tmp_path))
+    tokens = np.arange(64, dtype=np.int64)
+    graph = Graph("m", "a", {}, [], None, weights_sha256="0" * 64)
+    sensitivity = SensitivityPass(metric="delta-kl")
+    graph.calibration = tokens.reshape(1, 64)
+    one = sensitivity._cache_file(graph)
+    graph.calibration = tokens.reshape(8, 8)
+    assert sensitivity._cache_file(graph) != one
