@@ -133,32 +133,38 @@ def identity_blocks(module: torch.nn.Module, names: list[str]) -> Iterator[None]
 
 
 def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Delta-PPL against physical bits, one curve per policy; random seeds as a band."""
+    """Delta-PPL and KL divergence against physical bits, one curve per policy; random seeds
+    as a band (min to max) around their mean."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     by_policy: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_policy.setdefault(row["policy"], []).append(row)
-    for policy, points in sorted(by_policy.items()):
-        budgets = sorted({p["budget"] for p in points})
-        groups = [[p for p in points if p["budget"] == b] for b in budgets]
-        x = [np.mean([p["avg_bits_physical"] for p in g]) for g in groups]
-        y = [[100 * p["delta_ppl"] for p in g] for g in groups]
-        style = "s--" if policy == "uniform" else "o-"
-        axis.plot(x, [np.mean(v) for v in y], style, label=policy, markersize=4)
-        if any(len(v) > 1 for v in y):
-            axis.fill_between(x, [min(v) for v in y], [max(v) for v in y], alpha=0.2)
-    axis.axhline(0.0, color="black", linewidth=0.8, label="float")
-    axis.set_xlabel("physical bits per weight (scales and zero points included)")
-    axis.set_ylabel("ΔPPL vs float (%)")
-    axis.set_yscale("symlog", linthresh=1.0)
-    axis.set_title(title, fontsize=10)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    metrics = (("delta_ppl", 100.0, "ΔPPL vs float (%)"), ("kld", 1.0, "KL(float ‖ q) nats/token"))
+    for axis, (metric, factor, label) in zip(axes, metrics, strict=True):
+        for policy, points in sorted(by_policy.items()):
+            budgets = sorted({p["budget"] for p in points})
+            groups = [[p for p in points if p["budget"] == b] for b in budgets]
+            x = [np.mean([p["avg_bits_physical"] for p in g]) for g in groups]
+            y = [[factor * p[metric] for p in g] for g in groups]
+            style = "s--" if policy == "uniform" else "o-"
+            axis.plot(x, [np.mean(v) for v in y], style, label=policy, markersize=4)
+            if any(len(v) > 1 for v in y):
+                axis.fill_between(x, [min(v) for v in y], [max(v) for v in y], alpha=0.2)
+        if metric == "delta_ppl":
+            axis.axhline(0.0, color="black", linewidth=0.8, label="float")
+            axis.set_yscale("symlog", linthresh=1.0)
+        else:
+            axis.set_yscale("log")
+        axis.set_xlabel("physical bits per weight (scales and zero points included)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
