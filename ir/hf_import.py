@@ -44,7 +44,6 @@ class HFSource:
     module: torch.nn.Module
     exported: torch.export.ExportedProgram
     weights_sha256: str
-    has_tokenizer: bool
     layouts: dict[str, tuple[str, bool]]  # site id -> (parameter name, stored [in, out])
 
     def weight(self, site_id: str) -> np.ndarray:
@@ -350,19 +349,13 @@ def _dataflow(graph: torch.fx.Graph, site_nodes: dict[torch.fx.Node, str]) -> nx
     return flow
 
 
+def trace(module: torch.nn.Module, kind: str, model_id: str) -> HFSource:
+    """Trace a loaded module and wrap it as the IR's weight source and runner."""
+    return HFSource(path=model_id, kind=kind, module=module, exported=export(module, kind),
+                    weights_sha256=weights_sha256(module), layouts={})
+
+
 def import_hf(model: str, trust_remote_code: bool = False) -> Graph:
     """Load, trace and lift ``model`` into the IR."""
     module, kind, model_id = load_module(model, trust_remote_code)
-    exported = export(module, kind)
-    local = Path(model_id)
-    source = HFSource(
-        path=model_id,
-        kind=kind,
-        module=module,
-        exported=exported,
-        weights_sha256=weights_sha256(module),
-        has_tokenizer=(local / "tokenizer.json").exists() or (local / "tokenizer.model").exists()
-        or not local.exists(),
-        layouts={},
-    )
-    return lift(source, model_id)
+    return lift(trace(module, kind, model_id), model_id)

