@@ -36,3 +36,4 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench_compile.py
+	$(BIN)/python tools/bench_quality.py
