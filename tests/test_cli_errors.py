@@ -126,3 +126,22 @@ def test_argument_errors_are_one_line(capsys):
         main(["compile", "model", "--bits", "four", "-o", "out"])
     assert exit_info.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_analyze_of_a_missing_model(capsys, tmp_path):
+    out = tmp_path / "analysis"
+    _run_and_expect_error(capsys, ["analyze", str(tmp_path / "missing"), "-o", str(out)], out,
+                          "does not exist")
+
+
+def test_sweep_with_malformed_budgets(capsys, tmp_path):
+    _run_and_expect_error(capsys, ["sweep", str(tmp_path), "-o", str(tmp_path / "s"), "--bits",
+                                   "3,four"], None, "expected comma-separated numbers")
+
+
+def test_calibrating_on_the_evaluation_text_is_refused(capsys, ref_llama_dir, wikitext2_raw,
+                                                       tmp_path):
+    out = tmp_path / "out"
+    _run_and_expect_error(capsys, ["compile", str(ref_llama_dir), "--policy", "lim", "--bits",
+                                   "3.5", "--calib", str(wikitext2_raw), "-o", str(out)], out,
+                          "must not use the evaluation text")
