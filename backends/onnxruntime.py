@@ -34,6 +34,7 @@ from lwqc.passes.base import Pass, PassContext, PassKind, register
 
 OPSET = 21
 OPSET_INT2 = 25
+IR_VERSION_INT2 = 13  # int2/uint2 tensors arrived with IR version 13 (opset 25)
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 _SCOPES = "pkg.torch.onnx.name_scopes"
 _DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy",
@@ -163,7 +164,7 @@ def lower(graph: Graph, model: ir.Model) -> ir.Model:
             node.metadata_props.pop(key, None)
     if any(p.bits == 2 for p in graph.packed.values()):
         model.opset_imports[""] = OPSET_INT2
-        model.ir_version = max(model.ir_version, 11)
+        model.ir_version = max(model.ir_version, IR_VERSION_INT2)
     model.metadata_props.update(
         {"lwqc.schema": SCHEMA, "lwqc.pipeline": graph.pipeline, "lwqc.model": graph.model_id,
          "lwqc.weights_sha256": graph.weights_sha256}

@@ -102,7 +102,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--policies", default="zd,entropy,lim,sensitivity,random,llamacpp")
     p.add_argument("--bits", default="2.5,3,3.5,4,4.5", help="comma-separated budgets")
     p.add_argument("--granularity", choices=("layer", "matmul"), default="matmul")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of the random policy (>= 3)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the random policy (3)")
     p.add_argument("--windows", type=int, default=16, help="WikiText-2 windows per point")
     p.add_argument("--seq-len", type=int, default=512)
 
@@ -127,7 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _compile(args: argparse.Namespace) -> int:
     from lwqc.compile import CompileRequest, compile_model, default_passes, plan_passes, policy_pass
-    from lwqc.passes.base import width_list
     from lwqc.passes.pipeline import parse_pipeline
 
     if args.pipeline and args.plan:
@@ -142,7 +141,7 @@ def _compile(args: argparse.Namespace) -> int:
             "lo": args.lo, "granularity": args.granularity, "group_size": args.group_size,
             "scheme": args.scheme, "override": args.override, "seed": args.seed, "k": args.k,
             "solver": args.solver,
-            "widths": width_list(args.widths) if args.widths else None,
+            "widths": args.widths,
         }
         calibration = {"source": args.calib, "samples": args.calib_samples,
                        "seq_len": args.calib_seq_len, "seed": args.calib_seed}

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, TypeVar
 
 from lwqc.ir.errors import PipelineError
 from lwqc.ir.graph import Graph
+from lwqc.ir.packed import KEEP_BITS, QUANT_WIDTHS
 
 T = TypeVar("T")
 
@@ -45,10 +46,26 @@ def choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def option_text(value: Any) -> str:
+    """An option value as pipeline text (``true``, ``2+4+8``, ``4.5``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "+".join(map(str, value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError("must be a positive integer")
+    return value
+
+
+def seed(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("a seed is a non-negative integer")
     return value
 
 
@@ -61,8 +78,8 @@ def boolean(text: str) -> bool:
 def width_list(text: str) -> tuple[int, ...]:
     """``2+4+8``: widths joined by ``+`` (commas separate options in pipeline text)."""
     widths = tuple(sorted({int(part) for part in text.split("+")}))
-    if any(w not in (2, 3, 4, 8, 16) for w in widths):
-        raise ValueError("widths are drawn from 2, 3, 4, 8, 16")
+    if any(w not in (*QUANT_WIDTHS, KEEP_BITS) for w in widths):
+        raise ValueError(f"widths are drawn from {', '.join(map(str, QUANT_WIDTHS))}, 16")
     return widths
 
 
@@ -107,8 +124,23 @@ class Pass:
             raise PipelineError(
                 f"pass '{self.name}' has no option {unknown[0]!r} (its options: {known})"
             )
-        self.values = {name: values.get(name, opt.default) for name, opt in self.options.items()}
+        self.values = {name: opt.default for name, opt in self.options.items()}
+        for name, value in values.items():
+            self.values[name] = self._checked(name, value)
         self.validate()
+
+    def _checked(self, name: str, value: Any) -> Any:
+        """The value as its option's parser reads the value's pipeline text: options given
+        from Python are held to the same checks as options given as text."""
+        option = self.options[name]
+        if value is None:
+            return None
+        items = value if option.multiple else [value]
+        try:
+            parsed = [option.parse(option_text(item)) for item in items]
+        except ValueError as exc:
+            raise PipelineError(f"pass '{self.name}' option {name}={value!r}: {exc}") from None
+        return parsed if option.multiple else parsed[0]
 
     def validate(self) -> None:
         """Check option combinations; raise ``PipelineError`` with the fix."""

@@ -13,7 +13,7 @@ import numpy as np
 from lwqc.ir.datasets import CALIBRATION_TEXTS, calibration_text
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.graph import Graph
-from lwqc.passes.base import Option, Pass, PassContext, PassKind, positive_int, register
+from lwqc.passes.base import Option, Pass, PassContext, PassKind, positive_int, register, seed
 
 
 def sample_windows(tokens: np.ndarray, samples: int, seq_len: int, seed: int) -> np.ndarray:
@@ -38,7 +38,7 @@ class CalibrationPass(Pass):
                          f"{' | '.join(CALIBRATION_TEXTS)} | a text file"),
         "samples": Option(positive_int, 16, "number of windows"),
         "seq_len": Option(positive_int, 256, "tokens per window"),
-        "seed": Option(int, 0, "seed of the window offsets"),
+        "seed": Option(seed, 0, "seed of the window offsets"),
     }
 
     def run(self, graph: Graph, context: PassContext) -> None:

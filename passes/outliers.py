@@ -24,7 +24,10 @@ CLAQ_FACTOR = 13.0
 def column_outlier_counts(weights: np.ndarray, factor: float = CLAQ_FACTOR) -> np.ndarray:
     """Per input column j, the number of rows i with |W[i, j]| >= factor * mean |W|."""
     magnitude = np.abs(np.asarray(weights, dtype=np.float64))
-    return np.count_nonzero(magnitude >= factor * magnitude.mean(), axis=0)
+    threshold = factor * magnitude.mean()
+    if threshold == 0.0:  # an all-zero matrix has no outliers
+        return np.zeros(magnitude.shape[1], dtype=np.int64)
+    return np.count_nonzero(magnitude >= threshold, axis=0)
 
 
 def kurtosis(weights: np.ndarray) -> float:

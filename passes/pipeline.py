@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from lwqc.ir.errors import PipelineError
-from lwqc.passes.base import REGISTRY, Pass
+from lwqc.passes.base import REGISTRY, Pass, option_text
 
 _SPECIAL = set(',{}="\\')
 
@@ -110,12 +110,7 @@ def parse_pipeline(text: str) -> list[Pass]:
 
 
 def _format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, tuple):
-        text = "+".join(map(str, value))
-    else:
-        text = repr(value) if isinstance(value, float) else str(value)
+    text = option_text(value)
     if text and not (_SPECIAL & set(text)) and text == text.strip():
         return text
     escaped = text.replace("\\", "\\\\").replace('"', '\\"')

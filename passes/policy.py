@@ -78,7 +78,8 @@ BUDGET_OPTIONS: dict[str, Option] = {
     "ratio": Option(float, None, "share of parameters at the low width"),
     "hi": Option(width, None, "high width"),
     "lo": Option(width, None, "low width"),
-    "granularity": Option(choice("layer", "matmul"), "matmul", "unit that shares a width"),
+    "granularity": Option(choice("layer", "matmul"), None,
+                          "unit that shares a width (matmul; EWQ's rule: layer)"),
     "group_size": Option(positive_int, 128, "group size along the input dimension"),
     "scheme": Option(choice(*SCHEMES), "rtn-asym", "quantization scheme"),
     "override": Option(_override_text, None, "REGEX=BITS pins matching sites", multiple=True),
@@ -121,6 +122,14 @@ class PolicyPass(Pass):
             scores.append(stats[self.score_key].importance())
         return scores
 
+    def default_granularity(self) -> str:
+        return "matmul"
+
+    @property
+    def rule_widths(self) -> tuple[int, int]:
+        """(lo, hi) of a budget-free rule or a ratio: ``lo``/``hi`` if given, else 4 and 8."""
+        return self.values["lo"] or 4, self.values["hi"] or 8
+
     def loss_function(self, graph: Graph, units: list[Unit], importance: list[float]):
         """loss(unit, bits) for the exact solver: rank weight * params * 4^-bits."""
         order = ranked(units, importance)
@@ -158,7 +167,10 @@ class PolicyPass(Pass):
     ) -> list[int]:
         lo, hi = self.values["lo"], self.values["hi"]
         if lo is not None:
-            return [lo] if hi is None else [lo, hi]
+            if hi is None:
+                upper = [w for w in AUTO_LADDER if w > lo]
+                return [lo, upper[0]] if upper else [lo]
+            return [lo, hi]
         fits = [
             w for w in AUTO_LADDER
             if pinned_bits + 8 * sum(self.cost(graph, u, w) for u in units) <= capacity
@@ -181,9 +193,10 @@ class PolicyPass(Pass):
     def run(self, graph: Graph, context: PassContext) -> None:
         v = self.values
         pinned = self.pins(graph)
-        units = make_units(graph, v["granularity"], exclude=set(pinned))
+        granularity = v["granularity"] or self.default_granularity()
+        units = make_units(graph, granularity, exclude=set(pinned))
         importance = self.importance(graph, units)
-        budget: dict[str, Any] = {"granularity": v["granularity"], "group_size": v["group_size"],
+        budget: dict[str, Any] = {"granularity": granularity, "group_size": v["group_size"],
                                   "scheme": v["scheme"], "overrides": list(v["override"] or [])}
         notes: list[str] = []
         if v["bits"] is not None:
@@ -191,6 +204,11 @@ class PolicyPass(Pass):
             pinned_bits = 8 * sum(
                 site_bytes(graph.sites[s], self.spec(b), graph.keep_bits) for s, b in pinned.items()
             )
+            if pinned_bits > capacity:
+                raise BudgetError(
+                    f"--bits {v['bits']:g} is infeasible: the overridden sites alone need "
+                    f"{pinned_bits / graph.total_params:.3f} bits per weight"
+                )
             if v["solver"] == "exact":
                 ladder = list(v["widths"] or [w for w in (v["lo"], v["hi"]) if w] or EXACT_WIDTHS)
                 widths = solve_exact(
@@ -210,7 +228,7 @@ class PolicyPass(Pass):
                 )
             budget.update(mode="bits", bits=v["bits"], widths=ladder, solver=v["solver"])
         elif v["ratio"] is not None:
-            lo, hi = v["lo"] or 4, v["hi"] or 8
+            lo, hi = self.rule_widths
             widths = split_by_ratio(units, importance, Fraction(str(v["ratio"])), lo, hi)
             budget.update(mode="ratio", ratio=v["ratio"], widths=[lo, hi])
         else:

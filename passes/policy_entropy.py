@@ -1,7 +1,8 @@
 """Entropy policy, EWQ (arXiv 2503.04704).
 
 1. With a budget (``bits=`` or ``ratio=``): units ranked by entropy, higher = more bits.
-2. Without one, EWQ's threshold rule over the units' entropies (mean mu, std sigma):
+2. Without one, EWQ's threshold rule over the units' entropies (mean mu, std sigma; blocks
+   unless ``granularity=matmul``):
    H < mu - k*sigma -> ``lo`` (4 bits); up to mu + k*sigma -> ``hi`` (8 bits); above -> kept
    float. ``k`` defaults to 0.65.
 """
@@ -26,11 +27,16 @@ class EntropyPolicy(PolicyPass):
     def rule(self, graph: Graph, units: list[Unit], importance: list[float]) -> list[int]:
         scores = np.asarray(importance)
         mu, sigma, k = scores.mean(), scores.std(), self.values["k"]
-        lo, hi = self.values["lo"] or 4, self.values["hi"] or 8
+        lo, hi = self.rule_widths
         return [
             lo if h < mu - k * sigma else hi if h <= mu + k * sigma else KEEP_BITS
             for h in scores
         ]
+
+    def default_granularity(self) -> str:
+        """EWQ's rule ranks blocks; with a budget, each matmul is its own unit."""
+        budget = self.values["bits"] is not None or self.values["ratio"] is not None
+        return "matmul" if budget else "layer"
 
     def rule_notes(self) -> list[str]:
         k = self.values["k"]

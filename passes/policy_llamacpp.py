@@ -36,5 +36,5 @@ class LlamaCppPolicy(PolicyPass):
         return [1.0 if chosen & set(u.sites) else 0.0 for u in units]
 
     def rule(self, graph: Graph, units: list[Unit], importance: list[float]) -> list[int]:
-        lo, hi = self.values["lo"] or 4, self.values["hi"] or 8
+        lo, hi = self.rule_widths
         return [hi if score > 0 else lo for score in importance]

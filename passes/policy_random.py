@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from lwqc.ir.graph import Graph
-from lwqc.passes.base import Option, register
+from lwqc.passes.base import Option, register, seed
 from lwqc.passes.policy import BUDGET_OPTIONS, PolicyPass
 from lwqc.passes.solver import Unit
 
@@ -13,7 +13,7 @@ from lwqc.passes.solver import Unit
 @register
 class RandomPolicy(PolicyPass):
     name = "policy-random"
-    options = {**BUDGET_OPTIONS, "seed": Option(int, 0, "random seed")}
+    options = {**BUDGET_OPTIONS, "seed": Option(seed, 0, "random seed")}
 
     def importance(self, graph: Graph, units: list[Unit]) -> list[float]:
         return list(np.random.default_rng(self.values["seed"]).permutation(len(units)) * 1.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lwqc.ir.errors import PipelineError
 from lwqc.ir.graph import Graph
-from lwqc.passes.base import Option, register
+from lwqc.passes.base import Option, choice, register
 from lwqc.passes.policy import BUDGET_OPTIONS, PolicyPass, width
 from lwqc.passes.solver import Unit
 
@@ -12,7 +12,8 @@ from lwqc.passes.solver import Unit
 @register
 class UniformPolicy(PolicyPass):
     name = "policy-uniform"
-    options = {"width": Option(width, None, "the one width for every site"), **BUDGET_OPTIONS}
+    options = {"width": Option(width, None, "the one width for every site"), **BUDGET_OPTIONS,
+               "solver": Option(choice("greedy"), None, "one width needs no search")}
 
     def validate(self) -> None:
         super().validate()
@@ -21,8 +22,9 @@ class UniformPolicy(PolicyPass):
             raise PipelineError("policy-uniform needs width=W or bits=B")
         if v["width"] is not None and (v["bits"] is not None or v["ratio"] is not None):
             raise PipelineError("policy-uniform takes width=W or bits=B, not both")
-        if v["ratio"] is not None or v["hi"] is not None:
-            raise PipelineError("policy-uniform has one width: ratio= and hi= do not apply")
+        if v["ratio"] is not None or v["hi"] is not None or v["widths"] is not None:
+            raise PipelineError("policy-uniform has one width: ratio=, hi= and widths= do not "
+                                "apply")
 
     def importance(self, graph: Graph, units: list[Unit]) -> list[float]:
         return [0.0] * len(units)

@@ -107,13 +107,15 @@ def solve_exact(
     the returned plan is re-checked in exact integer arithmetic. None if nothing fits."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
+    capacity = int(capacity_bits // 8)  # whole bytes
+    if capacity < 0:
+        return None
     if not units:
         return []
     n, m = len(units), len(widths)
     costs = np.array([[cost(u, w) for w in widths] for u in units], dtype=np.float64)
     losses = np.array([[loss(u, w) for w in widths] for u in units], dtype=np.float64)
     scale = np.abs(losses).max() or 1.0
-    capacity = int(capacity_bits // 8)  # whole bytes
     if costs.min(axis=1).sum() > capacity:
         return None
     one_each = np.kron(np.eye(n), np.ones(m))

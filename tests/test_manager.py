@@ -279,7 +279,7 @@ def test_pipeline_property_is_canonical_text():
     manager = PassManager(parse_pipeline("zd, policy-zd{bits=4}"))
     assert manager.pipeline == (
         "zd{block=mean},"
-        "policy-zd{bits=4.0,granularity=matmul,group_size=128,scheme=rtn-asym,solver=greedy}"
+        "policy-zd{bits=4.0,group_size=128,scheme=rtn-asym,solver=greedy}"
     )
 
 

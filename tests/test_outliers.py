@@ -123,3 +123,7 @@ def test_kurtosis_of_float64_constant_with_rounding_mean_is_zero():
     # mean(0.1, 0.1, 0.1) is not exactly 0.1 in float64; a constant is still a constant
     assert kurtosis(np.full(3, 0.1)) == 0.0
     assert kurtosis(np.full((64, 64), 0.3)) == 0.0
+
+
+def test_an_all_zero_matrix_has_no_outliers():
+    assert column_outlier_counts(np.zeros((3, 4))).tolist() == [0, 0, 0, 0]

@@ -72,7 +72,8 @@ def test_canonical_text_lists_every_valued_option_in_declared_order():
     text = format_pipeline(parse_pipeline("zd,entropy,policy-entropy{bits=4.5},quantize"))
     assert text == (
         "zd{block=mean},entropy{method=softmax},"
-        "policy-entropy{bits=4.5,granularity=matmul,group_size=128,scheme=rtn-asym,k=0.65},"
+        "policy-entropy{bits=4.5,group_size=128,scheme=rtn-asym,"
+        "solver=greedy,k=0.65},"
         "quantize{clip=mse}"
     )
 
@@ -81,7 +82,7 @@ def test_canonical_text_reorders_options_and_normalises_floats():
     passes = parse_pipeline("policy-random{seed=3,lo=2,hi=4,ratio=0.25,granularity=layer}")
     assert format_pipeline(passes) == (
         "policy-random{ratio=0.25,hi=4,lo=2,granularity=layer,group_size=128,"
-        "scheme=rtn-asym,seed=3}"
+        "scheme=rtn-asym,solver=greedy,seed=3}"
     )
     assert format_pipeline(parse_pipeline("outliers{factor=2}")) == "outliers{factor=2.0}"
 
@@ -92,7 +93,7 @@ def test_repeated_override_options_collect_in_order():
     assert policy == UniformPolicy(width=8, override=["lm_head=4", r"layers\.0\..*=16"])
     assert policy.values["override"] == ["lm_head=4", r"layers\.0\..*=16"]
     assert format_pass(policy) == (
-        "policy-uniform{width=8,granularity=matmul,group_size=128,scheme=rtn-asym,"
+        "policy-uniform{width=8,group_size=128,scheme=rtn-asym,"
         r'override="lm_head=4",override="layers\\.0\\..*=16"}'
     )
 

@@ -127,3 +127,32 @@ def test_override_that_matches_nothing_is_an_error(analysed):
 def test_policy_without_budget_or_rule_asks_for_one(analysed):
     with pytest.raises(PipelineError, match="needs a budget"):
         plan(analysed, "policy-zd")
+
+
+def test_exact_solver_refuses_pins_that_alone_break_the_budget(analysed):
+    with pytest.raises(BudgetError, match="overridden sites alone"):
+        plan(analysed, 'policy-zd{bits=3,solver=exact,override=".*=16"}')
+
+
+def test_lo_alone_climbs_to_the_next_rung(analysed):
+    bits = plan(analysed, "policy-zd{bits=3.5,lo=2}")
+    assert set(bits.values()) == {2, 4}
+
+
+def test_ewq_rule_ranks_blocks_unless_told_otherwise(analysed):
+    bits = plan(analysed, "policy-entropy")
+    assert analysed.plan.budget["granularity"] == "layer"
+    for block in analysed.blocks:
+        assert len({bits[s] for s in block.sites}) == 1
+
+
+def test_options_given_from_python_pass_the_same_checks_as_text():
+    from lwqc.passes.calibration import CalibrationPass
+    from lwqc.passes.policy_zd import ZDPolicy
+
+    with pytest.raises(PipelineError, match="expected REGEX=BITS"):
+        ZDPolicy(bits=4.0, override=["no-equals-sign"])
+    with pytest.raises(PipelineError, match="positive integer"):
+        CalibrationPass(samples=0)
+    with pytest.raises(PipelineError, match="non-negative"):
+        CalibrationPass(seed=-1)
