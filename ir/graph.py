@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import numpy as np
@@ -14,12 +14,6 @@ from lwqc.ir.annotations import Annotation, annotation_key
 if TYPE_CHECKING:
     from lwqc.ir.packed import PackedWeight
     from lwqc.ir.plan import Plan
-
-
-class WeightSource(Protocol):
-    """What a frontend hands the IR: the weights behind the sites, in ``[out, in]`` order."""
-
-    def weight(self, site_id: str) -> np.ndarray: ...
 
 
 @dataclasses.dataclass
@@ -67,7 +61,7 @@ class Graph:
     weights_sha256: str = ""
     pipeline: str = ""
     excluded: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    source: Any = None
+    source: Any = None  # the frontend's handle: weight(site_id) -> [out, in] float32, runner
     calibration: np.ndarray | None = None  # token windows [samples, seq_len]
     plan: Plan | None = None
     packed: dict[str, PackedWeight] = dataclasses.field(default_factory=dict)
@@ -86,9 +80,6 @@ class Graph:
         if self.source is None:
             raise RuntimeError("this graph was read back from an artifact and holds no weights")
         return self.source.weight(site_id)
-
-    def block(self, index: int) -> Block:
-        return self.blocks[index]
 
     def annotate_site(self, site_id: str, annotation: Annotation) -> None:
         self.sites[site_id].stats[annotation_key(annotation)] = annotation

@@ -46,9 +46,20 @@ class QuantSpec:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> QuantSpec:
-        if data.get("bits") == KEEP_BITS:
+        if not isinstance(data, dict):
+            raise PlanError("a site entry must be an object with bits, group_size and scheme")
+        bits = data.get("bits")
+        if not _is_int(bits):
+            raise PlanError(f"bits must be an integer, got {bits!r}")
+        if bits == KEEP_BITS:
             return cls(bits=KEEP_BITS)
-        return cls(bits=data["bits"], group_size=data["group_size"], scheme=data["scheme"])
+        if not _is_int(data.get("group_size")):
+            raise PlanError(f"group_size must be an integer, got {data.get('group_size')!r}")
+        return cls(bits=bits, group_size=data["group_size"], scheme=data.get("scheme"))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def site_bytes(site: MatmulSite, spec: QuantSpec, keep_bits: int) -> int:
@@ -177,10 +188,31 @@ def read_plan(path: Path) -> dict[str, Any]:
     for site_id, entry in sites.items():
         try:
             QuantSpec.from_json(entry)
-        except (KeyError, TypeError) as exc:
-            raise PlanError(f"plan file {path}: site {site_id} lacks field {exc}") from None
         except PlanError as exc:
             raise PlanError(f"plan file {path}: site {site_id}: {exc}") from None
+    return document
+
+
+_ARTIFACT_FIELDS = {
+    "model": ("id", "architecture", "weights_sha256", "keep_bits"),
+    "site": ("role", "block", "shape", "fusion_group", "scores"),
+    "block": ("index", "module", "sites", "scores"),
+}
+
+
+def read_artifact_plan(path: Path) -> dict[str, Any]:
+    """``read_plan`` plus the fields a compiled artifact's plan carries (for show and eval)."""
+    document = read_plan(path)
+    missing = [k for k in ("model", "policy", "budget", "blocks", "totals") if k not in document]
+    model = document.get("model", {})
+    missing += [f"model.{k}" for k in _ARTIFACT_FIELDS["model"] if k not in model]
+    for site_id, entry in document["sites"].items():
+        missing += [f"sites.{site_id}.{k}" for k in _ARTIFACT_FIELDS["site"] if k not in entry]
+    for block in document.get("blocks", []):
+        missing += [f"blocks[].{k}" for k in _ARTIFACT_FIELDS["block"] if k not in block]
+    if missing:
+        raise PlanError(f"plan file {path} lacks {missing[0]}: it is not a complete lwqc "
+                        "artifact; recompile")
     return document
 
 

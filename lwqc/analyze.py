@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from lwqc import backends, passes  # noqa: F401  (registers every pass)
 from lwqc.artifacts import atomic_directory
+from lwqc.ir.errors import LwqcError
 from lwqc.ir.graph import Graph
 from lwqc.ir.hf_import import import_hf
 from lwqc.passes.manager import PassManager
@@ -122,9 +123,12 @@ def _format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def analyze(request: AnalyzeRequest, stdout: TextIO = sys.stdout) -> dict[str, Any]:
-    pipeline = f"zd,entropy,outliers,{request.calibration},lim,sensitivity"
+    pipeline = (f"zd,entropy,outliers,{request.calibration},lim,"
+                f"sensitivity{{group_size={request.group_size}}}")
     with atomic_directory(request.out) as staging:
         graph = import_hf(request.model, request.trust_remote_code)
+        if not graph.blocks:
+            raise LwqcError(f"{graph.model_id} has no repeated blocks to compare")
         PassManager(parse_pipeline(pipeline)).run(graph)
         block_rows = _rows([(b.module, b.stats) for b in graph.blocks])
         site_rows = _rows([(s.id, s.stats) for s in graph])

@@ -15,15 +15,21 @@ PLAN_FILE = "plan.json"
 MODEL_FILE = "model.onnx"
 PACKED_FILE = "packed.safetensors"
 REPORT_FILE = "report.md"
+# Everything lwqc writes into an output directory (compile and analyze); only a directory
+# holding nothing else may be replaced.
+OWN_FILES = frozenset({PLAN_FILE, MODEL_FILE, f"{MODEL_FILE}.data", PACKED_FILE, REPORT_FILE,
+                       "blocks.csv", "sites.csv", "validate.csv", "scores.png"})
 
 
 def check_output(out: Path) -> None:
     """Refuse an output path that cannot hold an artifact, before any work is done."""
     if out.exists() and not out.is_dir():
         raise LwqcError(f"output path {out} is a file; choose a directory for -o")
-    if out.is_dir() and any(out.iterdir()) and not (out / PLAN_FILE).exists():
-        raise LwqcError(f"output directory {out} is not empty and holds no lwqc artifact; "
-                        "choose another -o")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES)
+        if foreign:
+            raise LwqcError(f"output directory {out} holds files lwqc did not write "
+                            f"({foreign[0]}); choose another -o")
 
 
 @contextlib.contextmanager

@@ -145,6 +145,11 @@ def _compile(args: argparse.Namespace) -> int:
         }
         calibration = {"source": args.calib, "samples": args.calib_samples,
                        "seq_len": args.calib_seq_len, "seed": args.calib_seed}
+        calibrating = args.policy in ("lim", "sensitivity")
+        if not calibrating and (any(v is not None for v in calibration.values())
+                                or args.measure or args.lim_skip_first):
+            raise LwqcError("--calib*, --measure and --lim-skip-first apply to the policies lim "
+                            "and sensitivity only")
         analyses = {
             "lim": {"skip_first": args.lim_skip_first or None},
             "sensitivity": {"metric": "delta-kl" if args.measure else None,
@@ -209,12 +214,12 @@ def _sweep(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from lwqc.artifacts import PLAN_FILE
     from lwqc.ir.hf_import import import_hf
-    from lwqc.ir.plan import graph_from_document, read_plan
+    from lwqc.ir.plan import graph_from_document, read_artifact_plan
     from lwqc.ir.text import print_ir
 
     target = Path(args.target)
     if (target / PLAN_FILE).exists():
-        graph = graph_from_document(read_plan(target / PLAN_FILE))
+        graph = graph_from_document(read_artifact_plan(target / PLAN_FILE))
     else:
         graph = import_hf(args.target, args.trust_remote_code)
     sys.stdout.write(print_ir(graph))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -117,7 +118,10 @@ def write_artifacts(graph: Graph, directory: Path, timings: list[PassTiming]) ->
     if "torch" in graph.lowered:
         from safetensors.numpy import save_file
 
-        save_file(_packed_tensors(graph.packed), str(directory / PACKED_FILE))
+        specs = {s: {"bits": p.bits, "group_size": p.group_size, "scheme": p.scheme}
+                 for s, p in sorted(graph.packed.items())}
+        save_file(_packed_tensors(graph.packed), str(directory / PACKED_FILE),
+                  metadata={"lwqc.specs": json.dumps(specs)})
     (directory / REPORT_FILE).write_text(render(graph, timings))
 
 

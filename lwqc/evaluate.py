@@ -8,6 +8,7 @@ of mean-pooled, L2-normalised embeddings, and the cosine to the float embeddings
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -23,20 +24,23 @@ from lwqc.ir.datasets import read_text, stsb_pairs, wikitext2_text
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.hf_import import load_module, weights_sha256
 from lwqc.ir.packed import PackedWeight
-from lwqc.ir.plan import read_plan
+from lwqc.ir.plan import read_artifact_plan
 
 Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
 BATCH = 4
 
 
-def read_packed_safetensors(path: Path, document: dict[str, Any]) -> dict[str, PackedWeight]:
+def read_packed_safetensors(path: Path) -> dict[str, PackedWeight]:
+    """The PackedWeights of a ``--backend torch`` artifact; widths, groups and schemes come
+    from the file's own metadata, not from the (editable) plan."""
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
+    with safe_open(str(path), framework="np") as handle:
+        specs = json.loads((handle.metadata() or {}).get("lwqc.specs", "{}"))
     tensors = load_file(str(path))
     packed = {}
-    for site_id, entry in document["sites"].items():
-        if entry["bits"] == 16:
-            continue
+    for site_id, entry in specs.items():
         packed[site_id] = PackedWeight(
             bits=entry["bits"], group_size=entry["group_size"], scheme=entry["scheme"],
             codes=tensors[f"{site_id}.codes"], scales=tensors[f"{site_id}.scales"],
@@ -64,7 +68,7 @@ def _ort_runner(path: Path, output: str) -> Runner:
     return run
 
 
-def quantized_runner(out: Path, document: dict, module: torch.nn.Module, output: str,
+def quantized_runner(out: Path, module: torch.nn.Module, output: str,
                      backend: str | None) -> tuple[Runner, str]:
     onnx_path, packed_path = out / MODEL_FILE, out / PACKED_FILE
     backend = backend or ("onnx" if onnx_path.exists() else "torch")
@@ -75,7 +79,7 @@ def quantized_runner(out: Path, document: dict, module: torch.nn.Module, output:
     if onnx_path.exists():
         packed = ort_backend.read_packed(onnx_path)
     elif packed_path.exists():
-        packed = read_packed_safetensors(packed_path, document)
+        packed = read_packed_safetensors(packed_path)
     else:
         raise LwqcError(f"{out} holds neither {MODEL_FILE} nor {PACKED_FILE}")
     return _torch_runner(torch_eager.build(module, packed), output), backend
@@ -153,8 +157,13 @@ def evaluate(out: Path, data: str | None = None, seq_len: int = 512, windows: in
         raise LwqcError(f"{out} is not an lwqc artifact (no {PLAN_FILE}); run lwqc compile first")
     if seq_len < 2:
         raise LwqcError("--seq-len must be at least 2")
-    document = read_plan(out / PLAN_FILE)
+    if windows is not None and windows < 1:
+        raise LwqcError("--windows must be at least 1")
+    document = read_artifact_plan(out / PLAN_FILE)
     module, kind, model_id = load_module(document["model"]["id"])
+    context = getattr(module.config, "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise LwqcError(f"--seq-len {seq_len} exceeds the model's context of {context} tokens")
     if weights_sha256(module) != document["model"]["weights_sha256"]:
         raise LwqcError(f"the float model at {model_id} changed since this artifact was compiled")
     from transformers import AutoTokenizer
@@ -164,7 +173,7 @@ def evaluate(out: Path, data: str | None = None, seq_len: int = 512, windows: in
     except (OSError, ValueError):
         raise LwqcError(f"{model_id} has no tokenizer; lwqc eval needs one") from None
     output = "logits" if kind == "causal-lm" else "last_hidden_state"
-    quant_run, used = quantized_runner(out, document, module, output, backend)
+    quant_run, used = quantized_runner(out, module, output, backend)
     float_run = _torch_runner(module, output)
     result: dict[str, Any] = {
         "model": model_id, "backend": used, "policy": document["policy"],

@@ -38,6 +38,8 @@ class Sweeper:
 
     def __init__(self, model: str, out: Path, windows: int = 16, seq_len: int = 512,
                  analyses: str = ANALYSES) -> None:
+        if windows < 1 or seq_len < 2:
+            raise LwqcError("a sweep needs at least one window of at least 2 tokens")
         self.graph = import_hf(model)
         if self.graph.source.kind != "causal-lm":
             raise LwqcError("sweeps measure perplexity: give a causal language model")
@@ -53,10 +55,24 @@ class Sweeper:
         self.results = self._load()
 
     def _load(self) -> dict[str, dict[str, Any]]:
+        """Earlier results of a sweep with the same settings (a torn last line is dropped)."""
+        settings = {"model": self.graph.model_id, "weights_sha256": self.graph.weights_sha256,
+                    "analyses": self.analyses, "windows": self.windows, "seq_len": self.seq_len}
+        settings_path = self.out / "sweep.json"
+        if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
+            raise LwqcError(f"{self.out} holds a sweep with other settings (see sweep.json); "
+                            "choose another output directory")
+        settings_path.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
         if not self.results_path.exists():
             return {}
-        rows = [json.loads(line) for line in self.results_path.read_text().splitlines() if line]
-        return {row["point"]: row for row in rows}
+        rows = {}
+        for line in self.results_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # interrupted while writing: that point is simply run again
+            rows[row["point"]] = row
+        return rows
 
     def _float_run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         key = inputs["input_ids"].tobytes()

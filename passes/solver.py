@@ -34,7 +34,7 @@ class Unit:
 
 def make_units(graph: Graph, granularity: str, exclude: set[str] = frozenset()) -> list[Unit]:
     """Units at ``layer`` (a block, or a site outside blocks) or ``matmul`` granularity."""
-    groups: dict[str, list[str]] = {}
+    groups: dict[str, list[str]] = {}  # in execution order of their first site
     blocks: dict[str, int | None] = {}
     for site in graph:
         if site.id in exclude:
@@ -46,8 +46,9 @@ def make_units(graph: Graph, granularity: str, exclude: set[str] = frozenset()) 
         groups.setdefault(name, []).append(site.id)
         blocks[name] = site.block
     return [
-        Unit(name, tuple(ids), sum(graph.sites[s].params for s in ids), blocks[name], order)
-        for order, (name, ids) in enumerate(groups.items())
+        Unit(name, tuple(ids), sum(graph.sites[s].params for s in ids), blocks[name],
+             graph.sites[ids[0]].order)
+        for name, ids in groups.items()
     ]
 
 

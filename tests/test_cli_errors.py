@@ -106,7 +106,7 @@ def test_existing_foreign_directory_is_not_overwritten(capsys, tiny_llama_dir, t
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     code = main(["compile", str(tiny_llama_dir), "--bits", "4", "-o", str(out), "-q"])
-    assert code == 2 and "not empty" in capsys.readouterr().err
+    assert code == 2 and "files lwqc did not write (notes.txt)" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "mine"
 
 
@@ -145,3 +145,14 @@ def test_calibrating_on_the_evaluation_text_is_refused(capsys, ref_llama_dir, wi
     _run_and_expect_error(capsys, ["compile", str(ref_llama_dir), "--policy", "lim", "--bits",
                                    "3.5", "--calib", str(wikitext2_raw), "-o", str(out)], out,
                           "must not use the evaluation text")
+
+
+def test_a_directory_with_a_plan_and_other_files_is_not_replaced(capsys, tiny_llama_dir,
+                                                                 tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "plan.json").write_text("{}")
+    (out / "my-notes.md").write_text("mine")
+    code = main(["compile", str(tiny_llama_dir), "--bits", "4", "-o", str(out), "-q"])
+    assert code == 2 and "my-notes.md" in capsys.readouterr().err
+    assert (out / "my-notes.md").read_text() == "mine"

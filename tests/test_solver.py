@@ -54,7 +54,7 @@ def test_make_units_at_layer_granularity_groups_blocks():
     ]
     assert [u.params for u in units] == [32 + 128, 32 + 128, 80]
     assert [u.block for u in units] == [0, 1, None]
-    assert [u.order for u in units] == [0, 1, 2]
+    assert [u.order for u in units] == [0, 2, 4]  # execution order of each unit's first site
 
 
 def test_make_units_at_matmul_granularity_has_one_unit_per_site():
@@ -74,7 +74,7 @@ def test_make_units_leaves_out_excluded_sites():
         ("layers.0", ("layers.0.q",), 32),
         ("layers.1", ("layers.1.q", "layers.1.up"), 160),
     ]
-    assert [u.order for u in units] == [0, 1]
+    assert [u.order for u in units] == [0, 2]
 
 
 def test_ranked_orders_by_importance_then_execution_order():

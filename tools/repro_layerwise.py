@@ -144,8 +144,8 @@ def summary(rows: list[dict], n: int, model: str, windows: int) -> str:
              "of 512 tokens)", "",
              "Largest k (blocks at the low width, least important first) whose ΔPPL stays "
              "within each threshold:", "",
-             "| pair | order | ≤ 1 % | ≤ 5 % | ≤ 10 % | ΔPPL at k = L/2 |",
-             "|---|---|---|---|---|---|"]
+             "| pair | order | ≤ 1 % | ≤ 5 % | ≤ 10 % | ΔPPL at k = L/2 | KLD at k = L/2 |",
+             "|---|---|---|---|---|---|---|"]
     for hi, lo in PAIRS:
         pair = f"{hi}->{lo}"
         for order in sorted({r["order"] for r in rows if r.get("pair") == pair}):
@@ -153,14 +153,15 @@ def summary(rows: list[dict], n: int, model: str, windows: int) -> str:
                         and r["k"] == n // 2)
             cells = [str(tolerated(rows, pair, order, t)) for t in THRESHOLDS]
             lines.append(f"| {pair} | {order} | {' | '.join(cells)} | "
-                         f"{100 * half['delta_ppl']:+.2f} % |")
-    lines += ["", "Quantize vs drop (LIM order, the other blocks float), ΔPPL:", "",
+                         f"{100 * half['delta_ppl']:+.2f} % | {half['kld']:.4f} |")
+    lines += ["", "Quantize vs drop (LIM order, the other blocks float), ΔPPL (KLD):", "",
               "| k | quantize 2-bit | quantize 3-bit | quantize 4-bit | drop |",
               "|---|---|---|---|---|"]
     for k in range(n):
-        cells = [next(r for r in rows if r.get("method") == m and r["k"] == k)["delta_ppl"]
+        cells = [next(r for r in rows if r.get("method") == m and r["k"] == k)
                  for m in ("quantize 2-bit", "quantize 3-bit", "quantize 4-bit", "drop")]
-        lines.append(f"| {k} | " + " | ".join(f"{100 * c:+.2f} %" for c in cells) + " |")
+        lines.append(f"| {k} | " + " | ".join(
+            f"{100 * c['delta_ppl']:+.2f} % ({c['kld']:.4f})" for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

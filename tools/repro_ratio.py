@@ -110,9 +110,9 @@ def summary(rows: list[dict], model: str, windows: int, search_windows: int) -> 
     lines = [f"# Layer-wise vs matmul-wise mixed quantization on {model}", "",
              f"Low {LOW}-bit RTN (group 128), high float; random search {TRIALS} trials scored "
              f"on {search_windows} windows, best re-evaluated on {windows} windows of 512 tokens.",
-             "", "| Q_r | granularity | achieved ratio (best) | best of random | "
-             "random trials (min / median / max, search windows) | solver | solver ratio |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| Q_r | granularity | achieved ratio (best) | best of random (KLD) | "
+             "random trials (min / median / max, search windows) | solver (KLD) | "
+             "solver ratio |", "|---|---|---|---|---|---|---|"]
     def pick(study: str, ratio: float, granularity: str) -> list[dict]:
         return [r for r in rows if r["study"] == study and r["ratio"] == ratio
                 and r["granularity"] == granularity]
@@ -124,9 +124,10 @@ def summary(rows: list[dict], model: str, windows: int, search_windows: int) -> 
             trial = sorted(100 * r["delta_ppl"] for r in pick("search", ratio, granularity))
             lines.append(
                 f"| {ratio} | {granularity} | {best['low_share']:.3f} | "
-                f"{100 * best['delta_ppl']:+.2f} % | {trial[0]:+.2f} / "
+                f"{100 * best['delta_ppl']:+.2f} % ({best['kld']:.4f}) | {trial[0]:+.2f} / "
                 f"{trial[len(trial) // 2]:+.2f} / {trial[-1]:+.2f} % | "
-                f"{100 * solver['delta_ppl']:+.2f} % | {solver['low_share']:.3f} |")
+                f"{100 * solver['delta_ppl']:+.2f} % ({solver['kld']:.4f}) | "
+                f"{solver['low_share']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
