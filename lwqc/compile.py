@@ -47,7 +47,7 @@ def policy_pass(policy: str, values: dict[str, Any]) -> Pass:
     cls = REGISTRY.get(f"policy-{policy}")
     if cls is None:
         raise LwqcError(f"unknown policy {policy!r}: choose one of {', '.join(policies())}")
-    given = {k: v for k, v in values.items() if v is not None and v != []}
+    given = _given(values)
     unsupported = sorted(set(given) - set(cls.options))
     if unsupported:
         raise LwqcError(
