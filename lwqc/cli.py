@@ -1,4 +1,4 @@
-"""The ``lwqc`` command line: compile, eval, analyze, sweep, show."""
+"""The ``lwqc`` command line: compile, eval, analyze, sweep, passes, show."""
 
 from __future__ import annotations
 
@@ -107,6 +107,10 @@ def _add_sweep(sub) -> None:
     p.add_argument("--seq-len", type=int, default=512)
 
 
+def _add_passes(sub) -> None:
+    sub.add_parser("passes", help="list every pass: kind, contract and options")
+
+
 def _add_show(sub) -> None:
     p = sub.add_parser("show", help="print the IR of a model or of a compiled artifact")
     p.add_argument("target", help="model directory / hub id, or an artifact directory")
@@ -121,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_analyze(sub)
     _add_sweep(sub)
+    _add_passes(sub)
     _add_show(sub)
     return parser
 
@@ -211,6 +216,23 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _passes(args: argparse.Namespace) -> int:
+    from lwqc.compile import REGISTRY
+    from lwqc.passes.base import option_text
+
+    for name in sorted(REGISTRY):
+        cls = REGISTRY[name]
+        doc = cls.__dict__.get("__doc__") or sys.modules[cls.__module__].__doc__ or ""
+        print(f"{name} ({cls.kind.value}): {doc.strip().splitlines()[0]}")
+        key = getattr(cls, "score_key", None)
+        requires = ", ".join(cls.requires or ((f"site.{key}", f"block.{key}") if key else ()))
+        print(f"    requires {requires or '-'}; provides {', '.join(cls.provides) or '-'}")
+        for option, spec in cls.options.items():
+            default = "" if spec.default is None else f" (default {option_text(spec.default)})"
+            print(f"    {option}: {spec.help}{default}")
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
     from lwqc.artifacts import PLAN_FILE
     from lwqc.ir.hf_import import import_hf
@@ -227,7 +249,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "compile": _compile, "eval": _eval, "analyze": _analyze, "sweep": _sweep, "show": _show,
+    "compile": _compile, "eval": _eval, "analyze": _analyze, "sweep": _sweep,
+    "passes": _passes, "show": _show,
 }
 
 

@@ -222,3 +222,15 @@ def test_spaces_inside_quotes_are_kept():
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0"])
 def test_non_finite_or_zero_bits_are_rejected(value):
     assert "bits must be a positive number" in _error(f"policy-zd{{bits={value}}}")
+
+
+def test_lwqc_passes_lists_every_pass_with_its_contract(capsys):
+    from lwqc.cli import main
+    from lwqc.passes.base import REGISTRY
+
+    assert main(["passes"]) == 0
+    printed = capsys.readouterr().out
+    headers = [line.split(" ")[0] for line in printed.splitlines() if not line.startswith(" ")]
+    assert headers == sorted(REGISTRY)
+    assert "requires site.lim, block.lim; provides plan" in printed
+    assert "    group_size: group size along the input dimension (default 128)" in printed
