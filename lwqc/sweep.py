@@ -1,9 +1,13 @@
 """Sweeps: many plans of one model, each evaluated against the float model, resumably.
 
 The model is imported and analysed once; every point only plans, quantizes (each
-(site, width) once, cached) and evaluates an eager torch module on the same WikiText-2
-windows, whose float outputs are computed once. Results append to ``results.jsonl`` as each
-point finishes; a rerun skips the points already there.
+(site, width) once, cached) and evaluates an eager torch module on the same data, whose float
+outputs are computed once: WikiText-2 windows for causal LMs (perplexity, KL divergence),
+STS-B dev for encoders (Spearman, cosine to the float embeddings). Every row also carries the
+two numbers comparisons read, whatever the model: ``quality_loss`` (relative rise of
+perplexity, or relative drop of Spearman) and ``damage`` (KL divergence, or 1 - cosine).
+Results append to ``results.jsonl`` as each point finishes; a rerun skips the points already
+there.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 
 from lwqc import backends, passes  # noqa: F401  (registers every pass)
 from lwqc.backends import torch_eager
-from lwqc.evaluate import language_model_metrics
+from lwqc.evaluate import encoder_metrics, language_model_metrics
 from lwqc.ir.datasets import wikitext2_text
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.hf_import import import_hf
@@ -41,11 +45,15 @@ class Sweeper:
         if windows < 1 or seq_len < 2:
             raise LwqcError("a sweep needs at least one window of at least 2 tokens")
         self.graph = import_hf(model)
-        if self.graph.source.kind != "causal-lm":
-            raise LwqcError("sweeps measure perplexity: give a causal language model")
+        self.causal = self.graph.source.kind == "causal-lm"
         PassManager(parse_pipeline(analyses)).run(self.graph)
         self.analyses = analyses
-        self.tokens = self.graph.source.tokenize(wikitext2_text())
+        if self.causal:
+            self.tokens = self.graph.source.tokenize(wikitext2_text())
+        else:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.graph.model_id)
         self.windows, self.seq_len = windows, seq_len
         self._float_outputs: dict[bytes, np.ndarray] = {}
         self._packed: dict[tuple, PackedWeight] = {}
@@ -75,9 +83,10 @@ class Sweeper:
         return rows
 
     def _float_run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        key = inputs["input_ids"].tobytes()
+        ids = inputs["input_ids"]
+        key = ids.tobytes() + str(ids.shape).encode()
         if key not in self._float_outputs:
-            self._float_outputs[key] = self.graph.source.run(inputs["input_ids"]).numpy()
+            self._float_outputs[key] = _run(self.graph.source.module, inputs, self.causal)
         return self._float_outputs[key]
 
     def packed(self, site_id: str, spec: QuantSpec) -> PackedWeight:
@@ -101,12 +110,16 @@ class Sweeper:
 
         def quant_run(inputs: dict[str, np.ndarray]) -> np.ndarray:
             with identity_blocks(module, [self.graph.blocks[i].module for i in dropped]):
-                with torch.no_grad():
-                    ids = torch.from_numpy(inputs["input_ids"])
-                    return module(input_ids=ids, use_cache=False)[0].numpy()
+                return _run(module, inputs, self.causal)
 
-        metrics = language_model_metrics(self.tokens, self.seq_len, windows or self.windows,
-                                         self._float_run, quant_run)
+        if self.causal:
+            metrics = language_model_metrics(self.tokens, self.seq_len, windows or self.windows,
+                                             self._float_run, quant_run)
+            metrics.update(quality_loss=metrics["delta_ppl"], damage=metrics["kld"])
+        else:
+            metrics = encoder_metrics(self.tokenizer, self.seq_len, self._float_run, quant_run)
+            drop = (metrics["spearman_fp"] - metrics["spearman"]) / metrics["spearman_fp"]
+            metrics.update(quality_loss=drop, damage=1.0 - metrics["cosine_to_fp"])
         size = totals(self.graph, specs)
         return {**metrics, "avg_bits_physical": size.avg_bits_physical, "bytes": size.bytes}
 
@@ -129,6 +142,19 @@ class Sweeper:
             writer.writerows(rows)
         (self.out / "results.json").write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
         return rows
+
+
+def _run(module: torch.nn.Module, inputs: dict[str, np.ndarray], causal: bool) -> np.ndarray:
+    tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    with torch.no_grad():
+        return module(**tensors, **({"use_cache": False} if causal else {}))[0].numpy()
+
+
+def metric_labels(rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """Axis labels of ``quality_loss`` and ``damage`` for the kind of model the rows measure."""
+    if rows and "ppl" in rows[0]:
+        return "ΔPPL vs float (%)", "KL(float ‖ q) nats/token"
+    return "Spearman drop vs float (%)", "1 − cosine to float embeddings"
 
 
 @contextlib.contextmanager
@@ -160,7 +186,8 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     by_policy: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_policy.setdefault(row["policy"], []).append(row)
-    metrics = (("delta_ppl", 100.0, "ΔPPL vs float (%)"), ("kld", 1.0, "KL(float ‖ q) nats/token"))
+    quality_label, damage_label = metric_labels(rows)
+    metrics = (("quality_loss", 100.0, quality_label), ("damage", 1.0, damage_label))
     for axis, (metric, factor, label) in zip(axes, metrics, strict=True):
         for policy, points in sorted(by_policy.items()):
             budgets = sorted({p["budget"] for p in points})
@@ -171,7 +198,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             axis.plot(x, [np.mean(v) for v in y], style, label=policy, markersize=4)
             if any(len(v) > 1 for v in y):
                 axis.fill_between(x, [min(v) for v in y], [max(v) for v in y], alpha=0.2)
-        if metric == "delta_ppl":
+        if metric == "quality_loss":
             axis.axhline(0.0, color="black", linewidth=0.8, label="float")
             axis.set_yscale("symlog", linthresh=1.0)
         else:

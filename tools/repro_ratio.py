@@ -25,7 +25,7 @@ import numpy as np
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.plan import QuantSpec
 from lwqc.passes.solver import make_units, split_by_ratio
-from lwqc.sweep import Sweeper
+from lwqc.sweep import Sweeper, metric_labels
 
 RATIOS = (0.5, 0.7, 0.9)
 GRANULARITIES = ("layer", "matmul")
@@ -61,7 +61,7 @@ def run(sweeper: Sweeper, search_windows: int) -> list[dict]:
                     lambda s=specs: {**sweeper.evaluate(s, windows=search_windows),
                                      "low_share": low_share(sweeper, s)},
                     study="search", ratio=ratio, granularity=granularity, trial=trial)
-                trials.append((row["delta_ppl"], trial, specs))
+                trials.append((row["quality_loss"], trial, specs))
             _, best_trial, best_specs = min(trials, key=lambda t: (t[0], t[1]))
             sweeper.point(f"best-{granularity}-r{ratio}",
                           lambda s=best_specs: {**sweeper.evaluate(s),
@@ -91,13 +91,13 @@ def plot(rows: list[dict], out: Path) -> None:
         for study, style in (("best", "o-"), ("solver", "s--")):
             pts = sorted((r for r in rows if r["study"] == study
                           and r["granularity"] == granularity), key=lambda r: r["ratio"])
-            axis.plot([p["low_share"] for p in pts], [100 * p["delta_ppl"] for p in pts],
+            axis.plot([p["low_share"] for p in pts], [100 * p["quality_loss"] for p in pts],
                       style, color=color, label=f"{granularity}, {study}", markersize=4)
         trials = [r for r in rows if r["study"] == "search" and r["granularity"] == granularity]
-        axis.scatter([r["low_share"] for r in trials], [100 * r["delta_ppl"] for r in trials],
+        axis.scatter([r["low_share"] for r in trials], [100 * r["quality_loss"] for r in trials],
                      color=color, alpha=0.15, s=8)
     axis.set_xlabel(f"quantization ratio achieved (share of weights at {LOW} bits)")
-    axis.set_ylabel("ΔPPL vs float (%)")
+    axis.set_ylabel(metric_labels(rows)[0])
     axis.set_yscale("symlog", linthresh=1.0)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
@@ -121,12 +121,12 @@ def summary(rows: list[dict], model: str, windows: int, search_windows: int) -> 
         for granularity in GRANULARITIES:
             best = pick("best", ratio, granularity)[0]
             solver = pick("solver", ratio, granularity)[0]
-            trial = sorted(100 * r["delta_ppl"] for r in pick("search", ratio, granularity))
+            trial = sorted(100 * r["quality_loss"] for r in pick("search", ratio, granularity))
             lines.append(
                 f"| {ratio} | {granularity} | {best['low_share']:.3f} | "
-                f"{100 * best['delta_ppl']:+.2f} % ({best['kld']:.4f}) | {trial[0]:+.2f} / "
+                f"{100 * best['quality_loss']:+.2f} % ({best['damage']:.4f}) | {trial[0]:+.2f} / "
                 f"{trial[len(trial) // 2]:+.2f} / {trial[-1]:+.2f} % | "
-                f"{100 * solver['delta_ppl']:+.2f} % ({solver['kld']:.4f}) | "
+                f"{100 * solver['quality_loss']:+.2f} % ({solver['damage']:.4f}) | "
                 f"{solver['low_share']:.3f} |")
     return "\n".join(lines) + "\n"
 
