@@ -127,7 +127,8 @@ def _example_inputs(kind: str, vocab: int, batch: int, seq: int) -> dict[str, An
 
 
 def _looks_like_path(model: str) -> bool:
-    return model.startswith((".", "/", "~")) or os.sep in model.strip("/").split(os.sep, 2)[-1]
+    """A hub id is ``name`` or ``org/name``; anything else that names no file is a bad path."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1
 
 
 def _is_causal_lm(config, auto_causal) -> bool:

@@ -1,0 +1,1 @@
+"""lwqc: a compiler for mixed-precision weight quantization of transformer language models."""
