@@ -59,3 +59,13 @@ def test_policy_sweep_writes_tables_and_a_plot(sweeper):
                 sweeper.out / "pareto.png", "test")
     assert (sweeper.out / "pareto.png").stat().st_size > 1000
     assert (sweeper.out / "results.csv").read_text().startswith("point,")
+
+
+def test_encoder_sweeps_measure_sts_and_keeping_float_costs_nothing(minilm_dir, tmp_path):
+    sweeper = Sweeper(str(minilm_dir), tmp_path, windows=1, seq_len=128,
+                      analyses="zd,entropy,calib{samples=2,seq_len=64},lim")
+    kept = sweeper.evaluate({s: QuantSpec(16) for s in sweeper.graph.sites})
+    assert kept["spearman"] == kept["spearman_fp"] > 0.8
+    assert kept["quality_loss"] == 0.0 and kept["damage"] == pytest.approx(0.0, abs=1e-9)
+    two_bit = sweeper.evaluate({s: QuantSpec(2, 128, "rtn-asym") for s in sweeper.graph.sites})
+    assert two_bit["damage"] > 0.01 and two_bit["quality_loss"] > 0
