@@ -107,6 +107,17 @@ def ort_dequantized(path) -> dict[str, np.ndarray]:
     return {s: w.T if axis[s] == 0 else w for s, w in zip(names, outputs, strict=True)}
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Small matmuls run fastest on one thread (no OpenMP hand-offs on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))

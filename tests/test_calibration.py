@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import REPO, SHARED, shared_path
 from lwqc.ir.datasets import WIKITEXT2_TEST, calibration_text
 from lwqc.ir.errors import LwqcError
 from lwqc.passes.calibration import sample_windows
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Small matmuls run fastest on one thread (no OpenMP hand-offs on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _offsets(windows: np.ndarray, tokens: np.ndarray) -> list[list[int]]:

@@ -12,14 +12,7 @@ from lwqc.passes.lim import token_cosines
 from lwqc.passes.manager import PassManager
 from lwqc.passes.pipeline import parse_pipeline
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Small matmuls run fastest on one thread (no OpenMP hand-offs on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_token_cosines_of_parallel_antiparallel_and_orthogonal_vectors():

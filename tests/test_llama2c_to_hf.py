@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -11,25 +10,12 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-STORIES_BIN = SHARED / "models" / "stories260K" / "stories260K.bin"
+from conftest import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
 import llama2c_to_hf  # noqa: E402
 
 TOKENS = [1, 403, 407, 261, 378, 11, 72, 300, 499, 5, 260, 2]
-
-
-@pytest.fixture(scope="module")
-def stories_bin() -> Path:
-    """The real stories260K checkpoint; fails in CI if missing, skips elsewhere."""
-    if not STORIES_BIN.is_file():
-        msg = f"shared model file missing: {STORIES_BIN}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return STORIES_BIN
 
 
 def read_raw(path: Path) -> tuple[list[int], dict[str, np.ndarray]]:

@@ -19,14 +19,7 @@ from lwqc.passes.rtn import quantize_rtn
 from lwqc.passes.sensitivity import WIDTHS, Damage, relative_output_error
 from lwqc.passes.solver import make_units
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Small matmuls run fastest on one thread (no OpenMP hand-offs on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 # ---------------------------------------------------------------- relative_output_error
 
