@@ -22,6 +22,7 @@ from lwqc.ir.hf_import import import_hf
 from lwqc.passes.manager import PassManager
 from lwqc.passes.pipeline import parse_pipeline
 from lwqc.passes.sensitivity import Damage
+from lwqc.sweep import save_figure
 
 SCORES = ("zd", "entropy", "lim", "sensitivity")
 
@@ -108,9 +109,7 @@ def _plot(path: Path, graph: Graph, damage: list[float] | None) -> None:
     axes[-1].set_xlabel("block")
     axes[-1].set_xticks(indices)
     figure.suptitle(f"lwqc analyze: {Path(graph.model_id).name}", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def _format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

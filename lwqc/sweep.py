@@ -157,6 +157,21 @@ def metric_labels(rows: list[dict[str, Any]]) -> tuple[str, str]:
     return "Spearman drop vs float (%)", "1 − cosine to float embeddings"
 
 
+def quality_axis(axis, rows: list[dict[str, Any]]) -> None:
+    """A y axis of ``quality_loss`` in percent: symmetric log scale past 1 %, a light grid."""
+    axis.set_ylabel(metric_labels(rows)[0])
+    axis.set_yscale("symlog", linthresh=1.0)
+    axis.grid(alpha=0.3)
+
+
+def save_figure(figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 @contextlib.contextmanager
 def identity_blocks(module: torch.nn.Module, names: list[str]) -> Iterator[None]:
     """Make the named blocks pass their residual-stream input through unchanged."""
@@ -200,17 +215,15 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> None:
                 axis.fill_between(x, [min(v) for v in y], [max(v) for v in y], alpha=0.2)
         if metric == "quality_loss":
             axis.axhline(0.0, color="black", linewidth=0.8, label="float")
-            axis.set_yscale("symlog", linthresh=1.0)
+            quality_axis(axis, rows)
         else:
             axis.set_yscale("log")
+            axis.set_ylabel(label)
+            axis.grid(alpha=0.3)
         axis.set_xlabel("physical bits per weight (scales and zero points included)")
-        axis.set_ylabel(label)
-        axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def sweep_policies(sweeper: Sweeper, policies: list[str], budgets: list[float], seeds: int,

@@ -8,6 +8,7 @@ parsed from the pipeline text and validated with a clear error.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import enum
 from collections.abc import Callable, Iterable, Iterator
@@ -108,7 +109,7 @@ class PassContext:
         yield from tqdm(items, total=total, desc=desc, leave=False, unit="site")
 
 
-class Pass:
+class Pass(abc.ABC):
     """Base of all passes. Subclasses set ``name``, ``kind`` and implement ``run``."""
 
     name: ClassVar[str] = ""
@@ -142,15 +143,16 @@ class Pass:
             raise PipelineError(f"pass '{self.name}' option {name}={value!r}: {exc}") from None
         return parsed if option.multiple else parsed[0]
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: B027  (an optional hook, not an abstract method)
         """Check option combinations; raise ``PipelineError`` with the fix."""
 
     def required(self) -> tuple[str, ...]:
         """What must be available before this pass runs (may depend on options)."""
         return self.requires
 
+    @abc.abstractmethod
     def run(self, graph: Graph, context: PassContext) -> None:
-        raise NotImplementedError(f"pass '{self.name}' does not implement run()")
+        """Do the pass's work on ``graph``: annotate, plan, quantize or lower."""
 
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and self.values == other.values  # type: ignore[attr-defined]

@@ -17,6 +17,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+class ArrayWeights:
+    """A weight source for hand-built graphs: site id -> ``[out, in]`` array."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        self.arrays = arrays
+
+    def weight(self, site_id: str) -> np.ndarray:
+        return self.arrays[site_id]
+
+
 def shared_path(relative: str) -> Path:
     path = SHARED / relative
     if not path.exists():

@@ -4,6 +4,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
+from conftest import ArrayWeights
 from lwqc.ir.graph import Block, Graph, MatmulSite
 from lwqc.passes.base import PassContext
 from lwqc.passes.entropy import (
@@ -114,14 +115,6 @@ def test_entropy_importance_is_distance_below_the_ceiling():
     assert EntropyStat("entropy", 2.0, 3.0, "softmax").importance() == pytest.approx(-1.0)
 
 
-class _Arrays:
-    def __init__(self, arrays):
-        self.arrays = arrays
-
-    def weight(self, site_id):
-        return self.arrays[site_id]
-
-
 def _graph():
     arrays = {
         "layers.0.q": np.zeros((2, 3), dtype=np.float32),
@@ -132,7 +125,7 @@ def _graph():
         for order, (site_id, array) in enumerate(arrays.items())
     }
     blocks = [Block(0, "layers.0", list(arrays))]
-    return Graph("m", "toy", sites, blocks, nx.DiGraph(), source=_Arrays(arrays))
+    return Graph("m", "toy", sites, blocks, nx.DiGraph(), source=ArrayWeights(arrays))
 
 
 def test_entropy_pass_block_value_is_parameter_weighted_mean():

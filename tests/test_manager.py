@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import lwqc.passes  # noqa: F401  (registers the passes)
+from conftest import ArrayWeights
 from lwqc.ir.annotations import Annotation
 from lwqc.ir.graph import Block, Graph, MatmulSite
 from lwqc.ir.packed import PackedWeight
@@ -25,14 +26,6 @@ from lwqc.passes.policy_zd import ZDPolicy
 from lwqc.passes.zd import ZDPass
 
 
-class _Arrays:
-    def __init__(self, arrays):
-        self.arrays = arrays
-
-    def weight(self, site_id):
-        return self.arrays[site_id]
-
-
 def _graph():
     spike = np.array([[0.0, 0.0, 0.0, 0.0, 10.0]] * 2, dtype=np.float32)
     ramp = np.tile(np.arange(1.0, 11.0, dtype=np.float32), (2, 1)).reshape(4, 5)
@@ -44,7 +37,7 @@ def _graph():
     }
     blocks = [Block(0, "layers.0", ["layers.0.a", "layers.0.b"])]
     dataflow = nx.DiGraph([("layers.0.a", "layers.0.b"), ("layers.0.b", "head")])
-    return Graph("toy-model", "toy", sites, blocks, dataflow, source=_Arrays(arrays))
+    return Graph("toy-model", "toy", sites, blocks, dataflow, source=ArrayWeights(arrays))
 
 
 @pytest.mark.parametrize("pipeline, missing, needer", [

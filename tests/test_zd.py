@@ -2,6 +2,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
+from conftest import ArrayWeights
 from lwqc.ir.graph import Block, Graph, MatmulSite
 from lwqc.passes.base import PassContext
 from lwqc.passes.zd import ZDPass, ZDStat, zscore_fraction
@@ -42,14 +43,6 @@ def test_zd_importance_is_negative_score():
     assert ZDStat("zd", 0.25).importance() == -0.25
 
 
-class _Arrays:
-    def __init__(self, arrays):
-        self.arrays = arrays
-
-    def weight(self, site_id):
-        return self.arrays[site_id]
-
-
 def _graph():
     arrays = {
         "layers.0.a": np.array([[0.0, 0.0, 0.0, 0.0, 10.0]], dtype=np.float32),
@@ -62,7 +55,7 @@ def _graph():
         for order, (site_id, array) in enumerate(arrays.items())
     }
     blocks = [Block(0, "layers.0", ["layers.0.a", "layers.0.b"])]
-    return Graph("m", "toy", sites, blocks, nx.DiGraph(), source=_Arrays(arrays))
+    return Graph("m", "toy", sites, blocks, nx.DiGraph(), source=ArrayWeights(arrays))
 
 
 def test_zd_pass_annotates_sites_and_block_mean():

@@ -24,7 +24,7 @@ import numpy as np
 
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.plan import QuantSpec
-from lwqc.sweep import Sweeper, metric_labels
+from lwqc.sweep import Sweeper, quality_axis, save_figure
 
 PAIRS = ((4, 2), (8, 4), (4, 3))
 THRESHOLDS = (0.01, 0.05, 0.10)
@@ -126,13 +126,9 @@ def plot(rows: list[dict], out: Path, n: int) -> None:
             axis.axhline(100 * threshold, color="red", linewidth=0.5, linestyle=":")
         axis.set_title(f"{pair} bits", fontsize=10)
         axis.set_xlabel("k blocks at the low width")
-        axis.set_yscale("symlog", linthresh=1.0)
-        axis.grid(alpha=0.3)
-    axes[0].set_ylabel(metric_labels(rows)[0])
+        quality_axis(axis, rows)
     axes[0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(out / "layerwise.png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, out / "layerwise.png")
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for method in ("quantize 2-bit", "quantize 3-bit", "quantize 4-bit", "drop"):
@@ -140,13 +136,9 @@ def plot(rows: list[dict], out: Path, n: int) -> None:
         axis.plot([p["k"] for p in pts], [100 * p["quality_loss"] for p in pts], "o-",
                   label=method, markersize=3)
     axis.set_xlabel("k least important blocks (LIM order); the rest float")
-    axis.set_ylabel(metric_labels(rows)[0])
-    axis.set_yscale("symlog", linthresh=1.0)
-    axis.grid(alpha=0.3)
+    quality_axis(axis, rows)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out / "drop.png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, out / "drop.png")
 
 
 def summary(rows: list[dict], n: int, model: str, data: str) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.plan import QuantSpec
 from lwqc.passes.solver import make_units, split_by_ratio
-from lwqc.sweep import Sweeper, metric_labels
+from lwqc.sweep import Sweeper, quality_axis, save_figure
 
 RATIOS = (0.5, 0.7, 0.9)
 GRANULARITIES = ("layer", "matmul")
@@ -97,13 +97,9 @@ def plot(rows: list[dict], out: Path) -> None:
         axis.scatter([r["low_share"] for r in trials], [100 * r["quality_loss"] for r in trials],
                      color=color, alpha=0.15, s=8)
     axis.set_xlabel(f"quantization ratio achieved (share of weights at {LOW} bits)")
-    axis.set_ylabel(metric_labels(rows)[0])
-    axis.set_yscale("symlog", linthresh=1.0)
-    axis.grid(alpha=0.3)
+    quality_axis(axis, rows)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out / "ratio.png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, out / "ratio.png")
 
 
 def summary(rows: list[dict], model: str, windows: int, search_windows: int) -> str:
