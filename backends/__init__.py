@@ -1,3 +1,10 @@
-"""Backends lower packed weights to ONNX Runtime or eager torch. Importing registers them."""
+"""Backends lower packed weights to ONNX Runtime or eager torch. ``PASSES`` lists their
+lowering passes."""
 
-from lwqc.backends import onnxruntime, torch_eager  # noqa: F401  (modules register passes)
+from lwqc.backends.onnxruntime import LowerOnnxPass
+from lwqc.backends.torch_eager import LowerTorchPass
+from lwqc.passes.base import Pass
+
+__all__ = ["PASSES"]
+
+PASSES: tuple[type[Pass], ...] = (LowerOnnxPass, LowerTorchPass)

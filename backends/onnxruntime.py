@@ -1,73 +1,52 @@
-"""Lower to ONNX Runtime: export the float model, then put DequantizeLinear before each MatMul.
+"""Lower to ONNX Runtime: start from the source's float ONNX graph, rewrite each quantized
+site's weight with its format's standard-op lowering (``backends/onnx_formats.py``).
 
-1. Export the traced program with the dynamo exporter (opset 21).
-2. Find each site's MatMul (or Gemm) by the module path the exporter records in the node's
+1. Find each site's MatMul (or Gemm) by the module path the exporter records in the node's
    ``pkg.torch.onnx.name_scopes`` metadata; its constant B input is the float weight.
-3. Replace B by ``DequantizeLinear(codes, scales, zero points)``, blocked along the input
-   dimension: uint8/int8, uint4/int4 (3-bit codes in a 4-bit container), uint2/int2 (opset 25,
-   raised only when 2-bit codes are present).
-4. Write the site's decision (bits, group, scheme, scores) into the nodes' ``metadata_props``.
-5. Drop the exporter's debugging metadata (stack traces with local file paths, class
+2. Replace B by the lowered weight (DequantizeLinear for affine groups, ...); 2-bit codes
+   raise the opset to 25 (IR version 13).
+3. Write the site's decision (spec fields, scores) into the nodes' ``metadata_props``.
+4. Drop the exporter's debugging metadata (stack traces with local file paths, class
    hierarchies, FX node names): about 0.9 MB on a 6-layer model, and not portable. The module
    path of each node (``name_scopes``) stays.
-``read_packed`` inverts step 3: the artifact's own arrays back as PackedWeights.
+``read_packed`` inverts step 2: the artifact's own arrays back as weight formats, and fails
+on any quantized site the artifact does not hold.
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import logging
-import warnings
 from pathlib import Path
 
-import ml_dtypes
-import numpy as np
 import onnx_ir as ir
-import torch
 
+from lwqc.backends.onnx_formats import (
+    FORMAT_LOWERINGS,
+    LoweringError,
+    SiteRewrite,
+    lower_weight,
+    stored_arrays,
+)
+from lwqc.ir.capabilities import CONTAINER_STORAGE, Capabilities
 from lwqc.ir.errors import LwqcError
+from lwqc.ir.formats import WeightFormat, load_weight
 from lwqc.ir.graph import Graph
-from lwqc.ir.packed import PackedWeight, container_bits
-from lwqc.ir.plan import SCHEMA
-from lwqc.passes.base import Pass, PassContext, PassKind, register
+from lwqc.ir.plan_json import SCHEMA
+from lwqc.ir.spec import QuantSpec, spec_from_json
+from lwqc.passes.base import Pass, PassContext, PassKind
 
-OPSET = 21
 OPSET_INT2 = 25
 IR_VERSION_INT2 = 13  # int2/uint2 tensors arrived with IR version 13 (opset 25)
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 _SCOPES = "pkg.torch.onnx.name_scopes"
 _DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy",
                    "pkg.torch.onnx.fx_node", "namespace")
-_CODE_TYPES = {
-    (8, False): np.uint8, (4, False): ml_dtypes.uint4, (2, False): ml_dtypes.uint2,
-    (8, True): np.int8, (4, True): ml_dtypes.int4, (2, True): ml_dtypes.int2,
-}
-
-
-class LoweringError(LwqcError):
-    """The exported graph does not have the shape the lowering expects."""
-
-
-def output_names(module: torch.nn.Module, inputs: dict) -> list[str]:
-    with torch.no_grad():
-        outputs = module(**inputs)
-    return [k for k, v in outputs.items() if torch.is_tensor(v)]
-
-
-def export_float(source) -> ir.Model:
-    """The float model as ONNX (dynamic batch and sequence), from the importer's trace."""
-    inputs = source.example_inputs()
-    tensors = {k: v for k, v in inputs.items() if torch.is_tensor(v)}
-    names = output_names(source.module, inputs)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            source.exported, (), kwargs=tensors, dynamo=True, opset_version=OPSET,
-            input_names=list(tensors), output_names=names, verbose=False,
-        )
-    return program.model
+CAPABILITIES = Capabilities(
+    backend="onnx",
+    widths={name: CONTAINER_STORAGE.widths[name] for name in FORMAT_LOWERINGS},
+    containers=CONTAINER_STORAGE.containers,
+)
 
 
 def site_matmuls(model: ir.Model, site_ids: list[str]) -> dict[str, ir.Node]:
@@ -92,38 +71,32 @@ def site_matmuls(model: ir.Model, site_ids: list[str]) -> dict[str, ir.Node]:
     return found
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
-    value.type = ir.TensorType(value.const_value.dtype)
-    value.shape = ir.Shape(array.shape)
-    graph.register_initializer(value)
-    return value
-
-
 def _weight_is_transposed(node: ir.Node) -> bool:
     """Whether B is stored [in, out] (MatMul, Gemm without transB) rather than [out, in]."""
     return not (node.op_type == "Gemm" and node.attributes.get_int("transB", 0))
 
 
-def _dequantize_node(graph: ir.Graph, site_id: str, packed: PackedWeight, transposed: bool):
-    dtype = _CODE_TYPES[(container_bits(packed.bits), packed.signed)]
-    orient = (lambda a: np.ascontiguousarray(a.T)) if transposed else np.ascontiguousarray
-    inputs = [
-        _initializer(graph, f"{site_id}.weight_codes", orient(packed.codes).astype(dtype)),
-        _initializer(graph, f"{site_id}.weight_scales", orient(packed.scales)),
-    ]
-    if packed.zero_points is not None:
-        zeros = orient(packed.zero_points).astype(dtype)
-        inputs.append(_initializer(graph, f"{site_id}.weight_zero_points", zeros))
-    node = ir.node(
-        "DequantizeLinear", inputs,
-        attributes={"axis": 0 if transposed else 1, "block_size": packed.group_size},
-        name=f"{site_id}/DequantizeLinear",
-    )
-    node.outputs[0].name = f"{site_id}.weight_dequantized"
-    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-    node.outputs[0].shape = ir.Shape(inputs[0].shape)
-    return node
+def spec_metadata(spec: QuantSpec) -> dict[str, str]:
+    """The spec's fields as ``lwqc.<field>`` strings (None -> "")."""
+    return {f"lwqc.{k}": "" if v is None else str(v) for k, v in spec.to_json().items()}
+
+
+def _metadata_value(key: str, text: str) -> object:
+    if key == "scheme":
+        return text
+    if text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def spec_from_metadata(meta: dict[str, str]) -> QuantSpec:
+    """Inverse of ``spec_metadata``."""
+    fields = {k.removeprefix("lwqc."): v for k, v in meta.items()
+              if k.removeprefix("lwqc.") in ("bits", "group_size", "scheme", "outliers")}
+    return spec_from_json({k: _metadata_value(k, v) for k, v in fields.items()})
 
 
 def _decision_metadata(graph: Graph, site_id: str) -> dict[str, str]:
@@ -133,9 +106,7 @@ def _decision_metadata(graph: Graph, site_id: str) -> dict[str, str]:
         "lwqc.site": site_id,
         "lwqc.role": site.role,
         "lwqc.block": "" if site.block is None else str(site.block),
-        "lwqc.bits": str(spec.bits),
-        "lwqc.group_size": "" if spec.kept else str(spec.group_size),
-        "lwqc.scheme": "keep" if spec.kept else spec.scheme,
+        **spec_metadata(spec),
         "lwqc.scores": json.dumps(scores, sort_keys=True),
     }
 
@@ -145,24 +116,23 @@ def lower(graph: Graph, model: ir.Model) -> ir.Model:
     matmuls = site_matmuls(model, list(graph.sites))
     for site_id, node in matmuls.items():
         node.metadata_props.update(_decision_metadata(graph, site_id))
-        packed = graph.packed.get(site_id)
-        if packed is None:
+        weight = graph.packed.get(site_id)
+        if weight is None:
             continue
         old = node.inputs[1]
         transposed = _weight_is_transposed(node)
-        expected = graph.weight(site_id).T if transposed else graph.weight(site_id)
-        if old.const_value.numpy().shape != expected.shape:
+        expected = weight.shape[::-1] if transposed else weight.shape
+        if old.const_value.numpy().shape != tuple(expected):
             raise LoweringError(f"site {site_id}: exported weight has shape {old.shape}")
-        dq = _dequantize_node(model.graph, site_id, packed, transposed)
-        dq.metadata_props.update(node.metadata_props)
-        model.graph.insert_before(node, dq)
-        node.replace_input_with(1, dq.outputs[0])
+        rewrite = SiteRewrite(model.graph, site_id, node, transposed,
+                              CAPABILITIES.code_bits(weight.spec.bits), dict(node.metadata_props))
+        node.replace_input_with(1, lower_weight(rewrite, weight))
         if not old.uses() and old.name in model.graph.initializers:
             model.graph.initializers.pop(old.name)
     for node in model.graph.all_nodes():
         for key in _DEBUG_METADATA:
             node.metadata_props.pop(key, None)
-    if any(p.bits == 2 for p in graph.packed.values()):
+    if any(p.spec.bits == 2 for p in graph.packed.values()):
         model.opset_imports[""] = OPSET_INT2
         model.ir_version = max(model.ir_version, IR_VERSION_INT2)
     model.metadata_props.update(
@@ -179,40 +149,42 @@ def save(model: ir.Model, path: Path) -> None:
     ir.save(model, path, external_data=external)
 
 
-def read_packed(path: Path) -> dict[str, PackedWeight]:
-    """The PackedWeights stored in an lwqc ONNX artifact, keyed by site id."""
+def read_packed(path: Path, expected: set[str]) -> dict[str, WeightFormat]:
+    """The weights stored in an lwqc ONNX artifact, keyed by site id; every site in
+    ``expected`` must be there, quantized."""
     model = ir.load(path)
+    initializers = {name: value.const_value.numpy()
+                    for name, value in model.graph.initializers.items()}
     packed = {}
     for node in model.graph:
-        if node.op_type != "DequantizeLinear" or "lwqc.site" not in node.metadata_props:
-            continue
         meta = node.metadata_props
-        transposed = node.attributes.get_int("axis") == 0
-        orient = (lambda a: np.ascontiguousarray(a.T)) if transposed else np.ascontiguousarray
-        signed = meta["lwqc.scheme"] == "rtn-sym"
-        arrays = [orient(v.const_value.numpy()) for v in node.inputs]
-        packed[meta["lwqc.site"]] = PackedWeight(
-            bits=int(meta["lwqc.bits"]),
-            group_size=node.attributes.get_int("block_size"),
-            scheme=meta["lwqc.scheme"],
-            codes=arrays[0].astype(np.int8 if signed else np.uint8),
-            scales=arrays[1],
-            zero_points=None if signed else arrays[2].astype(np.uint8),
-        )
+        if node.op_type not in ("MatMul", "Gemm") or "lwqc.site" not in meta:
+            continue
+        spec = spec_from_metadata(meta)
+        if spec.kept:
+            continue
+        site_id = meta["lwqc.site"]
+        arrays = stored_arrays(initializers, site_id, _weight_is_transposed(node))
+        if arrays:
+            packed[site_id] = load_weight(spec, arrays)
+    missing = sorted(expected - set(packed))
+    if missing:
+        raise LwqcError(f"{path} holds no quantized weight for site {missing[0]}: the artifact "
+                        "does not match its plan; recompile")
     return packed
 
 
-@register
 class LowerOnnxPass(Pass):
-    """Export the float model and rewrite every quantized site to DequantizeLinear -> MatMul."""
+    """Rewrite the source's float ONNX graph: every quantized site's weight from its format."""
 
     name = "lower-onnx"
     kind = PassKind.TRANSFORM
     requires = ("packed",)
     provides = ("lowered.onnx",)
+    capabilities = CAPABILITIES
 
     def run(self, graph: Graph, context: PassContext) -> None:
-        graph.lowered["onnx"] = lower(graph, export_float(graph.source))
+        graph.lowered["onnx"] = lower(graph, graph.source.float_onnx())
 
 
 def session(path: Path, accuracy_level: int = 1):

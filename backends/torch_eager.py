@@ -1,62 +1,100 @@
-"""Lower to eager torch: a copy of the model whose site linears dequantize PackedWeights.
+"""Lower to eager torch: a copy of the model whose site linears dequantize packed weights.
 
-The module holds the very arrays the ONNX artifact holds, and dequantizes them with the same
-formula as ``DequantizeLinear``: ``(code - zero_point) * scale`` in float32.
+The module holds the very arrays the ONNX artifact holds and dequantizes them with the
+format's own formula (``WeightFormat.dequantize_tensors``). ``packed.safetensors`` stores the
+same arrays (``<site>.<array>``) with each site's spec in the file's metadata.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lwqc.ir.capabilities import CONTAINER_STORAGE, Capabilities
+from lwqc.ir.errors import LwqcError
+from lwqc.ir.formats import FORMATS, WeightFormat, format_class, load_weight
 from lwqc.ir.graph import Graph
-from lwqc.ir.packed import PackedWeight
-from lwqc.passes.base import Pass, PassContext, PassKind, register
+from lwqc.ir.spec import spec_from_json
+from lwqc.passes.base import Pass, PassContext, PassKind
+
+CAPABILITIES = Capabilities(
+    backend="torch",
+    widths={name: CONTAINER_STORAGE.widths[name] for name in FORMATS},
+    containers=CONTAINER_STORAGE.containers,
+)
+SPECS_KEY = "lwqc.specs"
 
 
 class PackedLinear(torch.nn.Module):
-    """``y = x W^T + b`` with W dequantized from codes, group scales and zero points."""
+    """``y = x W^T + b`` with W dequantized from a weight format's arrays in forward."""
 
-    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: WeightFormat, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.group_size = packed.group_size
-        self.in_features = packed.shape[1]
-        self.register_buffer("codes", torch.from_numpy(packed.codes.astype("int16")))
-        self.register_buffer("scales", torch.from_numpy(packed.scales.copy()))
-        zeros = packed.zero_points
-        self.register_buffer(
-            "zero_points", None if zeros is None else torch.from_numpy(zeros.astype("int16"))
-        )
+        self.spec = weight.spec
+        self.names = tuple(weight.arrays())
+        for name, array in weight.arrays().items():
+            self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(array).copy()))
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), False)
 
-    def _expand(self, per_group: torch.Tensor) -> torch.Tensor:
-        expanded = per_group.repeat_interleave(self.group_size, dim=1)
-        return expanded[:, : self.in_features]
-
     def dequantized_weight(self) -> torch.Tensor:
-        codes = self.codes.to(torch.int32)
-        if self.zero_points is not None:
-            codes = codes - self._expand(self.zero_points).to(torch.int32)
-        return codes.to(torch.float32) * self._expand(self.scales)
+        tensors = {name: getattr(self, name) for name in self.names}
+        return format_class(self.spec).dequantize_tensors(self.spec, tensors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight(), self.bias)
 
 
-def build(module: torch.nn.Module, packed: dict[str, PackedWeight]) -> torch.nn.Module:
+def build(module: torch.nn.Module, packed: dict[str, WeightFormat]) -> torch.nn.Module:
     """A deep copy of ``module`` with every packed site replaced by a ``PackedLinear``."""
     quantized = copy.deepcopy(module).eval()
-    for site_id, weights in packed.items():
+    for site_id, weight in packed.items():
         parent_name, _, child = site_id.rpartition(".")
-        parent = quantized.get_submodule(parent_name) if parent_name else quantized
-        bias = getattr(getattr(parent, child), "bias", None)
-        setattr(parent, child, PackedLinear(weights, bias))
+        try:
+            parent = quantized.get_submodule(parent_name) if parent_name else quantized
+            original = getattr(parent, child)
+        except AttributeError:
+            raise LwqcError(f"the model has no linear {site_id}: the artifact was compiled for "
+                            "another model; recompile") from None
+        setattr(parent, child, PackedLinear(weight, getattr(original, "bias", None)))
     return quantized
 
 
-@register
+def save_packed(packed: dict[str, WeightFormat], path: Path) -> None:
+    """Write every site's arrays and spec to ``path`` (safetensors)."""
+    from safetensors.numpy import save_file
+
+    tensors = {f"{site_id}.{name}": np.ascontiguousarray(array)
+               for site_id in sorted(packed) for name, array in packed[site_id].arrays().items()}
+    specs = {s: packed[s].spec.to_json() for s in sorted(packed)}
+    save_file(tensors, str(path), metadata={SPECS_KEY: json.dumps(specs)})
+
+
+def read_packed(path: Path, expected: set[str]) -> dict[str, WeightFormat]:
+    """The weights of ``save_packed``; specs come from the file's own metadata, not from the
+    (editable) plan. Every site in ``expected`` must be there."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as handle:
+        specs = json.loads((handle.metadata() or {}).get(SPECS_KEY, "{}"))
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    packed = {}
+    for site_id, entry in specs.items():
+        prefix = f"{site_id}."
+        arrays = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)
+                  and "." not in k.removeprefix(prefix)}
+        packed[site_id] = load_weight(spec_from_json(entry), arrays)
+    missing = sorted(expected - set(packed))
+    if missing:
+        raise LwqcError(f"{path} holds no weight for site {missing[0]}: the artifact does not "
+                        "match its plan; recompile")
+    return packed
+
+
 class LowerTorchPass(Pass):
     """Build the eager torch module that dequantizes the packed weights in forward."""
 
@@ -64,6 +102,7 @@ class LowerTorchPass(Pass):
     kind = PassKind.TRANSFORM
     requires = ("packed",)
     provides = ("lowered.torch",)
+    capabilities = CAPABILITIES
 
     def run(self, graph: Graph, context: PassContext) -> None:
-        graph.lowered["torch"] = build(graph.source.module, graph.packed)
+        graph.lowered["torch"] = build(graph.source.eager_module(), graph.packed)

@@ -10,10 +10,12 @@ import networkx as nx
 import numpy as np
 
 from lwqc.ir.annotations import Annotation, annotation_key
+from lwqc.ir.capabilities import CONTAINER_STORAGE, Capabilities
 
 if TYPE_CHECKING:
-    from lwqc.ir.packed import PackedWeight
+    from lwqc.ir.formats import WeightFormat
     from lwqc.ir.plan import Plan
+    from lwqc.ir.source import ModelSource
 
 
 @dataclasses.dataclass
@@ -49,7 +51,9 @@ class Graph:
 
     ``available`` holds the keys of everything the passes have provided so far
     (``site.entropy``, ``plan``, ``packed``, ``lowered.onnx``); the pass manager checks
-    declared requirements against it.
+    declared requirements against it. Products go stale together: a new plan drops the packed
+    weights and lowered models made from the old one, new packed weights drop lowered models.
+    ``target`` is what the pipeline's lowering can store (budgets are charged at its sizes).
     """
 
     model_id: str
@@ -61,12 +65,33 @@ class Graph:
     weights_sha256: str = ""
     pipeline: str = ""
     excluded: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    source: Any = None  # the frontend's handle: weight(site_id) -> [out, in] float32, runner
+    source: ModelSource | None = None
     calibration: np.ndarray | None = None  # token windows [samples, seq_len]
-    plan: Plan | None = None
-    packed: dict[str, PackedWeight] = dataclasses.field(default_factory=dict)
+    target: Capabilities = CONTAINER_STORAGE
     lowered: dict[str, Any] = dataclasses.field(default_factory=dict)
     available: set[str] = dataclasses.field(default_factory=set)
+    _plan: Plan | None = dataclasses.field(default=None, repr=False)
+    _packed: dict[str, WeightFormat] = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def plan(self) -> Plan | None:
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: Plan | None) -> None:
+        self._plan = plan
+        self.packed = {}
+        self.available.discard("packed")
+
+    @property
+    def packed(self) -> dict[str, WeightFormat]:
+        return self._packed
+
+    @packed.setter
+    def packed(self, packed: dict[str, WeightFormat]) -> None:
+        self._packed = packed
+        self.lowered = {}
+        self.available = {key for key in self.available if not key.startswith("lowered.")}
 
     def __iter__(self) -> Iterator[MatmulSite]:
         return iter(self.sites.values())

@@ -14,15 +14,16 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from lwqc import backends, passes  # noqa: F401  (registers every pass)
 from lwqc.artifacts import atomic_directory
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.graph import Graph
-from lwqc.ir.hf_import import import_hf
+from lwqc.ir.hf_source import import_model
+from lwqc.ir.spec import AsymmetricSpec
+from lwqc.passes.analyses import CALIBRATED_ANALYSES, analysis_passes
 from lwqc.passes.manager import PassManager
-from lwqc.passes.pipeline import parse_pipeline
+from lwqc.passes.quantizers import quantize_weight
 from lwqc.passes.sensitivity import Damage
-from lwqc.sweep import save_figure
+from lwqc.plots import save_figure
 
 SCORES = ("zd", "entropy", "lim", "sensitivity")
 
@@ -31,7 +32,7 @@ SCORES = ("zd", "entropy", "lim", "sensitivity")
 class AnalyzeRequest:
     model: str
     out: Path
-    calibration: str = "calib"
+    calibration: dict[str, Any] = dataclasses.field(default_factory=dict)  # calib options
     validate: bool = False
     low_bits: int = 2
     group_size: int = 128
@@ -61,13 +62,11 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def block_damage(graph: Graph, low_bits: int, group_size: int) -> list[float]:
     """Measured damage of quantizing each block alone to ``low_bits``."""
-    from lwqc.passes.rtn import quantize_rtn
-
     damage = Damage(graph)
+    spec = AsymmetricSpec(low_bits, group_size)
     result = []
     for block in graph.blocks:
-        weights = {s: quantize_rtn(graph.weight(s), low_bits, group_size, "rtn-asym",
-                                   clip_search=True).dequantize() for s in block.sites}
+        weights = {s: quantize_weight(graph.weight(s), spec).dequantize() for s in block.sites}
         result.append(damage.of(weights))
     return result
 
@@ -122,13 +121,13 @@ def _format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def analyze(request: AnalyzeRequest, stdout: TextIO = sys.stdout) -> dict[str, Any]:
-    pipeline = (f"zd,entropy,outliers,{request.calibration},lim,"
-                f"sensitivity{{group_size={request.group_size}}}")
+    analyses = analysis_passes([cls.name for cls in CALIBRATED_ANALYSES], request.calibration,
+                               {"sensitivity": {"group_size": request.group_size}})
     with atomic_directory(request.out) as staging:
-        graph = import_hf(request.model, request.trust_remote_code)
+        graph = import_model(request.model, request.trust_remote_code)
         if not graph.blocks:
             raise LwqcError(f"{graph.model_id} has no repeated blocks to compare")
-        PassManager(parse_pipeline(pipeline)).run(graph)
+        PassManager(analyses).run(graph)
         block_rows = _rows([(b.module, b.stats) for b in graph.blocks])
         site_rows = _rows([(s.id, s.stats) for s in graph])
         columns = [f"{key}.importance" for key in SCORES]

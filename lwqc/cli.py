@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from lwqc.ir.errors import LwqcError
+from lwqc.ir.spec import SCHEMES
 
 EXIT_USER_ERROR = 2
 
@@ -23,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_compile(sub) -> None:
     p = sub.add_parser("compile", help="quantize a model under a budget and lower it")
-    p.add_argument("model", help="Hugging Face model directory or hub id")
+    p.add_argument("model", help="Hugging Face model directory, hub id, or .gguf file")
     p.add_argument("-o", "--out", required=True, type=Path, help="artifact directory to write")
     p.add_argument("--policy", default="entropy",
                    help="entropy | zd | lim | sensitivity | uniform | random | llamacpp "
@@ -39,7 +40,11 @@ def _add_compile(sub) -> None:
     p.add_argument("--granularity", choices=("layer", "matmul"),
                    help="unit sharing one width (default: matmul)")
     p.add_argument("--group-size", type=int, help="group size along the input dim (128)")
-    p.add_argument("--scheme", choices=("rtn-asym", "rtn-sym"), help="default rtn-asym")
+    p.add_argument("--scheme", choices=SCHEMES,
+                   help="rtn-asym (default): integer zero points; rtn-sym: none; float-offset: "
+                        "float offsets (GGUF Q4_1 style); codebook: per-column k-means")
+    p.add_argument("--outliers", type=float, metavar="FRACTION",
+                   help="share of weights kept sparse in float16 (e.g. 0.01)")
     p.add_argument("--override", action="append", metavar="REGEX=BITS",
                    help="pin sites whose id matches REGEX (repeatable; first match wins)")
     p.add_argument("--seed", type=int, help="random policy seed")
@@ -82,7 +87,7 @@ def _add_eval(sub) -> None:
 
 def _add_analyze(sub) -> None:
     p = sub.add_parser("analyze", help="every score per block and matmul (CSV, PNG)")
-    p.add_argument("model", help="Hugging Face model directory or hub id")
+    p.add_argument("model", help="Hugging Face model directory, hub id, or .gguf file")
     p.add_argument("-o", "--out", type=Path, help="directory for the CSVs and the chart "
                    "(default: analysis-<model name>)")
     p.add_argument("--validate", action="store_true",
@@ -113,7 +118,8 @@ def _add_passes(sub) -> None:
 
 def _add_show(sub) -> None:
     p = sub.add_parser("show", help="print the IR of a model or of a compiled artifact")
-    p.add_argument("target", help="model directory / hub id, or an artifact directory")
+    p.add_argument("target", help="model directory / hub id / .gguf file, or an artifact "
+                   "directory")
     p.add_argument("--trust-remote-code", action="store_true")
 
 
@@ -132,26 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _compile(args: argparse.Namespace) -> int:
     from lwqc.compile import CompileRequest, compile_model, default_passes, plan_passes, policy_pass
-    from lwqc.passes.pipeline import parse_pipeline
+    from lwqc.passes.analyses import calibrated
+    from lwqc.registry import parse
 
     if args.pipeline and args.plan:
         raise LwqcError("give --pipeline or --plan, not both")
     if args.pipeline:
-        pass_list = parse_pipeline(args.pipeline)
+        pass_list = parse(args.pipeline)
     elif args.plan:
         pass_list = plan_passes(args.plan, args.backend)
     else:
         options = {
             "bits": args.bits, "ratio": args.ratio, "width": args.width, "hi": args.hi,
             "lo": args.lo, "granularity": args.granularity, "group_size": args.group_size,
-            "scheme": args.scheme, "override": args.override, "seed": args.seed, "k": args.k,
+            "scheme": args.scheme, "outliers": args.outliers, "override": args.override,
+            "seed": args.seed, "k": args.k,
             "solver": args.solver,
             "widths": args.widths,
         }
         calibration = {"source": args.calib, "samples": args.calib_samples,
                        "seq_len": args.calib_seq_len, "seed": args.calib_seed}
-        calibrating = args.policy in ("lim", "sensitivity")
-        if not calibrating and (any(v is not None for v in calibration.values())
+        policy = policy_pass(args.policy, options)
+        if not calibrated(policy.required()) and (any(v is not None for v in calibration.values())
                                 or args.measure or args.lim_skip_first):
             raise LwqcError("--calib*, --measure and --lim-skip-first apply to the policies lim "
                             "and sensitivity only")
@@ -160,8 +168,7 @@ def _compile(args: argparse.Namespace) -> int:
             "sensitivity": {"metric": "delta-kl" if args.measure else None,
                             "group_size": args.group_size, "scheme": args.scheme},
         }
-        pass_list = default_passes(policy_pass(args.policy, options), args.backend,
-                                   calibration, analyses)
+        pass_list = default_passes(policy, args.backend, calibration, analyses)
     request = CompileRequest(
         model=args.model, out=args.out, passes=pass_list,
         print_ir_after=tuple(args.print_ir_after), trust_remote_code=args.trust_remote_code,
@@ -182,14 +189,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     from lwqc.analyze import AnalyzeRequest, analyze
-    from lwqc.passes.calibration import CalibrationPass
-    from lwqc.passes.pipeline import format_pass
 
-    calibration = CalibrationPass(source=args.calib, samples=args.calib_samples,
-                                  seq_len=args.calib_seq_len)
+    calibration = {"source": args.calib, "samples": args.calib_samples,
+                   "seq_len": args.calib_seq_len}
     out = args.out or Path(f"analysis-{Path(args.model.rstrip('/')).name}")
     analyze(AnalyzeRequest(
-        model=args.model, out=out, calibration=format_pass(calibration), validate=args.validate,
+        model=args.model, out=out, calibration=calibration, validate=args.validate,
         low_bits=args.low, group_size=args.group_size, trust_remote_code=args.trust_remote_code,
     ))
     print(f"lwqc: wrote {out}/blocks.csv, sites.csv, scores.png"
@@ -198,7 +203,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from lwqc.sweep import Sweeper, plot_pareto, sweep_policies
+    from lwqc.plots import plot_pareto
+    from lwqc.sweep import Sweeper, sweep_policies
 
     try:
         budgets = [float(b) for b in args.bits.split(",")]
@@ -217,8 +223,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _passes(args: argparse.Namespace) -> int:
-    from lwqc.compile import REGISTRY
     from lwqc.passes.base import option_text
+    from lwqc.registry import REGISTRY
 
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
@@ -235,15 +241,15 @@ def _passes(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     from lwqc.artifacts import PLAN_FILE
-    from lwqc.ir.hf_import import import_hf
-    from lwqc.ir.plan import graph_from_document, read_artifact_plan
+    from lwqc.ir.hf_source import import_model
+    from lwqc.ir.plan_json import graph_from_document, read_artifact_plan
     from lwqc.ir.text import print_ir
 
     target = Path(args.target)
     if (target / PLAN_FILE).exists():
         graph = graph_from_document(read_artifact_plan(target / PLAN_FILE))
     else:
-        graph = import_hf(args.target, args.trust_remote_code)
+        graph = import_model(args.target, args.trust_remote_code)
     sys.stdout.write(print_ir(graph))
     return 0
 

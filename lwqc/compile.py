@@ -3,43 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
-
-from lwqc import backends, passes  # noqa: F401  (registers every pass)
-from lwqc.artifacts import (
-    MODEL_FILE,
-    PACKED_FILE,
-    PLAN_FILE,
-    REPORT_FILE,
-    atomic_directory,
-)
+from lwqc.artifacts import MODEL_FILE, PACKED_FILE, PLAN_FILE, REPORT_FILE, atomic_directory
 from lwqc.backends import onnxruntime as ort_backend
+from lwqc.backends import torch_eager
+from lwqc.ir.accounting import totals
 from lwqc.ir.errors import LwqcError, PipelineError
 from lwqc.ir.graph import Graph
-from lwqc.ir.hf_import import import_hf
-from lwqc.ir.packed import PackedWeight
-from lwqc.ir.plan import plan_document, totals, write_plan
+from lwqc.ir.hf_source import import_model
+from lwqc.ir.plan_json import plan_document, write_plan
+from lwqc.passes.analyses import analysis_passes, calibrated
 from lwqc.passes.apply_plan import ApplyPlanPass
-from lwqc.passes.base import REGISTRY, Pass, PassKind
-from lwqc.passes.calibration import CalibrationPass
-from lwqc.passes.entropy import EntropyPass
+from lwqc.passes.base import Pass, PassKind
 from lwqc.passes.manager import PassManager, PassTiming
-from lwqc.passes.outliers import OutliersPass
 from lwqc.passes.quantize import QuantizePass
-from lwqc.passes.zd import ZDPass
+from lwqc.registry import LOWERINGS, REGISTRY, policies
 from lwqc.report import render
-
-LOWERINGS = {"onnx": "lower-onnx", "torch": "lower-torch"}
-CALIBRATED = ("lim", "sensitivity")  # analyses that run the model on calibration windows
-
-
-def policies() -> list[str]:
-    return sorted(name.removeprefix("policy-") for name in REGISTRY if name.startswith("policy-"))
 
 
 def policy_pass(policy: str, values: dict[str, Any]) -> Pass:
@@ -47,7 +29,7 @@ def policy_pass(policy: str, values: dict[str, Any]) -> Pass:
     cls = REGISTRY.get(f"policy-{policy}")
     if cls is None:
         raise LwqcError(f"unknown policy {policy!r}: choose one of {', '.join(policies())}")
-    given = _given(values)
+    given = {k: v for k, v in values.items() if v is not None}
     unsupported = sorted(set(given) - set(cls.options))
     if unsupported:
         raise LwqcError(
@@ -60,19 +42,10 @@ def default_passes(
     policy: Pass, backend: str, calibration: dict[str, Any] | None = None,
     analysis_options: dict[str, dict[str, Any]] | None = None,
 ) -> list[Pass]:
-    """Weight analyses (cheap, recorded in the plan), the calibration analyses the policy
-    needs, the policy, quantize, the lowering."""
-    options = analysis_options or {}
-    pipeline: list[Pass] = [ZDPass(), EntropyPass(), OutliersPass()]
-    needs = {key.split(".", 1)[1] for key in policy.required()} & set(CALIBRATED)
-    if needs:
-        pipeline.append(CalibrationPass(**_given(calibration or {})))
-        pipeline += [REGISTRY[name](**_given(options.get(name, {}))) for name in sorted(needs)]
-    return [*pipeline, policy, QuantizePass(), REGISTRY[LOWERINGS[backend]]()]
-
-
-def _given(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if v is not None}
+    """The analysis bundle (with the calibrated analyses the policy needs), the policy,
+    quantize, the lowering."""
+    analyses = analysis_passes(calibrated(policy.required()), calibration, analysis_options)
+    return [*analyses, policy, QuantizePass(), REGISTRY[LOWERINGS[backend]]()]
 
 
 def plan_passes(plan_file: Path, backend: str) -> list[Pass]:
@@ -100,28 +73,12 @@ def _check_pipeline(request: CompileRequest) -> None:
             raise PipelineError(f"--print-ir-after {name}: no pass of that name in the pipeline")
 
 
-def _packed_tensors(packed: dict[str, PackedWeight]) -> dict[str, np.ndarray]:
-    tensors = {}
-    for site_id in sorted(packed):
-        weights = packed[site_id]
-        tensors[f"{site_id}.codes"] = weights.codes
-        tensors[f"{site_id}.scales"] = weights.scales
-        if weights.zero_points is not None:
-            tensors[f"{site_id}.zero_points"] = weights.zero_points
-    return tensors
-
-
 def write_artifacts(graph: Graph, directory: Path, timings: list[PassTiming]) -> None:
     write_plan(directory / PLAN_FILE, plan_document(graph))
     if "onnx" in graph.lowered:
         ort_backend.save(graph.lowered["onnx"], directory / MODEL_FILE)
     if "torch" in graph.lowered:
-        from safetensors.numpy import save_file
-
-        specs = {s: {"bits": p.bits, "group_size": p.group_size, "scheme": p.scheme}
-                 for s, p in sorted(graph.packed.items())}
-        save_file(_packed_tensors(graph.packed), str(directory / PACKED_FILE),
-                  metadata={"lwqc.specs": json.dumps(specs)})
+        torch_eager.save_packed(graph.packed, directory / PACKED_FILE)
     (directory / REPORT_FILE).write_text(render(graph, timings))
 
 
@@ -129,7 +86,7 @@ def compile_model(request: CompileRequest, log: TextIO | None = sys.stderr) -> G
     """Run the whole compile; the artifact appears at ``request.out`` only if all of it worked."""
     _check_pipeline(request)
     with atomic_directory(request.out) as staging:
-        graph = import_hf(request.model, request.trust_remote_code)
+        graph = import_model(request.model, request.trust_remote_code)
         manager = PassManager(
             request.passes, print_ir_after=request.print_ir_after,
             show_progress=request.show_progress, log=log,

@@ -8,7 +8,6 @@ of mean-pooled, L2-normalised embeddings, and the cosine to the float embeddings
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -22,31 +21,12 @@ from lwqc.backends import onnxruntime as ort_backend
 from lwqc.backends import torch_eager
 from lwqc.ir.datasets import read_text, stsb_pairs, wikitext2_text
 from lwqc.ir.errors import LwqcError
-from lwqc.ir.hf_import import load_module, weights_sha256
-from lwqc.ir.packed import PackedWeight
-from lwqc.ir.plan import read_artifact_plan
+from lwqc.ir.hf_load import load_model, weights_sha256
+from lwqc.ir.plan_json import read_artifact_plan, specs_from_document
+from lwqc.ir.source import CAUSAL_LM
 
 Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
 BATCH = 4
-
-
-def read_packed_safetensors(path: Path) -> dict[str, PackedWeight]:
-    """The PackedWeights of a ``--backend torch`` artifact; widths, groups and schemes come
-    from the file's own metadata, not from the (editable) plan."""
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-
-    with safe_open(str(path), framework="np") as handle:
-        specs = json.loads((handle.metadata() or {}).get("lwqc.specs", "{}"))
-    tensors = load_file(str(path))
-    packed = {}
-    for site_id, entry in specs.items():
-        packed[site_id] = PackedWeight(
-            bits=entry["bits"], group_size=entry["group_size"], scheme=entry["scheme"],
-            codes=tensors[f"{site_id}.codes"], scales=tensors[f"{site_id}.scales"],
-            zero_points=tensors.get(f"{site_id}.zero_points"),
-        )
-    return packed
 
 
 def _torch_runner(module: torch.nn.Module, output: str) -> Runner:
@@ -68,8 +48,10 @@ def _ort_runner(path: Path, output: str) -> Runner:
     return run
 
 
-def quantized_runner(out: Path, module: torch.nn.Module, output: str,
-                     backend: str | None) -> tuple[Runner, str]:
+def quantized_runner(out: Path, module: torch.nn.Module, output: str, backend: str | None,
+                     quantized_sites: set[str]) -> tuple[Runner, str]:
+    """The artifact's runner: its ONNX model, or the eager module holding its weights (read
+    from model.onnx or packed.safetensors; every site in ``quantized_sites`` must be there)."""
     onnx_path, packed_path = out / MODEL_FILE, out / PACKED_FILE
     backend = backend or ("onnx" if onnx_path.exists() else "torch")
     if backend == "onnx":
@@ -77,9 +59,9 @@ def quantized_runner(out: Path, module: torch.nn.Module, output: str,
             raise LwqcError(f"{out} holds no {MODEL_FILE}; evaluate with --backend torch")
         return _ort_runner(onnx_path, output), backend
     if onnx_path.exists():
-        packed = ort_backend.read_packed(onnx_path)
+        packed = ort_backend.read_packed(onnx_path, quantized_sites)
     elif packed_path.exists():
-        packed = read_packed_safetensors(packed_path)
+        packed = torch_eager.read_packed(packed_path, quantized_sites)
     else:
         raise LwqcError(f"{out} holds neither {MODEL_FILE} nor {PACKED_FILE}")
     return _torch_runner(torch_eager.build(module, packed), output), backend
@@ -160,27 +142,24 @@ def evaluate(out: Path, data: str | None = None, seq_len: int = 512, windows: in
     if windows is not None and windows < 1:
         raise LwqcError("--windows must be at least 1")
     document = read_artifact_plan(out / PLAN_FILE)
-    module, kind, model_id = load_module(document["model"]["id"])
-    context = getattr(module.config, "max_position_embeddings", None)
+    loaded = load_model(document["model"]["id"])
+    module, kind, model_id = loaded.module, loaded.kind, loaded.model_id
+    context = loaded.context_length
     if context is not None and seq_len > context:
         raise LwqcError(f"--seq-len {seq_len} exceeds the model's context of {context} tokens")
     if weights_sha256(module) != document["model"]["weights_sha256"]:
         raise LwqcError(f"the float model at {model_id} changed since this artifact was compiled")
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
-    except (OSError, ValueError):
-        raise LwqcError(f"{model_id} has no tokenizer; lwqc eval needs one") from None
-    output = "logits" if kind == "causal-lm" else "last_hidden_state"
-    quant_run, used = quantized_runner(out, module, output, backend)
+    tokenizer = loaded.tokenizer()
+    output = "logits" if kind == CAUSAL_LM else "last_hidden_state"
+    quantized = {s for s, spec in specs_from_document(document).items() if not spec.kept}
+    quant_run, used = quantized_runner(out, module, output, backend, quantized)
     float_run = _torch_runner(module, output)
     result: dict[str, Any] = {
         "model": model_id, "backend": used, "policy": document["policy"],
         "avg_bits_physical": document["totals"]["avg_bits_physical"],
         "bytes": document["totals"]["bytes"],
     }
-    if kind == "causal-lm":
+    if kind == CAUSAL_LM:
         if data in (None, "wikitext2"):
             text, result["data"] = wikitext2_text(), "wikitext2-test"
         elif data == "stsb":

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from lwqc.ir.accounting import site_bytes, totals
 from lwqc.ir.graph import Graph
-from lwqc.ir.packed import KEEP_BITS
-from lwqc.ir.plan import site_bytes, totals
+from lwqc.ir.spec import KEEP_BITS
 from lwqc.passes.manager import PassTiming
 
 # Columns of the per-block table: (header, annotation key, field, format).
@@ -80,7 +80,7 @@ def render(graph: Graph, timings: list[PassTiming]) -> str:
             f"{graph.sites[s].role}{_width(plan.specs[s].bits)}" for s in block.sites
         )
         params = sum(graph.sites[s].params for s in block.sites)
-        nbytes = sum(site_bytes(graph.sites[s], plan.specs[s], graph.keep_bits)
+        nbytes = sum(site_bytes(graph, s, plan.specs[s])
                      for s in block.sites)
         lines.append(_row([block.index, block.module, *_score_cells(block.stats, columns), widths,
                            f"{8 * nbytes / params:.3f}"]))
@@ -93,7 +93,7 @@ def render(graph: Graph, timings: list[PassTiming]) -> str:
         lines.append(_row([
             f"`{site.id}`", site.role, "-" if site.block is None else site.block,
             f"{site.shape[0]}x{site.shape[1]}", *_score_cells(site.stats, columns), spec.label(),
-            f"{site_bytes(site, spec, graph.keep_bits):,}",
+            f"{site_bytes(graph, site.id, spec):,}",
         ]))
     lines += ["", "## Widths", ""]
     for bits, params in sorted(total.params_by_bits.items()):

@@ -22,19 +22,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from lwqc import backends, passes  # noqa: F401  (registers every pass)
 from lwqc.backends import torch_eager
 from lwqc.evaluate import encoder_metrics, language_model_metrics
+from lwqc.ir.accounting import totals
 from lwqc.ir.datasets import wikitext2_text
 from lwqc.ir.errors import LwqcError
-from lwqc.ir.hf_import import import_hf
-from lwqc.ir.packed import PackedWeight
-from lwqc.ir.plan import QuantSpec, totals
+from lwqc.ir.formats import WeightFormat
+from lwqc.ir.hf_source import import_model
+from lwqc.ir.source import CAUSAL_LM
+from lwqc.ir.spec import QuantSpec
+from lwqc.passes.analyses import CALIBRATED_ANALYSES, analysis_passes
 from lwqc.passes.manager import PassManager
-from lwqc.passes.pipeline import parse_pipeline
-from lwqc.passes.rtn import quantize_rtn
+from lwqc.passes.pipeline import format_pipeline
+from lwqc.passes.quantizers import quantize_weight
+from lwqc.registry import parse
 
-ANALYSES = "zd,entropy,calib,lim,sensitivity{metric=delta-kl}"
+ANALYSES = format_pipeline(analysis_passes([cls.name for cls in CALIBRATED_ANALYSES],
+                                           options={"sensitivity": {"metric": "delta-kl"}}))
 
 
 class Sweeper:
@@ -44,19 +48,17 @@ class Sweeper:
                  analyses: str = ANALYSES) -> None:
         if windows < 1 or seq_len < 2:
             raise LwqcError("a sweep needs at least one window of at least 2 tokens")
-        self.graph = import_hf(model)
-        self.causal = self.graph.source.kind == "causal-lm"
-        PassManager(parse_pipeline(analyses)).run(self.graph)
+        self.graph = import_model(model)
+        self.causal = self.graph.source.kind == CAUSAL_LM
+        PassManager(parse(analyses)).run(self.graph)
         self.analyses = analyses
         if self.causal:
             self.tokens = self.graph.source.tokenize(wikitext2_text())
         else:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(self.graph.model_id)
+            self.tokenizer = self.graph.source.tokenizer()
         self.windows, self.seq_len = windows, seq_len
         self._float_outputs: dict[bytes, np.ndarray] = {}
-        self._packed: dict[tuple, PackedWeight] = {}
+        self._packed: dict[tuple, WeightFormat] = {}
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
         self.results_path = out / "results.jsonl"
@@ -86,27 +88,26 @@ class Sweeper:
         ids = inputs["input_ids"]
         key = ids.tobytes() + str(ids.shape).encode()
         if key not in self._float_outputs:
-            self._float_outputs[key] = _run(self.graph.source.module, inputs, self.causal)
+            self._float_outputs[key] = _run(self.graph.source.eager_module(), inputs, self.causal)
         return self._float_outputs[key]
 
-    def packed(self, site_id: str, spec: QuantSpec) -> PackedWeight:
+    def packed(self, site_id: str, spec: QuantSpec) -> WeightFormat:
         key = (site_id, spec)
         if key not in self._packed:
-            self._packed[key] = quantize_rtn(self.graph.weight(site_id), spec.bits,
-                                             spec.group_size, spec.scheme, clip_search=True)
+            self._packed[key] = quantize_weight(self.graph.weight(site_id), spec)
         return self._packed[key]
 
     def plan(self, policy: str) -> dict[str, QuantSpec]:
         """The specs a policy pass (pipeline text of one pass) chooses."""
         self.graph.plan = None
         self.graph.available.discard("plan")
-        PassManager(parse_pipeline(policy)).run(self.graph)
+        PassManager(parse(policy)).run(self.graph)
         return dict(self.graph.plan.specs)
 
     def evaluate(self, specs: dict[str, QuantSpec], dropped: tuple[int, ...] = (),
                  windows: int | None = None) -> dict[str, Any]:
         packed = {s: self.packed(s, spec) for s, spec in specs.items() if not spec.kept}
-        module = torch_eager.build(self.graph.source.module, packed)
+        module = torch_eager.build(self.graph.source.eager_module(), packed)
 
         def quant_run(inputs: dict[str, np.ndarray]) -> np.ndarray:
             with identity_blocks(module, [self.graph.blocks[i].module for i in dropped]):
@@ -150,28 +151,6 @@ def _run(module: torch.nn.Module, inputs: dict[str, np.ndarray], causal: bool) -
         return module(**tensors, **({"use_cache": False} if causal else {}))[0].numpy()
 
 
-def metric_labels(rows: list[dict[str, Any]]) -> tuple[str, str]:
-    """Axis labels of ``quality_loss`` and ``damage`` for the kind of model the rows measure."""
-    if rows and "ppl" in rows[0]:
-        return "ΔPPL vs float (%)", "KL(float ‖ q) nats/token"
-    return "Spearman drop vs float (%)", "1 − cosine to float embeddings"
-
-
-def quality_axis(axis, rows: list[dict[str, Any]]) -> None:
-    """A y axis of ``quality_loss`` in percent: symmetric log scale past 1 %, a light grid."""
-    axis.set_ylabel(metric_labels(rows)[0])
-    axis.set_yscale("symlog", linthresh=1.0)
-    axis.grid(alpha=0.3)
-
-
-def save_figure(figure, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
 @contextlib.contextmanager
 def identity_blocks(module: torch.nn.Module, names: list[str]) -> Iterator[None]:
     """Make the named blocks pass their residual-stream input through unchanged."""
@@ -187,43 +166,6 @@ def identity_blocks(module: torch.nn.Module, names: list[str]) -> Iterator[None]
     finally:
         for handle in handles:
             handle.remove()
-
-
-def plot_pareto(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Delta-PPL and KL divergence against physical bits, one curve per policy; random seeds
-    as a band (min to max) around their mean."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    by_policy: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_policy.setdefault(row["policy"], []).append(row)
-    quality_label, damage_label = metric_labels(rows)
-    metrics = (("quality_loss", 100.0, quality_label), ("damage", 1.0, damage_label))
-    for axis, (metric, factor, label) in zip(axes, metrics, strict=True):
-        for policy, points in sorted(by_policy.items()):
-            budgets = sorted({p["budget"] for p in points})
-            groups = [[p for p in points if p["budget"] == b] for b in budgets]
-            x = [np.mean([p["avg_bits_physical"] for p in g]) for g in groups]
-            y = [[factor * p[metric] for p in g] for g in groups]
-            style = "s--" if policy == "uniform" else "o-"
-            axis.plot(x, [np.mean(v) for v in y], style, label=policy, markersize=4)
-            if any(len(v) > 1 for v in y):
-                axis.fill_between(x, [min(v) for v in y], [max(v) for v in y], alpha=0.2)
-        if metric == "quality_loss":
-            axis.axhline(0.0, color="black", linewidth=0.8, label="float")
-            quality_axis(axis, rows)
-        else:
-            axis.set_yscale("log")
-            axis.set_ylabel(label)
-            axis.grid(alpha=0.3)
-        axis.set_xlabel("physical bits per weight (scales and zero points included)")
-    axes[0].legend(fontsize=8)
-    figure.suptitle(title, fontsize=10)
-    save_figure(figure, path)
 
 
 def sweep_policies(sweeper: Sweeper, policies: list[str], budgets: list[float], seeds: int,

@@ -1,7 +1,8 @@
 """Apply a plan from ``plan.json`` (possibly edited by hand) instead of running a policy.
 
 1. The plan must be a valid ``lwqc.plan/1`` document made for the same weights (hash).
-2. It must name exactly the model's sites; each spec is taken as written.
+2. It must name exactly the model's sites; each spec is taken as written, and must be one
+   the target backend stores.
 """
 
 from __future__ import annotations
@@ -10,15 +11,13 @@ from pathlib import Path
 
 from lwqc.ir.errors import PlanError
 from lwqc.ir.graph import Graph
-from lwqc.ir.plan import Plan, read_plan, specs_from_document
-from lwqc.passes.base import Option, Pass, PassContext, PassKind, register
+from lwqc.ir.plan import Plan
+from lwqc.ir.plan_json import read_plan, specs_from_document
+from lwqc.passes.base import Option, PassContext, PlanningPass
 
 
-@register
-class ApplyPlanPass(Pass):
+class ApplyPlanPass(PlanningPass):
     name = "apply-plan"
-    kind = PassKind.POLICY
-    provides = ("plan",)
     options = {"file": Option(str, None, "path of the plan.json to apply")}
 
     def validate(self) -> None:

@@ -1,9 +1,12 @@
 """The pass contract: a declared kind, declared annotations in and out, typed options.
 
 A pass is a class with one method, ``run(graph, context)``. It declares what it requires and
-provides (``site.entropy``, ``block.entropy``, ``plan``, ``packed``, ``lowered.onnx``); the pass
-manager checks both sides, so a pass cannot lie about what it did. Options are declared once,
-parsed from the pipeline text and validated with a clear error.
+provides (``site.entropy``, ``block.entropy``, ``plan``, ``packed``, ``lowered.onnx``); the
+manager checks the requirements before anything runs and calls the pass's own ``ensures``
+after it ran, so a pass cannot lie about what it did. Options are declared once, parsed from
+the pipeline text and validated with a clear error. A lowering pass declares the
+``capabilities`` of its backend; the manager makes them the graph's target before the policy
+runs.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import enum
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar, TypeVar
 
+from lwqc.ir.capabilities import Capabilities
 from lwqc.ir.errors import PipelineError
 from lwqc.ir.graph import Graph
-from lwqc.ir.packed import KEEP_BITS, QUANT_WIDTHS
+from lwqc.ir.spec import QUANT_WIDTHS, WIDTHS
 
 T = TypeVar("T")
 
@@ -79,7 +83,7 @@ def boolean(text: str) -> bool:
 def width_list(text: str) -> tuple[int, ...]:
     """``2+4+8``: widths joined by ``+`` (commas separate options in pipeline text)."""
     widths = tuple(sorted({int(part) for part in text.split("+")}))
-    if any(w not in (*QUANT_WIDTHS, KEEP_BITS) for w in widths):
+    if any(w not in WIDTHS for w in widths):
         raise ValueError(f"widths are drawn from {', '.join(map(str, QUANT_WIDTHS))}, 16")
     return widths
 
@@ -117,6 +121,7 @@ class Pass(abc.ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
     options: ClassVar[dict[str, Option]] = {}
+    capabilities: ClassVar[Capabilities | None] = None  # lowerings: what the backend stores
 
     def __init__(self, **values: Any) -> None:
         unknown = sorted(set(values) - set(self.options))
@@ -154,6 +159,16 @@ class Pass(abc.ABC):
     def run(self, graph: Graph, context: PassContext) -> None:
         """Do the pass's work on ``graph``: annotate, plan, quantize or lower."""
 
+    def ensures(self, graph: Graph) -> None:
+        """After ``run``: raise ``PassContractError`` unless the pass wrote what it provides.
+        The base checks annotations and lowered models; passes with other products extend it."""
+        for key in self.provides:
+            scope, _, name = key.partition(".")
+            if scope in ("site", "block") and not _annotated(graph, scope, name):
+                raise PassContractError(f"pass '{self.name}' declares {key} but did not write it")
+            if scope == "lowered" and name not in graph.lowered:
+                raise PassContractError(f"pass '{self.name}' declares {key} but lowered nothing")
+
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and self.values == other.values  # type: ignore[attr-defined]
 
@@ -161,14 +176,35 @@ class Pass(abc.ABC):
         return f"<pass {self.name} {self.values}>"
 
 
-REGISTRY: dict[str, type[Pass]] = {}
+def _annotated(graph: Graph, scope: str, name: str) -> bool:
+    if scope == "site":
+        return all(name in site.stats for site in graph)
+    return all(name in block.stats for block in graph.blocks)
 
-P = TypeVar("P", bound=type[Pass])
+
+class PlanningPass(Pass):
+    """Base of passes that write the plan (policies, apply-plan): the plan must cover every
+    site, and every spec must be one the graph's target can store."""
+
+    kind = PassKind.POLICY
+    provides = ("plan",)
+
+    def ensures(self, graph: Graph) -> None:
+        super().ensures(graph)
+        if graph.plan is None:
+            raise PassContractError(f"pass '{self.name}' declares 'plan' but wrote none")
+        if set(graph.plan.specs) != set(graph.sites):
+            raise PassContractError(
+                f"pass '{self.name}' wrote a plan that does not cover every site")
+        for site_id, spec in graph.plan.specs.items():
+            graph.target.check(spec, f"site {site_id}")
 
 
-def register(cls: P) -> P:
-    """Class decorator: make a pass available to pipelines by its name."""
-    if cls.name in REGISTRY:
-        raise RuntimeError(f"two passes are named {cls.name!r}")
-    REGISTRY[cls.name] = cls
-    return cls
+def registry_of(classes: Iterable[type[Pass]]) -> dict[str, type[Pass]]:
+    """Pass classes by name; two passes may not share a name."""
+    table: dict[str, type[Pass]] = {}
+    for cls in classes:
+        if cls.name in table:
+            raise RuntimeError(f"two passes are named {cls.name!r}")
+        table[cls.name] = cls
+    return table

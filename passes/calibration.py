@@ -13,7 +13,7 @@ import numpy as np
 from lwqc.ir.datasets import CALIBRATION_TEXTS, calibration_text
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.graph import Graph
-from lwqc.passes.base import Option, Pass, PassContext, PassKind, positive_int, register, seed
+from lwqc.passes.base import Option, Pass, PassContext, PassKind, positive_int, seed
 
 
 def sample_windows(tokens: np.ndarray, samples: int, seq_len: int, seed: int) -> np.ndarray:
@@ -26,7 +26,6 @@ def sample_windows(tokens: np.ndarray, samples: int, seq_len: int, seed: int) ->
     return np.stack([tokens[s : s + seq_len] for s in starts]).astype(np.int64)
 
 
-@register
 class CalibrationPass(Pass):
     """Attach calibration token windows to the graph."""
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from lwqc.ir.annotations import Annotation
 from lwqc.ir.graph import Graph
-from lwqc.passes.base import Option, Pass, PassContext, PassKind, choice, register
+from lwqc.passes.base import Option, Pass, PassContext, PassKind, choice
 
 HISTOGRAM_BINS = 256
 
@@ -51,7 +51,6 @@ class EntropyStat(Annotation):
         return self.entropy - self.max_entropy
 
 
-@register
 class EntropyPass(Pass):
     """Annotate every site and block with its EWQ entropy."""
 

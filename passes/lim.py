@@ -19,7 +19,7 @@ import torch
 
 from lwqc.ir.annotations import Annotation
 from lwqc.ir.graph import Graph
-from lwqc.passes.base import Option, Pass, PassContext, PassKind, boolean, register
+from lwqc.passes.base import Option, Pass, PassContext, PassKind, boolean
 
 BATCH = 4
 
@@ -42,7 +42,6 @@ class LimStat(Annotation):
         return self.lim
 
 
-@register
 class LimPass(Pass):
     """Annotate every block (and site) with its LIM score."""
 

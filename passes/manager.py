@@ -1,4 +1,10 @@
-"""Run a pipeline: check each pass's contract, time it, and print the IR where asked."""
+"""Run a pipeline: check each pass's contract, time it, and print the IR where asked.
+
+Before anything runs: every requirement must be provided by an earlier pass, and the
+pipeline's lowering passes (if any) set the graph's target capabilities. After each pass:
+an analysis must have left plan and packed weights alone, and the pass's own ``ensures``
+must hold.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import sys
 import time
 from typing import TextIO
 
+from lwqc.ir.errors import PipelineError
 from lwqc.ir.graph import Graph
 from lwqc.ir.text import print_ir
 from lwqc.passes.base import (
@@ -63,8 +70,19 @@ class PassManager:
                 )
             have |= set(p.provides)
 
+    def target(self, graph: Graph) -> None:
+        """Make the lowering passes' capabilities the graph's target (they must agree)."""
+        declared = [p.capabilities for p in self.passes if p.capabilities is not None]
+        if not all(capabilities.same_storage(declared[0]) for capabilities in declared):
+            names = ", ".join(p.name for p in self.passes if p.capabilities is not None)
+            raise PipelineError(f"the lowerings {names} store different formats; "
+                                "lower to one backend per compile")
+        if declared:
+            graph.target = declared[0]
+
     def run(self, graph: Graph) -> Graph:
         self.check(graph.available)
+        self.target(graph)
         graph.pipeline = self.pipeline
         for p in self.passes:
             before = _snapshot(graph)
@@ -72,7 +90,10 @@ class PassManager:
             p.run(graph, self.context)
             seconds = time.perf_counter() - start
             self.timings.append(PassTiming(p.name, seconds))
-            self._check_outcome(p, graph, before)
+            if p.kind is PassKind.ANALYSIS and _snapshot(graph) != before:
+                raise PassContractError(
+                    f"analysis pass '{p.name}' changed the plan or packed weights")
+            p.ensures(graph)
             graph.available |= set(p.provides)
             if self.log is not None:
                 print(f"lwqc: {format_pass(p)} {seconds:.2f} s", file=self.log)
@@ -81,35 +102,9 @@ class PassManager:
                 self.ir_stream.write(print_ir(graph))
         return graph
 
-    @staticmethod
-    def _check_outcome(p: Pass, graph: Graph, before: tuple) -> None:
-        if p.kind is PassKind.ANALYSIS and _snapshot(graph) != before:
-            raise PassContractError(f"analysis pass '{p.name}' changed the plan or packed weights")
-        if "plan" in p.provides and graph.plan is None:
-            raise PassContractError(f"pass '{p.name}' declares 'plan' but wrote none")
-        if "plan" in p.provides and set(graph.plan.specs) != set(graph.sites):
-            raise PassContractError(f"pass '{p.name}' wrote a plan that does not cover every site")
-        if "packed" in p.provides:
-            assert graph.plan is not None
-            expected = {s for s, spec in graph.plan.specs.items() if not spec.kept}
-            if set(graph.packed) != expected:
-                raise PassContractError(f"pass '{p.name}' did not pack every quantized site")
-        for key in p.provides:
-            if key.startswith(("site.", "block.")) and not _annotated(graph, key):
-                raise PassContractError(f"pass '{p.name}' declares {key} but did not write it")
-            if key.startswith("lowered.") and key.removeprefix("lowered.") not in graph.lowered:
-                raise PassContractError(f"pass '{p.name}' declares {key} but lowered nothing")
-
 
 def _snapshot(graph: Graph) -> tuple:
     """What an analysis must leave alone: the plan (by identity and content), packed weights."""
     plan = graph.plan
     specs = None if plan is None else dict(plan.specs)
     return id(plan), specs, {k: id(v) for k, v in graph.packed.items()}
-
-
-def _annotated(graph: Graph, key: str) -> bool:
-    scope, name = key.split(".", 1)
-    if scope == "site":
-        return all(name in site.stats for site in graph)
-    return all(name in block.stats for block in graph.blocks)

@@ -16,7 +16,7 @@ import numpy as np
 from lwqc.ir.annotations import Annotation
 from lwqc.ir.errors import PipelineError
 from lwqc.ir.graph import Graph
-from lwqc.passes.base import Option, Pass, PassContext, PassKind, register
+from lwqc.passes.base import Option, Pass, PassContext, PassKind
 
 CLAQ_FACTOR = 13.0
 
@@ -62,7 +62,6 @@ def outlier_stat(source: str, weights: np.ndarray, factor: float) -> OutlierStat
     )
 
 
-@register
 class OutliersPass(Pass):
     """Annotate every site and block with outlier counts, max |W|, std and kurtosis."""
 

@@ -8,10 +8,11 @@ canonical text, which parses back to equal passes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from lwqc.ir.errors import PipelineError
-from lwqc.passes.base import REGISTRY, Pass, option_text
+from lwqc.passes.base import Pass, option_text
 
 _SPECIAL = set(',{}="\\')
 
@@ -57,10 +58,10 @@ class _Reader:
         return "".join(chars)
 
 
-def _build(name: str, raw: list[tuple[str, str]]) -> Pass:
-    cls = REGISTRY.get(name)
+def _build(name: str, raw: list[tuple[str, str]], registry: Mapping[str, type[Pass]]) -> Pass:
+    cls = registry.get(name)
     if cls is None:
-        known = ", ".join(sorted(REGISTRY))
+        known = ", ".join(sorted(registry))
         raise PipelineError(f"unknown pass {name!r} in pipeline (known passes: {known})")
     values: dict[str, Any] = {}
     for key, text in raw:
@@ -81,8 +82,8 @@ def _build(name: str, raw: list[tuple[str, str]]) -> Pass:
     return cls(**values)
 
 
-def parse_pipeline(text: str) -> list[Pass]:
-    """Parse pipeline text into configured passes."""
+def parse_pipeline(text: str, registry: Mapping[str, type[Pass]]) -> list[Pass]:
+    """Parse pipeline text into configured passes of ``registry`` (name -> pass class)."""
     reader = _Reader(text)
     passes = []
     while True:
@@ -103,7 +104,7 @@ def parse_pipeline(text: str) -> list[Pass]:
                 elif reader.peek() != "}":
                     reader.take("}")
             reader.take("}")
-        passes.append(_build(name, raw))
+        passes.append(_build(name, raw, registry))
         if not reader.peek():
             return passes
         reader.take(",")

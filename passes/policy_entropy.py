@@ -12,13 +12,13 @@ from __future__ import annotations
 import numpy as np
 
 from lwqc.ir.graph import Graph
-from lwqc.ir.packed import KEEP_BITS
-from lwqc.passes.base import Option, register
-from lwqc.passes.policy import BUDGET_OPTIONS, PolicyPass
+from lwqc.ir.spec import KEEP_BITS
+from lwqc.passes.base import Option
+from lwqc.passes.budget import BUDGET_OPTIONS
+from lwqc.passes.policy import PolicyPass
 from lwqc.passes.solver import Unit
 
 
-@register
 class EntropyPolicy(PolicyPass):
     name = "policy-entropy"
     score_key = "entropy"

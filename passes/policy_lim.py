@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from lwqc.passes.base import register
 from lwqc.passes.policy import PolicyPass
 
 
-@register
 class LimPolicy(PolicyPass):
     name = "policy-lim"
     score_key = "lim"

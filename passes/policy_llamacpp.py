@@ -9,7 +9,6 @@ the most important and the solver spends what is left in execution order.
 from __future__ import annotations
 
 from lwqc.ir.graph import Graph
-from lwqc.passes.base import register
 from lwqc.passes.policy import PolicyPass
 from lwqc.passes.solver import Unit
 
@@ -22,7 +21,6 @@ def use_more_bits(layer: int, n_layers: int) -> bool:
     return layer < eighth or layer >= 7 * n_layers // 8 or (layer - eighth) % 3 == 2
 
 
-@register
 class LlamaCppPolicy(PolicyPass):
     name = "policy-llamacpp"
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from lwqc.ir.graph import Graph
-from lwqc.passes.base import Option, register, seed
-from lwqc.passes.policy import BUDGET_OPTIONS, PolicyPass
+from lwqc.passes.base import Option, seed
+from lwqc.passes.budget import BUDGET_OPTIONS
+from lwqc.passes.policy import PolicyPass
 from lwqc.passes.solver import Unit
 
 
-@register
 class RandomPolicy(PolicyPass):
     name = "policy-random"
     options = {**BUDGET_OPTIONS, "seed": Option(seed, 0, "random seed")}

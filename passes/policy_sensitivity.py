@@ -7,12 +7,12 @@ on calibration activations, or measured delta-KL); kept sites cost nothing.
 from __future__ import annotations
 
 from lwqc.ir.graph import Graph
-from lwqc.passes.base import Option, choice, register
-from lwqc.passes.policy import BUDGET_OPTIONS, PolicyPass
+from lwqc.passes.base import Option, choice
+from lwqc.passes.budget import BUDGET_OPTIONS
+from lwqc.passes.policy import PolicyPass
 from lwqc.passes.solver import Unit
 
 
-@register
 class SensitivityPolicy(PolicyPass):
     name = "policy-sensitivity"
     score_key = "sensitivity"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from lwqc.ir.errors import PipelineError
 from lwqc.ir.graph import Graph
-from lwqc.passes.base import Option, choice, register
-from lwqc.passes.policy import BUDGET_OPTIONS, PolicyPass, width
+from lwqc.passes.base import Option, choice
+from lwqc.passes.budget import BUDGET_OPTIONS, width
+from lwqc.passes.policy import PolicyPass
 from lwqc.passes.solver import Unit
 
 
-@register
 class UniformPolicy(PolicyPass):
     name = "policy-uniform"
     options = {"width": Option(width, None, "the one width for every site"), **BUDGET_OPTIONS,
@@ -32,5 +32,5 @@ class UniformPolicy(PolicyPass):
     def rule(self, graph: Graph, units: list[Unit], importance: list[float]) -> list[int]:
         return [self.values["width"]] * len(units)
 
-    def ladder(self, graph, units, capacity, pinned_bits) -> list[int]:
-        return super().ladder(graph, units, capacity, pinned_bits)[:1]
+    def rungs(self, ladder: list[int]) -> list[int]:
+        return ladder[:1]

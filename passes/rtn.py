@@ -1,4 +1,4 @@
-"""Round-to-nearest group-wise quantization: the numerics behind every PackedWeight.
+"""Round-to-nearest group-wise quantization to affine groups with integer zero points.
 
 Groups run along the input dimension of W ``[out, in]`` (the last group may be short).
 1. ``rtn-asym``: a range [lo, hi] with lo <= 0 <= hi (zero is always exact) maps onto codes
@@ -9,6 +9,7 @@ Groups run along the input dimension of W ``[out, in]`` (the last group may be s
 3. The range is the group's own [min(w_min, 0), max(w_max, 0)] (resp. max |w|), or with
    ``clip_search`` the shrunk range alpha * [lo, hi], alpha in CLIP_GRID, whose dequantized
    group has the least squared error (the grid includes alpha = 1, so it never does worse).
+   A group size of None makes each row one group.
 4. A group of zeros gets scale 1 (its codes, and zero point, are 0): dequantizes exactly.
 Scales are float32 and codes are computed against the float32 scale actually stored.
 """
@@ -17,23 +18,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from lwqc.ir.errors import NonFiniteWeightError
-from lwqc.ir.packed import QUANT_WIDTHS, SCHEMES, PackedWeight, n_groups
+from lwqc.ir.formats import AffineWeight
+from lwqc.ir.spec import GroupSpec
 
 CLIP_GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0, 0.975, ..., 0.5
 
 
-def _grouped(weights: np.ndarray, group_size: int) -> np.ndarray:
-    """``[out, groups, group_size]`` view of W, the short last group padded with zeros.
+def grouped(weights: np.ndarray, spec: GroupSpec, pad: str = "zero") -> np.ndarray:
+    """``[out, groups, block]`` float64 copy of W, the short last group padded.
 
-    Zero padding changes no group statistic used here (every range includes zero) and adds
-    no error (zero is exact).
+    ``pad="zero"``: zeros, which change no statistic of a range that includes zero and add
+    no error (zero is exact). ``pad="edge"``: the group's last value, which changes neither
+    its min nor its max.
     """
     out_features, in_features = weights.shape
-    padded = n_groups(in_features, group_size) * group_size
-    w = np.zeros((out_features, padded), dtype=np.float64)
-    w[:, :in_features] = weights
-    return w.reshape(out_features, -1, group_size)
+    block = spec.block(in_features)
+    padded = spec.groups(in_features) * block
+    mode = {"zero": "constant", "edge": "edge"}[pad]
+    w = np.pad(weights.astype(np.float64), ((0, 0), (0, padded - in_features)), mode=mode)
+    return w.reshape(out_features, -1, block)
 
 
 class _Asymmetric:
@@ -74,20 +77,11 @@ class _Symmetric:
     dequantize = staticmethod(_Asymmetric.dequantize)
 
 
-def quantize_rtn(
-    weights: np.ndarray, bits: int, group_size: int, scheme: str, clip_search: bool = False
-) -> PackedWeight:
-    """Quantize ``weights`` ``[out, in]`` to ``bits`` with groups of ``group_size`` inputs."""
-    if bits not in QUANT_WIDTHS:
-        raise ValueError(f"RTN widths are {QUANT_WIDTHS}, got {bits}")
-    if scheme not in SCHEMES:
-        raise ValueError(f"RTN schemes are {SCHEMES}, got {scheme!r}")
-    if weights.ndim != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {weights.shape}")
-    if not np.all(np.isfinite(weights)):
-        raise NonFiniteWeightError("cannot quantize a weight holding NaN or Inf values")
-    groups = _grouped(weights, group_size)
-    rule = _Asymmetric(groups, bits) if scheme == "rtn-asym" else _Symmetric(groups, bits)
+def quantize_rtn(weights: np.ndarray, spec: GroupSpec, clip_search: bool = False) -> AffineWeight:
+    """Quantize ``weights`` ``[out, in]`` under an ``rtn-asym`` or ``rtn-sym`` spec."""
+    groups = grouped(weights, spec)
+    bits = spec.bits
+    rule = _Asymmetric(groups, bits) if spec.scheme == "rtn-asym" else _Symmetric(groups, bits)
     scales, zeros = rule.params(1.0)
     if clip_search:
         best = np.full(scales.shape, np.inf)
@@ -100,7 +94,6 @@ def quantize_rtn(
             scales[better], zeros[better] = trial_scales[better], trial_zeros[better]
     codes = rule.codes(groups, scales, zeros).reshape(weights.shape[0], -1)
     codes = codes[:, : weights.shape[1]]
-    if scheme == "rtn-asym":
-        return PackedWeight(bits, group_size, scheme, codes.astype(np.uint8), scales,
-                            zeros.astype(np.uint8))
-    return PackedWeight(bits, group_size, scheme, codes.astype(np.int8), scales, None)
+    if spec.scheme == "rtn-asym":
+        return AffineWeight(spec, codes.astype(np.uint8), scales, zeros.astype(np.uint8))
+    return AffineWeight(spec, codes.astype(np.int8), scales, None)

@@ -8,7 +8,7 @@
    (encoders: mean 1 - cosine of the last hidden states). Results are cached on disk per
    weights hash, calibration windows and quantizer settings, so sweeps do not recompute.
 3. Block value = sum of its sites' values (errors are treated as additive).
-Q_b is the quantize pass's own round-to-nearest with the given group size, scheme and clip.
+Q_b is the quantize pass's own quantizer for the given scheme, group size and clip.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import torch
 
 from lwqc.ir.annotations import Annotation
 from lwqc.ir.graph import Graph
-from lwqc.ir.packed import SCHEMES
-from lwqc.passes.base import Option, Pass, PassContext, PassKind, choice, positive_int, register
-from lwqc.passes.rtn import quantize_rtn
+from lwqc.ir.source import CAUSAL_LM
+from lwqc.ir.spec import QUANT_WIDTHS, SCHEMES, make_spec
+from lwqc.passes.base import Option, Pass, PassContext, PassKind, choice, positive_int
+from lwqc.passes.quantizers import CLIP_MODES, quantize_weight
 
-WIDTHS = (2, 3, 4, 8)
+WIDTHS = QUANT_WIDTHS
 BATCH = 4
 
 
@@ -62,7 +63,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LWQC_CACHE", Path.home() / ".cache" / "lwqc"))
 
 
-@register
 class SensitivityPass(Pass):
     """Annotate every site and block with its damage at each width in ``WIDTHS``."""
 
@@ -74,14 +74,13 @@ class SensitivityPass(Pass):
         "metric": Option(choice("output-error", "delta-kl"), "output-error", "what is measured"),
         "group_size": Option(positive_int, 128, "quantizer group size"),
         "scheme": Option(choice(*SCHEMES), "rtn-asym", "quantizer scheme"),
-        "clip": Option(choice("mse", "minmax"), "mse", "quantizer range choice"),
+        "clip": Option(choice(*CLIP_MODES), "mse", "quantizer range choice"),
     }
 
     def quantized(self, graph: Graph, site_id: str, bits: int) -> np.ndarray:
         v = self.values
-        packed = quantize_rtn(graph.weight(site_id), bits, v["group_size"], v["scheme"],
-                              clip_search=v["clip"] == "mse")
-        return packed.dequantize()
+        spec = make_spec(bits, v["scheme"], group_size=v["group_size"])
+        return quantize_weight(graph.weight(site_id), spec, v["clip"]).dequantize()
 
     def run(self, graph: Graph, context: PassContext) -> None:
         if self.values["metric"] == "output-error":
@@ -148,7 +147,7 @@ class Damage:
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
         self.windows = graph.calibration
-        self.causal = graph.source.kind == "causal-lm"
+        self.causal = graph.source.kind == CAUSAL_LM
         self.reference = [self._outputs(self.windows[s : s + BATCH])
                           for s in range(0, len(self.windows), BATCH)]
 

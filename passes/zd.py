@@ -14,7 +14,7 @@ import numpy as np
 
 from lwqc.ir.annotations import Annotation
 from lwqc.ir.graph import Graph
-from lwqc.passes.base import Option, Pass, PassContext, PassKind, choice, register
+from lwqc.passes.base import Option, Pass, PassContext, PassKind, choice
 
 
 def zscore_fraction(weights: np.ndarray) -> float:
@@ -35,7 +35,6 @@ class ZDStat(Annotation):
         return -self.zd
 
 
-@register
 class ZDPass(Pass):
     """Annotate every site and block with its ZD score."""
 

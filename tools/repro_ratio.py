@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from lwqc.ir.errors import LwqcError
-from lwqc.ir.plan import QuantSpec
+from lwqc.ir.spec import QuantSpec, make_spec
 from lwqc.passes.solver import make_units, split_by_ratio
-from lwqc.sweep import Sweeper, quality_axis, save_figure
+from lwqc.plots import quality_axis, save_figure
+from lwqc.sweep import Sweeper
 
 RATIOS = (0.5, 0.7, 0.9)
 GRANULARITIES = ("layer", "matmul")
@@ -36,7 +37,7 @@ LOW, HIGH = 2, 16
 def specs_from_widths(units, widths) -> dict[str, QuantSpec]:
     specs = {}
     for unit, bits in zip(units, widths, strict=True):
-        spec = QuantSpec(bits) if bits == 16 else QuantSpec(bits, 128, "rtn-asym")
+        spec = make_spec(bits, "rtn-asym", group_size=128)
         specs.update(dict.fromkeys(unit.sites, spec))
     return specs
 

@@ -1,0 +1,225 @@
+"""ONNX lowering of each weight format: standard ops that rebuild the float weight from the
+format's own arrays, exactly as its torch formula does.
+
+``FORMAT_LOWERINGS`` maps a format name to its lowering; an unknown format is an error. Arrays
+are stored in the orientation of the MatMul's B input (``[in, out]`` for MatMul, ``[out, in]``
+for Gemm with transB), initializers named ``<site>.weight_<array>``:
+1. ``affine``: ``DequantizeLinear(codes, blocked fp32 scales[, zero points])`` — uint8/int8,
+   uint4/int4 (3-bit codes in a 4-bit container), uint2/int2 (opset 25).
+2. ``float-offset``: ``DequantizeLinear(codes, scales)`` (= code * scale) ``+ offsets`` repeated
+   along the input dimension (Unsqueeze, Expand, Reshape, Slice).
+3. ``codebook``: ``Cast(GatherElements(codebooks, Cast(codes -> int64)) -> float)``; codebooks
+   stay ``[in, 2^bits]`` float16 (transposed in the graph for Gemm).
+4. Outliers of any format: ``ScatterElements(reduction=add)`` of the float16 residuals at
+   their int32 positions (re-indexed to B's orientation) into the flattened weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from lwqc.ir.errors import LwqcError
+from lwqc.ir.formats import SparseOutliers, WeightFormat
+from lwqc.ir.spec import GroupSpec
+
+CODE_TYPES = {
+    (8, False): np.uint8, (4, False): ml_dtypes.uint4, (2, False): ml_dtypes.uint2,
+    (8, True): np.int8, (4, True): ml_dtypes.int4, (2, True): ml_dtypes.int2,
+}
+CODE_ARRAYS = ("codes", "zero_points")  # stored in the code container type
+UNORIENTED = ("codebooks", *SparseOutliers.ARRAYS)  # not laid out as [out, x]
+
+
+class LoweringError(LwqcError):
+    """The exported graph does not have the shape the lowering expects."""
+
+
+@dataclasses.dataclass
+class SiteRewrite:
+    """Builds the nodes that compute one site's weight, inserted before its MatMul."""
+
+    graph: ir.Graph
+    site_id: str
+    matmul: ir.Node
+    transposed: bool  # B is [in, out]
+    code_bits: int
+    metadata: dict[str, str]
+    nodes: int = 0
+
+    @property
+    def axis(self) -> int:
+        """The input dimension of B."""
+        return 0 if self.transposed else 1
+
+    def orient(self, array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(array.T if self.transposed else array)
+
+    def initializer(self, name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+        value.type = ir.TensorType(value.const_value.dtype)
+        value.shape = ir.Shape(array.shape)
+        self.graph.register_initializer(value)
+        return value
+
+    def array(self, weight: WeightFormat, name: str, signed: bool = False) -> ir.Value:
+        """The format's array ``name`` as an initializer in B's orientation."""
+        array = weight.arrays()[name]
+        if name not in UNORIENTED:
+            array = self.orient(array)
+        if name in CODE_ARRAYS:
+            array = array.astype(CODE_TYPES[(self.code_bits, signed)])
+        return self.initializer(f"{self.site_id}.weight_{name}", array)
+
+    def constant(self, name: str, values: list[int]) -> ir.Value:
+        return self.initializer(f"{self.site_id}.lowering_{name}", np.asarray(values, np.int64))
+
+    def node(self, op: str, inputs: list[ir.Value], attributes: dict | None = None,
+             output: str | None = None, domain: str = "") -> ir.Value:
+        self.nodes += 1
+        label = output or f"{op}_{self.nodes}"
+        node = ir.node(op, inputs, attributes=attributes or {}, domain=domain,
+                       name=f"{self.site_id}/{label}")
+        if output is not None:
+            node.outputs[0].name = f"{self.site_id}.{output}"
+        node.metadata_props.update(self.metadata)
+        self.graph.insert_before(self.matmul, node)
+        return node.outputs[0]
+
+
+def _dequantize_linear(rewrite: SiteRewrite, weight: WeightFormat, inputs: list[ir.Value],
+                       name: str) -> ir.Value:
+    spec = weight.spec
+    assert isinstance(spec, GroupSpec)
+    block = spec.block(weight.shape[1])
+    node = ir.node("DequantizeLinear", inputs,
+                   attributes={"axis": rewrite.axis, "block_size": block},
+                   name=f"{rewrite.site_id}/DequantizeLinear")
+    node.outputs[0].name = f"{rewrite.site_id}.{name}"
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    node.outputs[0].shape = ir.Shape(inputs[0].shape)
+    node.metadata_props.update(rewrite.metadata)
+    rewrite.graph.insert_before(rewrite.matmul, node)
+    return node.outputs[0]
+
+
+def lower_affine(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
+    signed = weight.arrays().get("zero_points") is None
+    inputs = [rewrite.array(weight, "codes", signed), rewrite.array(weight, "scales")]
+    if not signed:
+        inputs.append(rewrite.array(weight, "zero_points"))
+    return _dequantize_linear(rewrite, weight, inputs, "weight_dequantized")
+
+
+def _repeat_groups(rewrite: SiteRewrite, per_group: ir.Value, weight: WeightFormat) -> ir.Value:
+    """A ``[groups, out]`` (or ``[out, groups]``) tensor repeated to B's shape."""
+    spec = weight.spec
+    assert isinstance(spec, GroupSpec)
+    out_features, in_features = weight.shape
+    groups, block = spec.groups(in_features), spec.block(in_features)
+    axis = rewrite.axis
+    stretched = [groups, block, out_features] if axis == 0 else [out_features, groups, block]
+    flat = [groups * block, out_features] if axis == 0 else [out_features, groups * block]
+    value = rewrite.node("Unsqueeze", [per_group, rewrite.constant("unsqueeze_axes", [axis + 1])])
+    value = rewrite.node("Expand", [value, rewrite.constant("expand_shape", stretched)])
+    value = rewrite.node("Reshape", [value, rewrite.constant("repeat_shape", flat)])
+    return rewrite.node("Slice", [value, rewrite.constant("slice_start", [0]),
+                                  rewrite.constant("slice_end", [in_features]),
+                                  rewrite.constant("slice_axis", [axis])])
+
+
+def lower_float_offset(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
+    scaled = _dequantize_linear(
+        rewrite, weight, [rewrite.array(weight, "codes"), rewrite.array(weight, "scales")],
+        "weight_scaled")
+    offsets = _repeat_groups(rewrite, rewrite.array(weight, "offsets"), weight)
+    return rewrite.node("Add", [scaled, offsets], output="weight_dequantized")
+
+
+def lower_codebook(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
+    indices = rewrite.node("Cast", [rewrite.array(weight, "codes")],
+                           {"to": ir.DataType.INT64})
+    table = rewrite.array(weight, "codebooks")  # [in, 2^bits]
+    if not rewrite.transposed:
+        table = rewrite.node("Transpose", [table], {"perm": [1, 0]})
+    gathered = rewrite.node("GatherElements", [table, indices], {"axis": 1 - rewrite.axis})
+    return rewrite.node("Cast", [gathered], {"to": ir.DataType.FLOAT},
+                        output="weight_dequantized")
+
+
+def oriented_positions(positions: np.ndarray, shape: tuple[int, int],
+                       transposed: bool) -> np.ndarray:
+    """Flat ``[out, in]`` positions as flat positions of B (``[in, out]`` when transposed)."""
+    if not transposed:
+        return positions.astype(np.int32)
+    rows, cols = np.divmod(positions.astype(np.int64), shape[1])
+    return (cols * shape[0] + rows).astype(np.int32)
+
+
+def logical_positions(positions: np.ndarray, shape: tuple[int, int],
+                      transposed: bool) -> np.ndarray:
+    """Inverse of ``oriented_positions``."""
+    if not transposed:
+        return positions.astype(np.int32)
+    cols, rows = np.divmod(positions.astype(np.int64), shape[0])
+    return (rows * shape[1] + cols).astype(np.int32)
+
+
+def add_outliers(rewrite: SiteRewrite, weight: WeightFormat, base: ir.Value) -> ir.Value:
+    outliers = weight.outliers
+    assert outliers is not None
+    positions = oriented_positions(outliers.positions, weight.shape, rewrite.transposed)
+    stored = rewrite.initializer(f"{rewrite.site_id}.weight_outlier_positions", positions)
+    values = rewrite.initializer(f"{rewrite.site_id}.weight_outlier_values", outliers.values)
+    flat = rewrite.node("Reshape", [base, rewrite.constant("flat_shape", [-1])])
+    indices = rewrite.node("Cast", [stored], {"to": ir.DataType.INT64})
+    updates = rewrite.node("Cast", [values], {"to": ir.DataType.FLOAT})
+    added = rewrite.node("ScatterElements", [flat, indices, updates],
+                         {"axis": 0, "reduction": "add"})
+    shape = list(weight.shape[::-1] if rewrite.transposed else weight.shape)
+    return rewrite.node("Reshape", [added, rewrite.constant("weight_shape", shape)],
+                        output="weight_with_outliers")
+
+
+FORMAT_LOWERINGS: dict[str, Callable[[SiteRewrite, WeightFormat], ir.Value]] = {
+    "affine": lower_affine,
+    "float-offset": lower_float_offset,
+    "codebook": lower_codebook,
+}
+
+
+def lower_weight(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
+    """The value computing ``weight`` in B's orientation, outliers included."""
+    lowering = FORMAT_LOWERINGS.get(weight.name)
+    if lowering is None:
+        raise LoweringError(f"site {rewrite.site_id}: no ONNX lowering for format "
+                            f"{weight.name!r} (formats: {', '.join(FORMAT_LOWERINGS)})")
+    value = lowering(rewrite, weight)
+    return value if weight.outliers is None else add_outliers(rewrite, weight, value)
+
+
+def stored_arrays(initializers: dict[str, np.ndarray], site_id: str,
+                  transposed: bool) -> dict[str, np.ndarray]:
+    """A site's format arrays read back from its initializers, in ``[out, in]`` orientation
+    (empty if the site has none)."""
+    prefix = f"{site_id}.weight_"
+    codes = initializers.get(f"{prefix}codes")
+    if codes is None:
+        return {}
+    shape = codes.shape[::-1] if transposed else codes.shape
+    arrays = {}
+    for name, array in initializers.items():
+        if not name.startswith(prefix):
+            continue
+        key = name.removeprefix(prefix)
+        if key == SparseOutliers.ARRAYS[0]:
+            arrays[key] = logical_positions(array, shape, transposed)
+        elif key in UNORIENTED:
+            arrays[key] = array
+        else:
+            arrays[key] = np.ascontiguousarray(array.T if transposed else array)
+    return arrays

@@ -1,0 +1,64 @@
+"""Backend capabilities: which formats, widths and group sizes a lowering stores natively, and
+what a code of each width costs there. Policies are offered only what the target can run and
+charge it at the target's real size; a plan asking for more is refused before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from lwqc.ir.errors import PlanError
+from lwqc.ir.formats import format_class
+from lwqc.ir.spec import QUANT_WIDTHS, GroupSpec, QuantSpec
+
+
+def any_group_size(group_size: int | None) -> bool:
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """``widths`` per format; ``containers`` maps a code width to the bits it occupies."""
+
+    backend: str
+    widths: dict[str, tuple[int, ...]]
+    containers: dict[int, int]
+    group_size_ok: Callable[[int | None], bool] = any_group_size
+    group_size_rule: str = "any group size"
+
+    def same_storage(self, other: Capabilities) -> bool:
+        """Whether ``other`` stores the same specs at the same sizes (backend name aside)."""
+        return (self.widths, self.containers, self.group_size_rule) == (
+            other.widths, other.containers, other.group_size_rule)
+
+    def supports(self, spec: QuantSpec) -> bool:
+        if spec.kept:
+            return True
+        if spec.bits not in self.widths.get(spec.format or "", ()):
+            return False
+        return not isinstance(spec, GroupSpec) or self.group_size_ok(spec.group_size)
+
+    def check(self, spec: QuantSpec, where: str) -> None:
+        """Raise ``PlanError`` naming ``where`` if the backend cannot store ``spec``."""
+        if self.supports(spec):
+            return
+        stored = ", ".join(f"{f} at {'/'.join(map(str, w))} bits" for f, w in self.widths.items())
+        raise PlanError(f"{where}: backend {self.backend} cannot store {spec.label()} "
+                        f"(it stores {stored}; {self.group_size_rule})")
+
+    def code_bits(self, bits: int) -> int:
+        return self.containers[bits]
+
+    def bytes(self, shape: tuple[int, int], spec: QuantSpec, keep_bits: int) -> int:
+        """Physical bytes of a weight of ``shape`` under ``spec`` on this backend."""
+        if spec.kept:
+            return shape[0] * shape[1] * keep_bits // 8
+        return format_class(spec).physical_bytes(shape, spec, self.code_bits(spec.bits))
+
+
+# Codes in whole ONNX/numpy containers: 3-bit codes occupy (and are charged) 4 bits.
+CONTAINER_STORAGE = Capabilities(
+    backend="any",
+    widths={"affine": QUANT_WIDTHS, "float-offset": QUANT_WIDTHS, "codebook": QUANT_WIDTHS},
+    containers={2: 2, 3: 4, 4: 4, 8: 8},
+)

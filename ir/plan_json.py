@@ -1,0 +1,167 @@
+"""``plan.json`` (schema ``lwqc.plan/1``): the plan with everything needed to explain and
+re-apply it; reading validates every field and fails with one ``PlanError``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lwqc.ir.accounting import site_bytes, totals
+from lwqc.ir.annotations import RecordedAnnotation
+from lwqc.ir.errors import PlanError
+from lwqc.ir.graph import Block, Graph, MatmulSite
+from lwqc.ir.plan import Plan
+from lwqc.ir.spec import QuantSpec, spec_from_json
+
+SCHEMA = "lwqc.plan/1"
+
+
+def _annotations_json(stats: dict) -> dict[str, Any]:
+    return {
+        key: {"source": a.source, **a.values()} for key, a in sorted(stats.items())
+    }
+
+
+def plan_document(graph: Graph) -> dict[str, Any]:
+    """The JSON document of ``plan.json``: everything needed to explain and re-apply the plan."""
+    plan = graph.plan
+    if plan is None:
+        raise PlanError("no plan: the pipeline has no policy pass")
+    sites = {}
+    for site in graph:
+        spec = plan.specs[site.id]
+        sites[site.id] = {
+            **spec.to_json(),
+            "role": site.role,
+            "block": site.block,
+            "shape": list(site.shape),
+            "params": site.params,
+            "fusion_group": site.fusion_group,
+            "bytes": site_bytes(graph, site.id, spec),
+            "scores": _annotations_json(site.stats),
+        }
+    return {
+        "schema": SCHEMA,
+        "model": {
+            "id": graph.model_id,
+            "architecture": graph.architecture,
+            "weights_sha256": graph.weights_sha256,
+            "keep_bits": graph.keep_bits,
+        },
+        "pipeline": graph.pipeline,
+        "policy": plan.policy,
+        "budget": plan.budget,
+        "counted": "the weights of all matmul sites below (biases, norms and embeddings excluded)",
+        "excluded": [{"tensor": name, "why": why} for name, why in graph.excluded],
+        "notes": plan.notes,
+        "blocks": [
+            {"index": b.index, "module": b.module, "sites": b.sites,
+             "scores": _annotations_json(b.stats)}
+            for b in graph.blocks
+        ],
+        "sites": sites,
+        "totals": totals(graph, plan.specs).to_json(),
+    }
+
+
+def write_plan(path: Path, document: dict[str, Any]) -> None:
+    path.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
+
+
+def read_plan(path: Path) -> dict[str, Any]:
+    """Read and validate a plan document; any defect is a ``PlanError`` naming the file."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PlanError(f"plan file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PlanError(
+            f"plan file {path} is not valid JSON ({exc}); restore it or recompile"
+        ) from None
+    if not isinstance(document, dict) or document.get("schema") != SCHEMA:
+        raise PlanError(f"plan file {path} is not an {SCHEMA} document (missing or wrong 'schema')")
+    sites = document.get("sites")
+    if not isinstance(sites, dict) or not sites:
+        raise PlanError(f"plan file {path} has no 'sites' table")
+    for site_id, entry in sites.items():
+        try:
+            spec_from_json(entry)
+        except PlanError as exc:
+            raise PlanError(f"plan file {path}: site {site_id}: {exc}") from None
+    return document
+
+
+_ARTIFACT_FIELDS = {
+    "model": ("id", "architecture", "weights_sha256", "keep_bits"),
+    "site": ("role", "block", "shape", "fusion_group", "scores"),
+    "block": ("index", "module", "sites", "scores"),
+}
+
+
+def read_artifact_plan(path: Path) -> dict[str, Any]:
+    """``read_plan`` plus the fields a compiled artifact's plan carries (for show and eval)."""
+    document = read_plan(path)
+    missing = [k for k in ("model", "policy", "budget", "blocks", "totals") if k not in document]
+    model = document.get("model", {})
+    missing += [f"model.{k}" for k in _ARTIFACT_FIELDS["model"] if k not in model]
+    for site_id, entry in document["sites"].items():
+        missing += [f"sites.{site_id}.{k}" for k in _ARTIFACT_FIELDS["site"] if k not in entry]
+    for block in document.get("blocks", []):
+        missing += [f"blocks[].{k}" for k in _ARTIFACT_FIELDS["block"] if k not in block]
+    if missing:
+        raise PlanError(f"plan file {path} lacks {missing[0]}: it is not a complete lwqc "
+                        "artifact; recompile")
+    return document
+
+
+def specs_from_document(document: dict[str, Any]) -> dict[str, QuantSpec]:
+    return {site_id: spec_from_json(entry) for site_id, entry in document["sites"].items()}
+
+
+def graph_from_document(document: dict[str, Any]) -> Graph:
+    """The IR as recorded in an artifact (no weights, no dataflow edges): for ``lwqc show OUT``."""
+    import networkx as nx
+
+    sites = {}
+    for order, (site_id, entry) in enumerate(document["sites"].items()):
+        sites[site_id] = MatmulSite(
+            id=site_id,
+            role=entry["role"],
+            block=entry["block"],
+            shape=tuple(entry["shape"]),
+            fusion_group=entry["fusion_group"],
+            order=order,
+            stats=_recorded(entry.get("scores", {})),
+        )
+    blocks = [
+        Block(index=b["index"], module=b["module"], sites=b["sites"], stats=_recorded(b["scores"]))
+        for b in document["blocks"]
+    ]
+    graph = Graph(
+        model_id=document["model"]["id"],
+        architecture=document["model"]["architecture"],
+        sites=sites,
+        blocks=blocks,
+        dataflow=nx.DiGraph(),
+        keep_bits=document["model"]["keep_bits"],
+        weights_sha256=document["model"]["weights_sha256"],
+    )
+    graph.plan = Plan(
+        specs=specs_from_document(document),
+        policy=document["policy"],
+        budget=document["budget"],
+        notes=document.get("notes", []),
+    )
+    return graph
+
+
+def _recorded(scores: dict[str, dict[str, Any]]) -> dict[str, RecordedAnnotation]:
+    return {
+        key: RecordedAnnotation(
+            source=fields["source"],
+            name=key,
+            recorded=tuple((k, v) for k, v in fields.items() if k != "source"),
+        )
+        for key, fields in scores.items()
+    }

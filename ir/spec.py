@@ -1,0 +1,199 @@
+"""QuantSpec: what a policy decides for one site, one typed class per scheme.
+
+A spec carries the fields its scheme has and no others; ``SPECS`` maps every scheme name to
+its class and is the one list of schemes (and ``WIDTHS`` the one list of widths) in lwqc.
+1. ``keep``: the weight stays float (``bits`` 16).
+2. ``rtn-asym`` / ``rtn-sym``: affine groups with integer zero points (asym) or none (sym);
+   ``group_size`` along the input dimension, ``None`` = one group per output row.
+3. ``float-offset``: affine groups with a float scale and a float offset per group (GGUF Q4_1,
+   HQQ); same group fields.
+4. ``codebook``: one codebook of 2^bits float centroids per input column (CLAQ's K-means).
+Every quantized spec may reserve a fraction ``outliers`` of its weights, stored sparsely in
+full precision and added to the dequantized base (0 = none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+from lwqc.ir.errors import PlanError
+
+KEEP_BITS = 16
+QUANT_WIDTHS = (2, 3, 4, 8)
+WIDTHS = (*QUANT_WIDTHS, KEEP_BITS)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """Base of all specs: ``scheme`` names it, ``format`` the weight format it produces."""
+
+    scheme: ClassVar[str] = ""
+    format: ClassVar[str | None] = None
+    bits: int
+
+    @property
+    def kept(self) -> bool:
+        return self.bits == KEEP_BITS
+
+    def label(self) -> str:
+        return "keep"
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec as plan.json writes it: ``bits``, the scheme's own fields, ``scheme``."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**fields, "scheme": self.scheme}
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepSpec(QuantSpec):
+    """The weight stays in the model's float type."""
+
+    scheme: ClassVar[str] = "keep"
+    bits: int = KEEP_BITS
+
+    def __post_init__(self) -> None:
+        if self.bits != KEEP_BITS:
+            raise PlanError(f"keep means {KEEP_BITS} bits, got {self.bits}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bits": KEEP_BITS, "group_size": None, "scheme": "keep"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Quantized(QuantSpec):
+    """Checks shared by quantized specs; each subclass declares ``outliers: float = 0.0``."""
+
+    def __post_init__(self) -> None:
+        if self.bits not in QUANT_WIDTHS:
+            raise PlanError(f"unsupported width {self.bits}: choose one of {QUANT_WIDTHS} or 16")
+        if not (isinstance(self.outliers, (int, float)) and 0 <= self.outliers < 0.5):
+            raise PlanError(f"outlier fraction must lie in [0, 0.5), got {self.outliers!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        data = super().to_json()
+        if not self.outliers:
+            del data["outliers"]  # absent = none: plans without outliers read as before
+        return data
+
+    def _outlier_label(self) -> str:
+        return f" o{self.outliers:g}" if self.outliers else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSpec(_Quantized):
+    """Groups of ``group_size`` inputs (None = the whole row) sharing a scale."""
+
+    group_size: int | None = 128
+    outliers: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.group_size is not None and (not _is_int(self.group_size) or self.group_size < 1):
+            raise PlanError(f"group size must be a positive integer, got {self.group_size!r}")
+
+    def groups(self, in_features: int) -> int:
+        """Number of groups along the input dimension (the last one may be short)."""
+        return 1 if self.group_size is None else math.ceil(in_features / self.group_size)
+
+    def block(self, in_features: int) -> int:
+        """Inputs per group: the group size, or the whole row."""
+        return in_features if self.group_size is None else self.group_size
+
+    def label(self) -> str:
+        group = "row" if self.group_size is None else self.group_size
+        return f"w{self.bits}g{group} {self.scheme}{self._outlier_label()}"
+
+
+
+@dataclasses.dataclass(frozen=True)
+class AsymmetricSpec(GroupSpec):
+    """Unsigned codes with an integer zero point per group (ONNX DequantizeLinear)."""
+
+    scheme: ClassVar[str] = "rtn-asym"
+    format: ClassVar[str] = "affine"
+
+
+@dataclasses.dataclass(frozen=True)
+class SymmetricSpec(GroupSpec):
+    """Signed codes, no zero point."""
+
+    scheme: ClassVar[str] = "rtn-sym"
+    format: ClassVar[str] = "affine"
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatOffsetSpec(GroupSpec):
+    """Unsigned codes with a float scale and float offset per group: w = scale * q + offset."""
+
+    scheme: ClassVar[str] = "float-offset"
+    format: ClassVar[str] = "float-offset"
+
+
+@dataclasses.dataclass(frozen=True)
+class CodebookSpec(_Quantized):
+    """A codebook of 2^bits float centroids per input column."""
+
+    scheme: ClassVar[str] = "codebook"
+    format: ClassVar[str] = "codebook"
+    outliers: float = 0.0
+
+    def label(self) -> str:
+        return f"w{self.bits} codebook{self._outlier_label()}"
+
+
+SPECS: dict[str, type[QuantSpec]] = {
+    cls.scheme: cls
+    for cls in (KeepSpec, AsymmetricSpec, SymmetricSpec, FloatOffsetSpec, CodebookSpec)
+}
+SCHEMES = tuple(name for name in SPECS if name != "keep")
+
+
+def make_spec(bits: int, scheme: str = "rtn-asym", **fields: Any) -> QuantSpec:
+    """The spec of ``scheme`` at ``bits``; fields the scheme does not have are ignored, so one
+    set of budget options serves every scheme. 16 bits is always ``keep``."""
+    if bits == KEEP_BITS:
+        return KeepSpec()
+    cls = SPECS.get(scheme)
+    if cls is None or cls is KeepSpec:
+        raise PlanError(f"unknown scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    names = cls.field_names()
+    return cls(bits=bits, **{k: v for k, v in fields.items() if k in names})
+
+
+def spec_from_json(data: Any) -> QuantSpec:
+    """A spec as plan.json writes it; any defect is a ``PlanError``."""
+    if not isinstance(data, dict):
+        raise PlanError("a site entry must be an object with bits, scheme and the scheme's fields")
+    bits = data.get("bits")
+    if not _is_int(bits):
+        raise PlanError(f"bits must be an integer, got {bits!r}")
+    if bits == KEEP_BITS:
+        return KeepSpec()
+    scheme = data.get("scheme")
+    cls = SPECS.get(scheme) if isinstance(scheme, str) else None
+    if cls is None or cls is KeepSpec:
+        raise PlanError(f"unknown scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    fields = {}
+    for name in cls.field_names():
+        if name == "group_size":
+            if name not in data:
+                raise PlanError(f"scheme {scheme} needs group_size (an integer, or null)")
+            if data[name] is not None and not _is_int(data[name]):
+                raise PlanError(f"group_size must be an integer or null, got {data[name]!r}")
+        if name == "outliers" and name in data and (
+            isinstance(data[name], bool) or not isinstance(data[name], (int, float))
+        ):
+            raise PlanError(f"outliers must be a number, got {data[name]!r}")
+        if name in data:
+            fields[name] = data[name]
+    return cls(**fields)

@@ -1,0 +1,62 @@
+"""Per-column codebooks by 1-D k-means (CLAQ, arXiv 2405.17233), deterministic.
+
+For each input column j of W ``[out, in]``:
+1. Start the 2^b centroids at the column's quantiles (k + 1/2) / 2^b.
+2. Lloyd iterations: assign each weight to its nearest centroid, move each centroid to the
+   mean of its weights (an empty centroid stays), until no assignment changes or
+   ``iterations`` rounds; ties go to the lower centroid.
+3. Centroids are stored as float16 and codes are assigned against the stored values.
+A column with at most 2^b distinct values is represented exactly (up to float16).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lwqc.ir.formats import CodebookWeight
+from lwqc.ir.spec import CodebookSpec
+
+ITERATIONS = 30
+CHUNK = 64  # columns per vectorised step: bounds the [out, chunk, K] distance array
+
+
+def _nearest(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid per value: ``values [out, c]``, ``centroids [c, K]``."""
+    distance = np.abs(values[:, :, None] - centroids[None, :, :])
+    return distance.argmin(axis=2)
+
+
+def _lloyd(values: np.ndarray, levels: int, iterations: int) -> np.ndarray:
+    """Centroids ``[c, K]`` of each column of ``values [out, c]``."""
+    quantiles = (np.arange(levels) + 0.5) / levels
+    centroids = np.quantile(values, quantiles, axis=0).T.copy()  # [c, K]
+    assignment = None
+    columns = np.arange(values.shape[1])[None, :]
+    for _ in range(iterations):
+        new = _nearest(values, centroids)
+        if assignment is not None and np.array_equal(new, assignment):
+            break
+        assignment = new
+        sums = np.zeros_like(centroids)
+        counts = np.zeros(centroids.shape)
+        np.add.at(sums, (np.broadcast_to(columns, new.shape), new), values)
+        np.add.at(counts, (np.broadcast_to(columns, new.shape), new), 1)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled]
+    return centroids
+
+
+def quantize_codebook(weights: np.ndarray, spec: CodebookSpec,
+                      iterations: int = ITERATIONS) -> CodebookWeight:
+    """Quantize ``weights`` ``[out, in]`` to per-column codebooks of 2^bits centroids."""
+    levels = 2**spec.bits
+    w = weights.astype(np.float64)
+    codebooks = np.zeros((w.shape[1], levels), np.float16)
+    codes = np.zeros(w.shape, np.uint8)
+    for start in range(0, w.shape[1], CHUNK):
+        chunk = w[:, start : start + CHUNK]
+        stored = _lloyd(chunk, levels, iterations).astype(np.float16)
+        stored.sort(axis=1)
+        codebooks[start : start + CHUNK] = stored
+        codes[:, start : start + CHUNK] = _nearest(chunk, stored.astype(np.float64))
+    return CodebookWeight(spec, codes, codebooks)
