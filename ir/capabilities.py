@@ -47,6 +47,8 @@ class Capabilities:
                         f"(it stores {stored}; {self.group_size_rule})")
 
     def code_bits(self, bits: int) -> int:
+        if bits not in self.containers:
+            raise PlanError(f"backend {self.backend} stores no {bits}-bit codes")
         return self.containers[bits]
 
     def bytes(self, shape: tuple[int, int], spec: QuantSpec, keep_bits: int) -> int:

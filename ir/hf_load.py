@@ -7,9 +7,11 @@ in plans is the resolved path (or the hub id), so ``lwqc eval`` can load the sam
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -93,8 +95,9 @@ def _load_gguf(path: Path) -> LoadedModel:
                              "pip install 'lwqc[gguf]'")
     transformers = _quiet_transformers()
     try:
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's own progress bar
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ModelLoadError(f"cannot read GGUF file {path}: {first}") from None
@@ -106,6 +109,11 @@ def _load_gguf(path: Path) -> LoadedModel:
     with torch.device("meta"):
         module = type(loaded)(config)
     module.load_state_dict(loaded.state_dict(), assign=True)
+    persistent = set(module.state_dict())
+    for name, buffer in loaded.named_buffers():  # the state dict lacks RoPE tables and such
+        if name not in persistent:
+            owner, _, attribute = name.rpartition(".")
+            module.get_submodule(owner).register_buffer(attribute, buffer, persistent=False)
     module.tie_weights()
     return LoadedModel(module.eval(), CAUSAL_LM, str(path.resolve()))
 

@@ -75,15 +75,19 @@ def read_plan(path: Path) -> dict[str, Any]:
         document = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise PlanError(f"plan file {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise PlanError(
-            f"plan file {path} is not valid JSON ({exc}); restore it or recompile"
+            f"plan file {path} is not valid JSON ({reason}); restore it or recompile"
         ) from None
     if not isinstance(document, dict) or document.get("schema") != SCHEMA:
         raise PlanError(f"plan file {path} is not an {SCHEMA} document (missing or wrong 'schema')")
     sites = document.get("sites")
     if not isinstance(sites, dict) or not sites:
         raise PlanError(f"plan file {path} has no 'sites' table")
+    for key, kind in _OPTIONAL_FIELDS.items():
+        if key in document:
+            _check_type(path, key, document[key], kind)
     for site_id, entry in sites.items():
         try:
             spec_from_json(entry)
@@ -92,26 +96,64 @@ def read_plan(path: Path) -> dict[str, Any]:
     return document
 
 
+# Field -> the JSON type it must have ("int?" = integer or null, "shape" = two integers).
+_OPTIONAL_FIELDS = {"model": "object", "policy": "string", "budget": "object",
+                    "notes": "strings", "pipeline": "string"}
 _ARTIFACT_FIELDS = {
-    "model": ("id", "architecture", "weights_sha256", "keep_bits"),
-    "site": ("role", "block", "shape", "fusion_group", "scores"),
-    "block": ("index", "module", "sites", "scores"),
+    "": {"model": "object", "policy": "string", "budget": "object", "blocks": "list",
+         "totals": "object"},
+    "model": {"id": "string", "architecture": "string", "weights_sha256": "string",
+              "keep_bits": "int"},
+    "site": {"role": "string", "block": "int?", "shape": "shape", "fusion_group": "string",
+             "scores": "scores"},
+    "block": {"index": "int", "module": "string", "sites": "strings", "scores": "scores"},
 }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_TYPES = {
+    "object": lambda v: isinstance(v, dict),
+    "list": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "int": _is_int,
+    "int?": lambda v: v is None or _is_int(v),
+    "shape": lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0
+                                                                     for x in v),
+    "scores": lambda v: isinstance(v, dict) and all(
+        isinstance(f, dict) and isinstance(f.get("source"), str) for f in v.values()),
+}
+
+
+def _check_type(path: Path, where: str, value: Any, kind: str) -> None:
+    if not _TYPES[kind](value):
+        raise PlanError(f"plan file {path}: {where} is not a valid {kind} ({value!r:.40}); "
+                        "restore it or recompile")
+
+
+def _check_fields(path: Path, where: str, entry: Any, table: str) -> None:
+    if not isinstance(entry, dict):
+        raise PlanError(f"plan file {path}: {where or 'the document'} is not an object")
+    for key, kind in _ARTIFACT_FIELDS[table].items():
+        name = f"{where}.{key}" if where else key
+        if key not in entry:
+            raise PlanError(f"plan file {path} lacks {name}: it is not a complete lwqc "
+                            "artifact; recompile")
+        _check_type(path, name, entry[key], kind)
 
 
 def read_artifact_plan(path: Path) -> dict[str, Any]:
     """``read_plan`` plus the fields a compiled artifact's plan carries (for show and eval)."""
     document = read_plan(path)
-    missing = [k for k in ("model", "policy", "budget", "blocks", "totals") if k not in document]
-    model = document.get("model", {})
-    missing += [f"model.{k}" for k in _ARTIFACT_FIELDS["model"] if k not in model]
+    _check_fields(path, "", document, "")
+    _check_fields(path, "model", document["model"], "model")
     for site_id, entry in document["sites"].items():
-        missing += [f"sites.{site_id}.{k}" for k in _ARTIFACT_FIELDS["site"] if k not in entry]
-    for block in document.get("blocks", []):
-        missing += [f"blocks[].{k}" for k in _ARTIFACT_FIELDS["block"] if k not in block]
-    if missing:
-        raise PlanError(f"plan file {path} lacks {missing[0]}: it is not a complete lwqc "
-                        "artifact; recompile")
+        _check_fields(path, f"sites.{site_id}", entry, "site")
+    for position, block in enumerate(document["blocks"]):
+        _check_fields(path, f"blocks[{position}]", block, "block")
     return document
 
 

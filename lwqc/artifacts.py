@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,11 +34,35 @@ def check_output(out: Path) -> None:
                             f"({foreign[0]}); choose another -o")
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While active, SIGTERM raises ``KeyboardInterrupt`` like Ctrl-C (so cleanup runs); the
+    previous handler comes back on exit. Only the main thread may set signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        # None: the previous handler was not set from Python; the default is the best guess
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 @contextlib.contextmanager
 def atomic_directory(out: Path) -> Iterator[Path]:
     """Yield a temp dir beside ``out``; on success it replaces ``out``, on failure it vanishes
-    (with any parent directories it had to create)."""
+    (with any parent directories it had to create). SIGTERM counts as a failure, like Ctrl-C."""
     check_output(out)
+    with _sigterm_interrupts():
+        yield from _atomic_directory(out)
+
+
+def _atomic_directory(out: Path) -> Iterator[Path]:
     created = next((p for p in reversed(out.parents) if not p.exists()), None)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

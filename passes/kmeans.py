@@ -1,7 +1,8 @@
 """Per-column codebooks by 1-D k-means (CLAQ, arXiv 2405.17233), deterministic.
 
 For each input column j of W ``[out, in]``:
-1. Start the 2^b centroids at the column's quantiles (k + 1/2) / 2^b.
+1. Start the 2^b centroids at the column's quantiles (k + 1/2) / 2^b; a column with at most
+   2^b distinct values starts at those values (and is then represented exactly).
 2. Lloyd iterations: assign each weight to its nearest centroid, move each centroid to the
    mean of its weights (an empty centroid stays), until no assignment changes or
    ``iterations`` rounds; ties go to the lower centroid.
@@ -26,10 +27,21 @@ def _nearest(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return distance.argmin(axis=2)
 
 
+def _initial(values: np.ndarray, levels: int) -> np.ndarray:
+    """Starting centroids ``[c, K]``: quantiles, or the distinct values where they fit."""
+    quantiles = (np.arange(levels) + 0.5) / levels
+    centroids = np.quantile(values, quantiles, axis=0).T.copy()
+    ordered = np.sort(values, axis=0)
+    distinct = 1 + np.count_nonzero(np.diff(ordered, axis=0), axis=0)
+    for column in np.flatnonzero(distinct <= levels):
+        unique = np.unique(ordered[:, column])
+        centroids[column] = np.concatenate([unique, np.full(levels - len(unique), unique[-1])])
+    return centroids
+
+
 def _lloyd(values: np.ndarray, levels: int, iterations: int) -> np.ndarray:
     """Centroids ``[c, K]`` of each column of ``values [out, c]``."""
-    quantiles = (np.arange(levels) + 0.5) / levels
-    centroids = np.quantile(values, quantiles, axis=0).T.copy()  # [c, K]
+    centroids = _initial(values, levels)
     assignment = None
     columns = np.arange(values.shape[1])[None, :]
     for _ in range(iterations):

@@ -6,7 +6,8 @@
    are reserved (ties: lower flat index first) and set to the mean for the base quantizer;
 3. quantizes with the scheme's quantizer (``clip`` = ``mse`` or ``minmax`` where the scheme
    has a range to choose);
-4. stores each reserved weight as its float16 residual over the dequantized base.
+4. stores each reserved weight as its float16 residual over the dequantized base (a residual
+   beyond the float16 range is refused).
 """
 
 from __future__ import annotations
@@ -61,5 +62,8 @@ def quantize_weight(weights: np.ndarray, spec: QuantSpec, clip: str = "mse") -> 
     base_input.reshape(-1)[positions] = weights.mean(dtype=np.float64)
     base = quantizer(base_input, spec, clip == "mse")
     residual = weights.reshape(-1)[positions] - base.dequantize().reshape(-1)[positions]
+    if np.abs(residual).max() > np.finfo(np.float16).max:
+        raise PlanError("an outlier lies beyond the float16 range of reserved values; "
+                        "quantize this site without outliers")
     return dataclasses.replace(base, outliers=SparseOutliers(positions,
                                                              residual.astype(np.float16)))

@@ -97,24 +97,28 @@ def save_tiny_model(arch: str, directory: Path, seed: int = 0) -> Path:
 
 
 def ort_dequantized(path) -> dict[str, np.ndarray]:
-    """Run ORT with every DequantizeLinear output exposed, oriented back to [out, in]."""
+    """Run ORT with the weight input of every quantized site's MatMul/Gemm exposed, oriented
+    back to [out, in]: the weight ORT actually multiplies by."""
     model = onnx.load(path)
-    names, axis = {}, {}
+    names, transposed = {}, {}
     for node in model.graph.node:
-        if node.op_type == "DequantizeLinear":
-            site = next(p.value for p in node.metadata_props if p.key == "lwqc.site")
-            names[site] = node.output[0]
-            axis[site] = next(a.i for a in node.attribute if a.name == "axis")
-            model.graph.output.append(
-                onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)
-            )
+        props = {p.key: p.value for p in node.metadata_props}
+        if node.op_type not in ("MatMul", "Gemm") or props.get("lwqc.bits", "16") == "16":
+            continue
+        site = props["lwqc.site"]
+        names[site] = node.input[1]
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        transposed[site] = not (node.op_type == "Gemm" and trans_b)
+        model.graph.output.append(
+            onnx.helper.make_tensor_value_info(node.input[1], onnx.TensorProto.FLOAT, None)
+        )
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     feeds = {i.name: np.ones((1, 8), np.int64) for i in session.get_inputs()}
     outputs = session.run(list(names.values()), feeds)
-    return {s: w.T if axis[s] == 0 else w for s, w in zip(names, outputs, strict=True)}
+    return {s: w.T if transposed[s] else w for s, w in zip(names, outputs, strict=True)}
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ def test_analyze_writes_scores_and_spearman(ref_llama_dir, tmp_path, capsys):
     out = tmp_path / "analysis"
     assert main(["analyze", str(ref_llama_dir), "-o", str(out), "--validate",
                  "--calib-samples", "2", "--calib-seq-len", "64"]) == 0
-    printed = capsys.readouterr().out
-    assert "Spearman rho" in printed
+    printed = capsys.readouterr().out.splitlines()
     for name in ("blocks.csv", "sites.csv", "validate.csv", "scores.png"):
         assert (out / name).exists(), name
     blocks = list(csv.DictReader((out / "blocks.csv").open()))
@@ -35,5 +34,15 @@ def test_analyze_writes_scores_and_spearman(ref_llama_dir, tmp_path, capsys):
         assert float(block["zd.importance"]) == -float(block["zd.zd"])
     sites = list(csv.DictReader((out / "sites.csv").open()))
     assert len(sites) == 43
-    damage = [float(r["damage"]) for r in csv.DictReader((out / "validate.csv").open())]
+    validate = list(csv.DictReader((out / "validate.csv").open()))
+    damage = [float(r["damage"]) for r in validate]
     assert len(damage) == 6 and all(d > 0 for d in damage)
+    # the printed rho of each score is the Spearman correlation of the CSV's columns
+    from scipy.stats import spearmanr
+
+    start = next(i for i, line in enumerate(printed) if line.startswith("Spearman rho"))
+    rho = {line.split()[0]: float(line.split()[1]) for line in printed[start + 1 : start + 5]}
+    assert set(rho) == {"zd", "entropy", "lim", "sensitivity"}
+    for key, value in rho.items():
+        expected = spearmanr([float(r[key]) for r in validate], damage)[0]
+        assert value == pytest.approx(expected, abs=5e-4), key

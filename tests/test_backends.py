@@ -1,4 +1,4 @@
-"""ORT and torch package the same PackedWeights: identical dequantized weights, same logits."""
+"""ORT and torch package the same weight formats: identical dequantized weights, same logits."""
 
 from __future__ import annotations
 
@@ -8,21 +8,31 @@ import pytest
 import torch
 
 from conftest import ort_dequantized, save_tiny_model
-from lwqc import backends, passes  # noqa: F401
 from lwqc.backends import onnxruntime as ort_backend
-from lwqc.ir.hf_import import import_hf
-from lwqc.ir.plan import Plan, QuantSpec
+from lwqc.ir.errors import LwqcError
+from lwqc.ir.fx_lift import example_inputs
+from lwqc.ir.hf_source import import_model
+from lwqc.ir.plan import Plan
+from lwqc.ir.spec import (
+    AsymmetricSpec,
+    CodebookSpec,
+    FloatOffsetSpec,
+    KeepSpec,
+    SymmetricSpec,
+)
 from lwqc.passes.manager import PassManager
-from lwqc.passes.pipeline import parse_pipeline
+from lwqc.registry import parse
 
 
 def _mixed_plan(graph, group_size: int) -> Plan:
-    """Every width and both schemes across the sites, one site kept float."""
+    """Every width, scheme and format across the sites (outliers on some), one site kept."""
     choices = [
-        QuantSpec(2, group_size, "rtn-asym"), QuantSpec(3, group_size, "rtn-asym"),
-        QuantSpec(4, group_size, "rtn-sym"), QuantSpec(8, group_size, "rtn-asym"),
-        QuantSpec(4, group_size, "rtn-asym"), QuantSpec(2, group_size, "rtn-sym"),
-        QuantSpec(16), QuantSpec(3, group_size, "rtn-sym"), QuantSpec(8, group_size, "rtn-sym"),
+        AsymmetricSpec(2, group_size), AsymmetricSpec(3, group_size),
+        SymmetricSpec(4, group_size), FloatOffsetSpec(4, group_size, outliers=0.01),
+        CodebookSpec(3), AsymmetricSpec(8, group_size), AsymmetricSpec(4, None, outliers=0.02),
+        FloatOffsetSpec(2, group_size), SymmetricSpec(2, group_size), KeepSpec(),
+        CodebookSpec(2, outliers=0.01), SymmetricSpec(3, group_size),
+        SymmetricSpec(8, group_size), FloatOffsetSpec(3, None),
     ]
     specs = {s: choices[i % len(choices)] for i, s in enumerate(graph.sites)}
     return Plan(specs=specs, policy="test", budget={})
@@ -31,7 +41,7 @@ def _mixed_plan(graph, group_size: int) -> Plan:
 def _lower(graph, group_size: int):
     graph.plan = _mixed_plan(graph, group_size)
     graph.available.add("plan")
-    PassManager(parse_pipeline("quantize,lower-onnx,lower-torch")).run(graph)
+    PassManager(parse("quantize,lower-onnx,lower-torch")).run(graph)
     return graph
 
 
@@ -39,7 +49,7 @@ def _lower(graph, group_size: int):
 @pytest.mark.parametrize(("arch", "group_size"), [("llama", 32), ("llama", 48), ("gpt2", 64),
                                                   ("bert", 128)])
 def test_ort_and_torch_dequantize_to_identical_weights(arch, group_size, tmp_path):
-    graph = _lower(import_hf(str(save_tiny_model(arch, tmp_path / "model"))), group_size)
+    graph = _lower(import_model(str(save_tiny_model(arch, tmp_path / "model"))), group_size)
     path = tmp_path / "model.onnx"
     ort_backend.save(graph.lowered["onnx"], path)
     onnx.checker.check_model(str(path), full_check=True)
@@ -52,7 +62,7 @@ def test_ort_and_torch_dequantize_to_identical_weights(arch, group_size, tmp_pat
         np.testing.assert_array_equal(weight, expected, err_msg=site_id)
         np.testing.assert_array_equal(expected, graph.packed[site_id].dequantize())
     # and each weight sits in its matmul the right way round: the whole models agree
-    inputs = graph.source.example_inputs(batch=2, seq=12)
+    inputs = example_inputs(graph.source.kind, graph.source.module.config.vocab_size, 2, 12)
     feeds = {k: v.numpy() for k, v in inputs.items() if torch.is_tensor(v)}
     session = ort_backend.session(path)
     first = session.get_outputs()[0].name
@@ -62,25 +72,32 @@ def test_ort_and_torch_dequantize_to_identical_weights(arch, group_size, tmp_pat
 
 
 def test_artifact_round_trips_packed_arrays_exactly(tiny_llama_dir, tmp_path):
-    graph = _lower(import_hf(str(tiny_llama_dir)), 32)
+    graph = _lower(import_model(str(tiny_llama_dir)), 32)
     path = tmp_path / "model.onnx"
     ort_backend.save(graph.lowered["onnx"], path)
-    read = ort_backend.read_packed(path)
+    read = ort_backend.read_packed(path, set(graph.packed))
     assert set(read) == set(graph.packed)
     for site_id, packed in graph.packed.items():
         back = read[site_id]
-        assert (back.bits, back.group_size, back.scheme) == (
-            packed.bits, packed.group_size, packed.scheme)
-        np.testing.assert_array_equal(back.codes, packed.codes)
-        np.testing.assert_array_equal(back.scales, packed.scales)
-        if packed.zero_points is None:
-            assert back.zero_points is None
-        else:
-            np.testing.assert_array_equal(back.zero_points, packed.zero_points)
+        assert back.spec == packed.spec
+        assert type(back) is type(packed)
+        arrays, stored = packed.arrays(), back.arrays()
+        assert set(stored) == set(arrays), site_id
+        for name, array in arrays.items():
+            assert stored[name].dtype == array.dtype, (site_id, name)
+            np.testing.assert_array_equal(stored[name], array, err_msg=f"{site_id}.{name}")
+
+
+def test_reading_an_artifact_back_fails_on_a_missing_site(tiny_llama_dir, tmp_path):
+    graph = _lower(import_model(str(tiny_llama_dir)), 32)
+    path = tmp_path / "model.onnx"
+    ort_backend.save(graph.lowered["onnx"], path)
+    with pytest.raises(LwqcError, match="holds no quantized weight for site model.other"):
+        ort_backend.read_packed(path, {*graph.packed, "model.other"})
 
 
 def test_ort_and_torch_logits_agree_and_int2_raises_the_opset(tiny_llama_dir, tmp_path):
-    graph = _lower(import_hf(str(tiny_llama_dir)), 32)
+    graph = _lower(import_model(str(tiny_llama_dir)), 32)
     path = tmp_path / "model.onnx"
     ort_backend.save(graph.lowered["onnx"], path)
     assert {o.domain: o.version for o in onnx.load(path).opset_import}[""] == 25
@@ -92,8 +109,8 @@ def test_ort_and_torch_logits_agree_and_int2_raises_the_opset(tiny_llama_dir, tm
 
 
 def test_decisions_are_written_into_node_metadata(tiny_llama_dir, tmp_path):
-    graph = import_hf(str(tiny_llama_dir))
-    PassManager(parse_pipeline(
+    graph = import_model(str(tiny_llama_dir))
+    PassManager(parse(
         "zd,policy-uniform{width=4,override=\"down_proj=8\"},quantize,lower-onnx"
     )).run(graph)
     path = tmp_path / "model.onnx"
@@ -113,12 +130,21 @@ def test_decisions_are_written_into_node_metadata(tiny_llama_dir, tmp_path):
 
 
 def test_large_models_write_external_data(tiny_llama_dir, tmp_path, monkeypatch):
-    graph = _lower(import_hf(str(tiny_llama_dir)), 32)
+    graph = _lower(import_model(str(tiny_llama_dir)), 32)
     monkeypatch.setattr(ort_backend, "EXTERNAL_DATA_THRESHOLD", 1024)
     path = tmp_path / "model.onnx"
     ort_backend.save(graph.lowered["onnx"], path)
     data = tmp_path / "model.onnx.data"
     assert data.exists() and data.stat().st_size > path.stat().st_size
-    ids = np.zeros((1, 4), np.int64)
-    assert ort_backend.session(path).run(["logits"], {"input_ids": ids})[0].shape == (1, 4, 128)
-    assert set(ort_backend.read_packed(path)) == set(graph.packed)
+    monkeypatch.undo()
+    inline = tmp_path / "inline" / "model.onnx"
+    inline.parent.mkdir()
+    ort_backend.save(graph.lowered["onnx"], inline)
+    assert not (inline.parent / "model.onnx.data").exists()
+    ids = np.random.default_rng(1).integers(0, 128, (1, 6))
+    external_logits = ort_backend.session(path).run(["logits"], {"input_ids": ids})[0]
+    inline_logits = ort_backend.session(inline).run(["logits"], {"input_ids": ids})[0]
+    np.testing.assert_array_equal(external_logits, inline_logits)
+    read = ort_backend.read_packed(path, set(graph.packed))
+    for site_id, packed in graph.packed.items():
+        np.testing.assert_array_equal(read[site_id].dequantize(), packed.dequantize())

@@ -99,9 +99,9 @@ def test_calibration_text_of_missing_file_is_an_lwqc_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def ref_graph(ref_llama_dir):
-    from lwqc.ir.hf_import import import_hf
+    from lwqc.ir.hf_source import import_model
 
-    return import_hf(str(ref_llama_dir))
+    return import_model(str(ref_llama_dir))
 
 
 def test_calib_pass_windows_are_slices_of_independently_tokenized_shakespeare(
@@ -111,7 +111,7 @@ def test_calib_pass_windows_are_slices_of_independently_tokenized_shakespeare(
 
     import lwqc.passes  # noqa: F401  (registers the passes)
     from lwqc.passes.manager import PassManager
-    from lwqc.passes.pipeline import parse_pipeline
+    from lwqc.registry import parse
 
     text = shared_path("data/tinyshakespeare/input.txt").read_text("utf-8")
     monkeypatch.setenv("LWQC_SHARED", str(SHARED))
@@ -120,7 +120,7 @@ def test_calib_pass_windows_are_slices_of_independently_tokenized_shakespeare(
 
     ref_graph.calibration = None
     ref_graph.available.discard("calibration")
-    PassManager(parse_pipeline("calib{source=tinyshakespeare,samples=6,seq_len=48,seed=2}")).run(
+    PassManager(parse("calib{source=tinyshakespeare,samples=6,seq_len=48,seed=2}")).run(
         ref_graph
     )
     windows = ref_graph.calibration
@@ -138,7 +138,7 @@ def test_calib_pass_on_a_text_file_is_seeded(ref_graph, ref_llama_dir, tmp_path)
 
     import lwqc.passes  # noqa: F401
     from lwqc.passes.manager import PassManager
-    from lwqc.passes.pipeline import parse_pipeline
+    from lwqc.registry import parse
 
     path = tmp_path / "calib.txt"
     path.write_text(" ".join(f"line {i} squares to {i * i}." for i in range(60)), "utf-8")
@@ -146,7 +146,7 @@ def test_calib_pass_on_a_text_file_is_seeded(ref_graph, ref_llama_dir, tmp_path)
     tokens = np.asarray(tokenizer(path.read_text("utf-8"), add_special_tokens=False)["input_ids"])
 
     def windows(seed):
-        PassManager(parse_pipeline(
+        PassManager(parse(
             f"calib{{source={path},samples=5,seq_len=12,seed={seed}}}"
         )).run(ref_graph)
         return ref_graph.calibration.copy()

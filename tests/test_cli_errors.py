@@ -156,3 +156,31 @@ def test_a_directory_with_a_plan_and_other_files_is_not_replaced(capsys, tiny_ll
     code = main(["compile", str(tiny_llama_dir), "--bits", "4", "-o", str(out), "-q"])
     assert code == 2 and "my-notes.md" in capsys.readouterr().err
     assert (out / "my-notes.md").read_text() == "mine"
+
+
+def test_gguf_without_its_packages_names_the_extra(capsys, tmp_path, monkeypatch):
+    import importlib.util
+
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gguf" else real(name, *a))
+    out = tmp_path / "out"
+    _run_and_expect_error(capsys, ["compile", str(model), "--bits", "4", "-o", str(out)], out,
+                          "needs the package(s) gguf: pip install 'lwqc[gguf]'")
+
+
+def test_corrupt_gguf_file(capsys, tmp_path):
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"not a gguf file at all" * 10)
+    out = tmp_path / "out"
+    _run_and_expect_error(capsys, ["compile", str(model), "--bits", "4", "-o", str(out)], out,
+                          f"cannot read GGUF file {model}")
+
+
+def test_missing_gguf_file(capsys, tmp_path):
+    out = tmp_path / "out"
+    _run_and_expect_error(capsys, ["compile", str(tmp_path / "model.gguf"), "--bits", "4", "-o",
+                                   str(out)], out, "does not exist")
+

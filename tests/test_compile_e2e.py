@@ -14,7 +14,7 @@ from lwqc.backends import onnxruntime as ort_backend
 from lwqc.backends import torch_eager
 from lwqc.cli import main
 from lwqc.ir.datasets import wikitext2_text
-from lwqc.ir.hf_import import load_module
+from lwqc.ir.hf_load import load_model
 
 pytestmark = pytest.mark.slow
 BASELINE_PPL_FP = 165.32  # BASELINES.md: ref-llama-6L, 64 windows of 512 tokens
@@ -90,10 +90,10 @@ def test_recorded_pipeline_reproduces_the_plan(ref_llama_dir, entropy_45, tmp_pa
 
 def test_ort_and_torch_agree_on_every_weight_and_on_logits(entropy_45, ref_llama_dir):
     path = entropy_45 / "model.onnx"
-    module, _, _ = load_module(str(ref_llama_dir))
-    quantized = torch_eager.build(module, ort_backend.read_packed(path))
-    from_ort = ort_dequantized(path)
+    module = load_model(str(ref_llama_dir)).module
     plan = json.loads((entropy_45 / "plan.json").read_text())
+    quantized = torch_eager.build(module, ort_backend.read_packed(path, set(plan["sites"])))
+    from_ort = ort_dequantized(path)
     assert set(from_ort) == set(plan["sites"])  # every site is quantized at 4.5 bits
     for site_id, weight in from_ort.items():
         expected = quantized.get_submodule(site_id).dequantized_weight().numpy()

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO, save_tiny_model
 from lwqc.ir.errors import ModelLoadError
-from lwqc.ir.hf_import import import_hf
+from lwqc.ir.hf_source import import_model
 
 LLAMA_LIKE_ROLES = ["q", "k", "v", "o", "gate", "up", "down"]
 EXPECTED = {
@@ -27,7 +27,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("arch", sorted(EXPECTED))
 def test_tiny_architectures_lift_sites_blocks_and_groups(arch, tmp_path):
-    graph = import_hf(str(save_tiny_model(arch, tmp_path)))
+    graph = import_model(str(save_tiny_model(arch, tmp_path)))
     roles, outside, fused = EXPECTED[arch]
     assert len(graph.blocks) == 2
     for block in graph.blocks:
@@ -45,7 +45,7 @@ def test_tiny_architectures_lift_sites_blocks_and_groups(arch, tmp_path):
 def test_gpt2_conv1d_weight_is_transposed_to_out_in(tmp_path):
     import torch
 
-    graph = import_hf(str(save_tiny_model("gpt2", tmp_path)))
+    graph = import_model(str(save_tiny_model("gpt2", tmp_path)))
     site = graph.sites["transformer.h.0.mlp.c_fc"]
     stored = graph.source.module.get_parameter("transformer.h.0.mlp.c_fc.weight")
     assert tuple(stored.shape) == (64, 256)  # Conv1D keeps [in, out]
@@ -55,14 +55,14 @@ def test_gpt2_conv1d_weight_is_transposed_to_out_in(tmp_path):
 
 
 def test_tied_lm_head_is_excluded_and_said_so(tmp_path):
-    graph = import_hf(str(save_tiny_model("gemma", tmp_path)))
+    graph = import_model(str(save_tiny_model("gemma", tmp_path)))
     assert "lm_head" not in graph.sites
     reasons = dict(graph.excluded)
     assert "tied" in reasons["lm_head"]
 
 
 def test_dataflow_links_blocks_in_execution_order(tiny_llama_dir):
-    graph = import_hf(str(tiny_llama_dir))
+    graph = import_model(str(tiny_llama_dir))
     flow = graph.dataflow
     prefix = "model.layers.0."
     # q, k, v read the normed residual stream; o reads attention of q, k, v
@@ -82,14 +82,14 @@ def test_dataflow_links_blocks_in_execution_order(tiny_llama_dir):
 
 
 def test_ref_llama_6l_has_43_sites_in_6_blocks(ref_llama_dir):
-    graph = import_hf(str(ref_llama_dir))
+    graph = import_model(str(ref_llama_dir))
     assert len(graph.blocks) == 6 and len(graph.sites) == 43
     assert graph.total_params == 6 * (2 * 256 * 256 + 2 * 128 * 256 + 3 * 768 * 256) + 4096 * 256
     assert graph.sites["model.layers.5.mlp.down_proj"].shape == (256, 768)
 
 
 def test_minilm_encoder_is_lifted_as_bert_model(minilm_dir):
-    graph = import_hf(str(minilm_dir))
+    graph = import_model(str(minilm_dir))
     assert graph.architecture == "BertModel" and graph.source.kind == "encoder"
     assert len(graph.blocks) == 6
     assert len(graph.sites) == 6 * 6 + 1  # six linears per layer, plus the pooler
@@ -99,7 +99,7 @@ def test_stories260k_converts_and_imports(stories_bin, tmp_path):
     sys.path.insert(0, str(REPO / "tools"))
     import llama2c_to_hf
 
-    graph = import_hf(str(llama2c_to_hf.convert(stories_bin, tmp_path / "stories")))
+    graph = import_model(str(llama2c_to_hf.convert(stories_bin, tmp_path / "stories")))
     assert len(graph.blocks) == 5
     assert graph.sites["model.layers.0.self_attn.k_proj"].shape == (32, 64)  # 4 kv heads of 8
     assert "lm_head" not in graph.sites  # tied to the embeddings
@@ -107,9 +107,9 @@ def test_stories260k_converts_and_imports(stories_bin, tmp_path):
 
 def test_missing_model_path_is_a_model_load_error(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
-        import_hf(str(tmp_path / "no-such-model"))
+        import_model(str(tmp_path / "no-such-model"))
 
 
 def test_directory_without_config_is_a_model_load_error(tmp_path):
     with pytest.raises(ModelLoadError, match="config.json"):
-        import_hf(str(tmp_path))
+        import_model(str(tmp_path))

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import lwqc.passes  # noqa: F401  (registers the passes)
-from lwqc.ir.hf_import import import_hf
+from lwqc.ir.hf_source import import_model
 from lwqc.passes.lim import token_cosines
 from lwqc.passes.manager import PassManager
-from lwqc.passes.pipeline import parse_pipeline
+from lwqc.registry import parse
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -55,7 +54,7 @@ def test_token_cosines_ignore_scale():
 
 @pytest.fixture(scope="module")
 def ref_graph(ref_llama_dir):
-    graph = import_hf(str(ref_llama_dir))
+    graph = import_model(str(ref_llama_dir))
     rng = np.random.default_rng(11)
     # hand-made windows (no tokenizer involved): 6 samples of 40 tokens, two batches of 4
     graph.calibration = rng.integers(0, graph.source.module.config.vocab_size, (6, 40))
@@ -64,7 +63,7 @@ def ref_graph(ref_llama_dir):
 
 
 def run_lim(graph, options: str = "") -> None:
-    PassManager(parse_pipeline(f"lim{{{options}}}" if options else "lim")).run(graph)
+    PassManager(parse(f"lim{{{options}}}" if options else "lim")).run(graph)
 
 
 def independent_cosines(graph) -> np.ndarray:

@@ -1,29 +1,31 @@
 import io
 import math
+import time
 
 import networkx as nx
 import numpy as np
 import pytest
 
-import lwqc.passes  # noqa: F401  (registers the passes)
 from conftest import ArrayWeights
 from lwqc.ir.annotations import Annotation
+from lwqc.ir.formats import AffineWeight
 from lwqc.ir.graph import Block, Graph, MatmulSite
-from lwqc.ir.packed import PackedWeight
-from lwqc.ir.plan import Plan, QuantSpec
+from lwqc.ir.plan import Plan
+from lwqc.ir.spec import SymmetricSpec
 from lwqc.ir.text import print_ir
 from lwqc.passes.base import (
     MissingRequirementError,
     Pass,
     PassContractError,
     PassKind,
+    PlanningPass,
 )
 from lwqc.passes.entropy import EntropyPass
 from lwqc.passes.manager import PassManager
-from lwqc.passes.pipeline import parse_pipeline
 from lwqc.passes.policy_entropy import EntropyPolicy
 from lwqc.passes.policy_zd import ZDPolicy
 from lwqc.passes.zd import ZDPass
+from lwqc.registry import parse
 
 
 def _graph():
@@ -47,7 +49,7 @@ def _graph():
     ("quantize", "plan", "quantize"),
 ])
 def test_check_names_missing_requirement_and_pass(pipeline, missing, needer):
-    manager = PassManager(parse_pipeline(pipeline))
+    manager = PassManager(parse(pipeline))
     with pytest.raises(MissingRequirementError) as info:
         manager.check(set())
     message = str(info.value)
@@ -91,13 +93,13 @@ def test_full_pipeline_plans_by_zd_ratio_and_packs_every_site():
     graph = _graph()
     # zd: a 0.2, b 0.4, head 0.0 -> b (20 of 40 weights) is least important and goes low;
     # a would take the low share to 30 / 40 > 0.5
-    PassManager(parse_pipeline("zd,policy-zd{ratio=0.5},quantize")).run(graph)
+    PassManager(parse("zd,policy-zd{ratio=0.5},quantize")).run(graph)
     assert {s: spec.bits for s, spec in graph.plan.specs.items()} == {
         "layers.0.a": 8, "layers.0.b": 4, "head": 8,
     }
     assert graph.plan.policy == "policy-zd"
     assert set(graph.packed) == {"layers.0.a", "layers.0.b", "head"}
-    assert graph.packed["layers.0.b"].bits == 4
+    assert graph.packed["layers.0.b"].spec.bits == 4
     assert {"plan", "packed"} <= graph.available
 
 
@@ -106,7 +108,7 @@ class _PlanningAnalysis(Pass):
     kind = PassKind.ANALYSIS
 
     def run(self, graph, context):
-        graph.plan = Plan({s: QuantSpec(8) for s in graph.sites}, policy="sneaky", budget={})
+        graph.plan = Plan({s: SymmetricSpec(8) for s in graph.sites}, policy="sneaky", budget={})
 
 
 class _PackingAnalysis(Pass):
@@ -114,8 +116,8 @@ class _PackingAnalysis(Pass):
     kind = PassKind.ANALYSIS
 
     def run(self, graph, context):
-        graph.packed["head"] = PackedWeight(
-            8, 128, "rtn-sym", np.zeros((2, 5), np.int8), np.ones((2, 1), np.float32), None
+        graph.packed["head"] = AffineWeight(
+            SymmetricSpec(8), np.zeros((2, 5), np.int8), np.ones((2, 1), np.float32), None
         )
 
 
@@ -194,22 +196,18 @@ def test_pass_that_writes_what_it_declares_passes_the_contract():
     assert "foo" in graph.blocks[0].stats
 
 
-class _NoPlanPolicy(Pass):
+class _NoPlanPolicy(PlanningPass):
     name = "no-plan"
-    kind = PassKind.POLICY
-    provides = ("plan",)
 
     def run(self, graph, context):
         pass
 
 
-class _PartialPlanPolicy(Pass):
+class _PartialPlanPolicy(PlanningPass):
     name = "partial-plan"
-    kind = PassKind.POLICY
-    provides = ("plan",)
 
     def run(self, graph, context):
-        graph.plan = Plan({"head": QuantSpec(8)}, policy=self.name, budget={})
+        graph.plan = Plan({"head": SymmetricSpec(8)}, policy=self.name, budget={})
 
 
 def test_policy_that_writes_no_plan_breaks_the_contract():
@@ -251,11 +249,40 @@ def test_print_ir_after_unrun_pass_writes_nothing():
     assert stream.getvalue() == ""
 
 
+class _Sleeper(Pass):
+    name = "sleeper"
+    kind = PassKind.ANALYSIS
+    seconds = 0.05
+
+    def run(self, graph, context):
+        time.sleep(self.seconds)
+
+
 def test_timings_are_recorded_per_pass_in_order():
-    manager = PassManager([ZDPass(), EntropyPass(), ZDPolicy(ratio=0.5)])
+    manager = PassManager([ZDPass(), _Sleeper(), EntropyPass(), ZDPolicy(ratio=0.5)])
+    start = time.perf_counter()
     manager.run(_graph())
-    assert [t.name for t in manager.timings] == ["zd", "entropy", "policy-zd"]
-    assert all(t.seconds >= 0.0 for t in manager.timings)
+    wall = time.perf_counter() - start
+    assert [t.name for t in manager.timings] == ["zd", "sleeper", "entropy", "policy-zd"]
+    by_name = {t.name: t.seconds for t in manager.timings}
+    assert by_name["sleeper"] >= _Sleeper.seconds  # the pass's own time, not a cumulative clock
+    assert by_name["zd"] < _Sleeper.seconds and by_name["entropy"] < _Sleeper.seconds
+    assert sum(by_name.values()) <= wall
+
+
+def test_a_new_plan_drops_the_packed_weights_and_lowered_models_of_the_old_one():
+    graph = _graph()
+    PassManager(parse("zd,policy-zd{ratio=0.5},quantize")).run(graph)
+    graph.lowered["onnx"] = object()
+    graph.available.add("lowered.onnx")
+    assert graph.packed and "packed" in graph.available
+    PassManager(parse("policy-zd{bits=16}")).run(graph)
+    assert graph.packed == {} and graph.lowered == {}
+    assert "packed" not in graph.available and "lowered.onnx" not in graph.available
+    PassManager(parse("quantize")).run(graph)
+    graph.lowered["torch"] = object()
+    graph.packed = {}
+    assert graph.lowered == {}
 
 
 def test_log_receives_one_line_per_pass():
@@ -269,7 +296,7 @@ def test_log_receives_one_line_per_pass():
 
 
 def test_pipeline_property_is_canonical_text():
-    manager = PassManager(parse_pipeline("zd, policy-zd{bits=4}"))
+    manager = PassManager(parse("zd, policy-zd{bits=4}"))
     assert manager.pipeline == (
         "zd{block=mean},"
         "policy-zd{bits=4.0,group_size=128,scheme=rtn-asym,solver=greedy}"
@@ -281,13 +308,13 @@ class _EditingAnalysis(Pass):
     kind = PassKind.ANALYSIS
 
     def run(self, graph, context):
-        graph.plan.specs["head"] = QuantSpec(2)
+        graph.plan.specs["head"] = SymmetricSpec(2)
 
 
 def test_analysis_pass_that_edits_the_plan_in_place_breaks_the_contract():
     graph = _graph()
     with pytest.raises(PassContractError, match="editing-analysis"):
-        PassManager(parse_pipeline("zd,policy-zd{ratio=0.5}") + [_EditingAnalysis()]).run(graph)
+        PassManager(parse("zd,policy-zd{ratio=0.5}") + [_EditingAnalysis()]).run(graph)
 
 
 def test_keys_of_a_pass_that_broke_its_contract_are_not_made_available():

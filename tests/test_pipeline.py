@@ -1,15 +1,14 @@
 import pytest
 
-import lwqc.backends  # noqa: F401  (registers the lowering passes)
-import lwqc.passes  # noqa: F401  (registers the passes)
 from lwqc.ir.errors import PipelineError
-from lwqc.passes.base import REGISTRY, Option, Pass, PassKind
+from lwqc.passes.base import Option, Pass, PassKind
 from lwqc.passes.entropy import EntropyPass
-from lwqc.passes.pipeline import format_pass, format_pipeline, parse_pipeline
+from lwqc.passes.pipeline import format_pass, format_pipeline
 from lwqc.passes.policy_entropy import EntropyPolicy
 from lwqc.passes.policy_uniform import UniformPolicy
 from lwqc.passes.quantize import QuantizePass
 from lwqc.passes.zd import ZDPass
+from lwqc.registry import REGISTRY, parse
 
 
 class _EchoPass(Pass):
@@ -52,19 +51,19 @@ ROUND_TRIP_TEXTS = [
 
 @pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
 def test_canonical_text_parses_back_to_equal_passes(text):
-    passes = parse_pipeline(text)
+    passes = parse(text)
     canonical = format_pipeline(passes)
-    assert parse_pipeline(canonical) == passes
+    assert parse(canonical) == passes
 
 
 @pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
 def test_canonical_text_is_a_fixed_point(text):
-    canonical = format_pipeline(parse_pipeline(text))
-    assert format_pipeline(parse_pipeline(canonical)) == canonical
+    canonical = format_pipeline(parse(text))
+    assert format_pipeline(parse(canonical)) == canonical
 
 
 def test_parse_builds_configured_passes_in_order():
-    passes = parse_pipeline("zd,entropy,policy-entropy{bits=4.5},quantize")
+    passes = parse("zd,entropy,policy-entropy{bits=4.5},quantize")
     assert passes == [ZDPass(), EntropyPass(), EntropyPolicy(bits=4.5), QuantizePass()]
     assert passes[2].values["bits"] == 4.5
     assert passes[2].values["k"] == 0.65
@@ -72,7 +71,7 @@ def test_parse_builds_configured_passes_in_order():
 
 
 def test_canonical_text_lists_every_valued_option_in_declared_order():
-    text = format_pipeline(parse_pipeline("zd,entropy,policy-entropy{bits=4.5},quantize"))
+    text = format_pipeline(parse("zd,entropy,policy-entropy{bits=4.5},quantize"))
     assert text == (
         "zd{block=mean},entropy{method=softmax},"
         "policy-entropy{bits=4.5,group_size=128,scheme=rtn-asym,"
@@ -82,17 +81,17 @@ def test_canonical_text_lists_every_valued_option_in_declared_order():
 
 
 def test_canonical_text_reorders_options_and_normalises_floats():
-    passes = parse_pipeline("policy-random{seed=3,lo=2,hi=4,ratio=0.25,granularity=layer}")
+    passes = parse("policy-random{seed=3,lo=2,hi=4,ratio=0.25,granularity=layer}")
     assert format_pipeline(passes) == (
         "policy-random{ratio=0.25,hi=4,lo=2,granularity=layer,group_size=128,"
         "scheme=rtn-asym,solver=greedy,seed=3}"
     )
-    assert format_pipeline(parse_pipeline("outliers{factor=2}")) == "outliers{factor=2.0}"
+    assert format_pipeline(parse("outliers{factor=2}")) == "outliers{factor=2.0}"
 
 
 def test_repeated_override_options_collect_in_order():
     text = r'policy-uniform{width=8,override="lm_head=4",override="layers\\.0\\..*=16"}'
-    (policy,) = parse_pipeline(text)
+    (policy,) = parse(text)
     assert policy == UniformPolicy(width=8, override=["lm_head=4", r"layers\.0\..*=16"])
     assert policy.values["override"] == ["lm_head=4", r"layers\.0\..*=16"]
     assert format_pass(policy) == (
@@ -102,39 +101,39 @@ def test_repeated_override_options_collect_in_order():
 
 
 def test_backslash_in_quoted_value_escapes_the_next_character():
-    (policy,) = parse_pipeline(r'policy-uniform{width=8,override="layers\.0\..*=16"}')
+    (policy,) = parse(r'policy-uniform{width=8,override="layers\.0\..*=16"}')
     assert policy.values["override"] == ["layers.0..*=16"]
 
 
 def test_quoted_value_keeps_special_characters():
-    (echo,) = parse_pipeline(r'echo{text="a,b{c}=\"d\"\\e.json"}')
+    (echo,) = parse(r'echo{text="a,b{c}=\"d\"\\e.json"}')
     assert echo.values["text"] == 'a,b{c}="d"\\e.json'
     assert format_pass(echo) == r'echo{text="a,b{c}=\"d\"\\e.json",n=0}'
 
 
 def test_repeated_free_text_option_keeps_every_value_in_order():
-    (echo,) = parse_pipeline(r'echo{tag="a,b",tag=plain,tag="\\",tag=""}')
+    (echo,) = parse(r'echo{tag="a,b",tag=plain,tag="\\",tag=""}')
     assert echo.values["tag"] == ["a,b", "plain", "\\", ""]
     assert format_pass(echo) == r'echo{tag="a,b",tag=plain,tag="\\",tag="",n=0}'
 
 
 def test_value_with_outer_spaces_is_quoted_and_bare_values_are_stripped():
-    (padded,) = parse_pipeline('echo{text=" p.json "}')
+    (padded,) = parse('echo{text=" p.json "}')
     assert padded.values["text"] == " p.json "
     assert format_pass(padded) == 'echo{text=" p.json ",n=0}'
-    (bare,) = parse_pipeline("echo{ text = p q.json }")
+    (bare,) = parse("echo{ text = p q.json }")
     assert bare.values["text"] == "p q.json"
     assert format_pass(bare) == "echo{text=p q.json,n=0}"
 
 
 def test_pass_without_options_has_bare_canonical_name():
-    assert format_pipeline(parse_pipeline("lower-onnx")) == "lower-onnx"
-    assert format_pipeline(parse_pipeline("lower-onnx{}")) == "lower-onnx"
+    assert format_pipeline(parse("lower-onnx")) == "lower-onnx"
+    assert format_pipeline(parse("lower-onnx{}")) == "lower-onnx"
 
 
 def _error(text):
     with pytest.raises(PipelineError) as info:
-        parse_pipeline(text)
+        parse(text)
     return str(info.value)
 
 
@@ -214,11 +213,11 @@ def test_conflicting_budget_options_are_rejected():
 @pytest.mark.parametrize("text", ["zd{block=mean} ,entropy", "entropy{method=softmax} ",
                                   'policy-zd{bits=4,override="x=8" }'])
 def test_spaces_between_elements_are_ignored(text):
-    assert parse_pipeline(text) == parse_pipeline(text.replace(" ", ""))
+    assert parse(text) == parse(text.replace(" ", ""))
 
 
 def test_spaces_inside_quotes_are_kept():
-    (policy,) = parse_pipeline('policy-zd{bits=4,override="a b=8"}')
+    (policy,) = parse('policy-zd{bits=4,override="a b=8"}')
     assert policy.values["override"] == ["a b=8"]
 
 
@@ -229,7 +228,7 @@ def test_non_finite_or_zero_bits_are_rejected(value):
 
 def test_lwqc_passes_lists_every_pass_with_its_contract(capsys):
     from lwqc.cli import main
-    from lwqc.passes.base import REGISTRY
+    from lwqc.registry import REGISTRY
 
     assert main(["passes"]) == 0
     printed = capsys.readouterr().out

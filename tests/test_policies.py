@@ -7,25 +7,25 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from lwqc.ir.accounting import totals
 from lwqc.ir.errors import BudgetError, PipelineError
-from lwqc.ir.hf_import import import_hf
-from lwqc.ir.plan import totals
+from lwqc.ir.hf_source import import_model
 from lwqc.passes.manager import PassManager
-from lwqc.passes.pipeline import parse_pipeline
 from lwqc.passes.policy_llamacpp import use_more_bits
+from lwqc.registry import parse
 
 
 @pytest.fixture(scope="module")
 def analysed(ref_llama_dir):
-    graph = import_hf(str(ref_llama_dir))
-    PassManager(parse_pipeline("zd,entropy")).run(graph)
+    graph = import_model(str(ref_llama_dir))
+    PassManager(parse("zd,entropy")).run(graph)
     return graph
 
 
 def plan(graph, policy: str) -> dict[str, int]:
     graph.plan = None
     graph.available.discard("plan")
-    PassManager(parse_pipeline(policy)).run(graph)
+    PassManager(parse(policy)).run(graph)
     return {s: spec.bits for s, spec in graph.plan.specs.items()}
 
 

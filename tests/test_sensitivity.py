@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-import lwqc.passes  # noqa: F401  (registers the passes)
-from lwqc.ir.hf_import import import_hf
+from lwqc.ir.hf_source import import_model
+from lwqc.ir.spec import AsymmetricSpec, SymmetricSpec
 from lwqc.passes.manager import PassManager
-from lwqc.passes.pipeline import parse_pipeline
-from lwqc.passes.rtn import quantize_rtn
+from lwqc.passes.quantizers import quantize_weight
 from lwqc.passes.sensitivity import WIDTHS, Damage, relative_output_error
 from lwqc.passes.solver import make_units
+from lwqc.registry import parse
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -68,14 +68,14 @@ SAMPLES, SEQ = 6, 24
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir):
-    graph = import_hf(str(tiny_llama_dir))
+    graph = import_model(str(tiny_llama_dir))
     graph.calibration = np.random.default_rng(3).integers(0, 128, (SAMPLES, SEQ))
     graph.available.add("calibration")
     return graph
 
 
 def run(graph, pipeline: str) -> None:
-    PassManager(parse_pipeline(pipeline)).run(graph)
+    PassManager(parse(pipeline)).run(graph)
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +135,7 @@ def test_output_error_equals_direct_computation_on_captured_activations(
     weight = tiny.source.module.get_submodule(site_id).weight.detach().double().numpy()
     reference = np.linalg.norm(x @ weight.T) ** 2
     for bits in WIDTHS:
-        q = quantize_rtn(weight.astype(np.float32), bits, 128, "rtn-asym",
-                         clip_search=True).dequantize()
+        q = quantize_weight(weight.astype(np.float32), AsymmetricSpec(bits, 128)).dequantize()
         direct = np.linalg.norm(x @ (weight - q).T) ** 2 / reference
         assert sites[site_id].error(bits) == pytest.approx(direct, rel=1e-9), bits
 
@@ -150,7 +149,8 @@ def test_output_error_follows_the_quantizer_options(tiny, output_error):
     try:
         stat = tiny.sites[site_id].stats["sensitivity"]
         for bits in WIDTHS:
-            q = quantize_rtn(weight.astype(np.float32), bits, 32, "rtn-sym").dequantize()
+            q = quantize_weight(weight.astype(np.float32), SymmetricSpec(bits, 32),
+                                "minmax").dequantize()
             direct = np.linalg.norm(x @ (weight - q).T) ** 2 / np.linalg.norm(x @ weight.T) ** 2
             assert stat.error(bits) == pytest.approx(direct, rel=1e-9)
         assert stat.err4 != sites[site_id].err4
@@ -181,7 +181,7 @@ def test_damage_restores_the_weights_and_grows_with_coarser_widths(tiny):
     site_id = "model.layers.1.mlp.gate_proj"
     values = {}
     for bits in (2, 8):
-        q = quantize_rtn(tiny.weight(site_id), bits, 128, "rtn-asym").dequantize()
+        q = quantize_weight(tiny.weight(site_id), AsymmetricSpec(bits, 128)).dequantize()
         values[bits] = damage.of({site_id: q.astype(np.float32)})
         after = parameters(tiny)
         assert before.keys() == after.keys()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
+import numpy as np
 import pytest
 
-from lwqc.ir.plan import QuantSpec
-from lwqc.sweep import Sweeper, plot_pareto, sweep_policies
+from lwqc.ir.spec import AsymmetricSpec, KeepSpec
+from lwqc.plots import plot_pareto
+from lwqc.sweep import Sweeper, sweep_policies
 
 pytestmark = pytest.mark.slow
 ANALYSES = "zd,entropy,calib{samples=2,seq_len=64},lim"
@@ -20,7 +23,7 @@ def sweeper(ref_llama_dir, tmp_path_factory):
 
 
 def test_keeping_every_site_float_reproduces_the_float_model(sweeper):
-    result = sweeper.evaluate({s: QuantSpec(16) for s in sweeper.graph.sites})
+    result = sweeper.evaluate({s: KeepSpec() for s in sweeper.graph.sites})
     assert result["ppl"] == result["ppl_fp"]
     assert result["kld"] == pytest.approx(0.0, abs=1e-12)
     assert result["top1_agreement"] == 1.0
@@ -28,14 +31,14 @@ def test_keeping_every_site_float_reproduces_the_float_model(sweeper):
 
 
 def test_dropping_a_block_changes_the_model_and_is_undone_afterwards(sweeper):
-    kept = {s: QuantSpec(16) for s in sweeper.graph.sites}
+    kept = {s: KeepSpec() for s in sweeper.graph.sites}
     dropped = sweeper.evaluate(kept, dropped=(3,))
     assert dropped["kld"] > 1e-3
     assert sweeper.evaluate(kept)["kld"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_points_resume_from_the_results_file(sweeper, ref_llama_dir):
-    specs = {s: QuantSpec(8) for s in sweeper.graph.sites}
+    specs = {s: AsymmetricSpec(8) for s in sweeper.graph.sites}
     first = sweeper.point("u8", lambda: sweeper.evaluate(specs), policy="uniform", budget=8.0)
     lines = (sweeper.out / "results.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["point"] == "u8"
@@ -55,17 +58,30 @@ def test_policy_sweep_writes_tables_and_a_plot(sweeper):
             "uniform-b3.0"} <= names
     assert all(r["avg_bits_physical"] <= r["budget"] for r in rows if "budget" in r
                and r["budget"] < 8)
-    plot_pareto([r for r in rows if "budget" in r and r["budget"] < 8],
-                sweeper.out / "pareto.png", "test")
-    assert (sweeper.out / "pareto.png").stat().st_size > 1000
-    assert (sweeper.out / "results.csv").read_text().startswith("point,")
+    plotted = [r for r in rows if "budget" in r and r["budget"] < 8]
+    plot_pareto(plotted, sweeper.out / "pareto.png", "test")
+    import matplotlib.image
+
+    image = matplotlib.image.imread(sweeper.out / "pareto.png")
+    assert image.shape[:2] == (495, 1320)  # 12 x 4.5 inches at 110 dpi
+    assert image[..., :3].std() > 0.05  # curves and axes, not a blank canvas
+    table = {r["point"]: r for r in csv.DictReader((sweeper.out / "results.csv").open())}
+    assert set(table) == names
+    for row in rows:
+        written = table[row["point"]]
+        assert written["policy"] == row["policy"]
+        assert float(written["avg_bits_physical"]) == pytest.approx(row["avg_bits_physical"])
+        assert float(written["kld"]) == pytest.approx(row["kld"])
+    lim = table["lim-matmul-b3.0"]
+    assert 2.0 < float(lim["avg_bits_physical"]) <= 3.0
+    assert np.isfinite(float(lim["ppl"])) and float(lim["kld"]) > 0
 
 
 def test_encoder_sweeps_measure_sts_and_keeping_float_costs_nothing(minilm_dir, tmp_path):
     sweeper = Sweeper(str(minilm_dir), tmp_path, windows=1, seq_len=128,
                       analyses="zd,entropy,calib{samples=2,seq_len=64},lim")
-    kept = sweeper.evaluate({s: QuantSpec(16) for s in sweeper.graph.sites})
+    kept = sweeper.evaluate({s: KeepSpec() for s in sweeper.graph.sites})
     assert kept["spearman"] == kept["spearman_fp"] > 0.8
     assert kept["quality_loss"] == 0.0 and kept["damage"] == pytest.approx(0.0, abs=1e-9)
-    two_bit = sweeper.evaluate({s: QuantSpec(2, 128, "rtn-asym") for s in sweeper.graph.sites})
+    two_bit = sweeper.evaluate({s: AsymmetricSpec(2, 128) for s in sweeper.graph.sites})
     assert two_bit["damage"] > 0.01 and two_bit["quality_loss"] > 0

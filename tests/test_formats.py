@@ -1,0 +1,376 @@
+"""Weight formats on hand-made arrays: dequantization, array round trips and physical bytes."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lwqc.ir.capabilities import CONTAINER_STORAGE
+from lwqc.ir.errors import PlanError
+from lwqc.ir.formats import (
+    FORMATS,
+    AffineWeight,
+    CodebookWeight,
+    FloatOffsetWeight,
+    SparseOutliers,
+    format_class,
+    load_weight,
+)
+from lwqc.ir.formats.base import expand_groups, packed_code_bytes
+from lwqc.ir.spec import (
+    AsymmetricSpec,
+    CodebookSpec,
+    FloatOffsetSpec,
+    KeepSpec,
+    SymmetricSpec,
+)
+from lwqc.passes.quantizers import quantize_weight
+
+# --------------------------------------------------------------------------- dequantization
+
+
+def test_affine_asym_dequantize_subtracts_zero_point_and_scales_per_group():
+    weight = AffineWeight(
+        AsymmetricSpec(bits=2, group_size=2),
+        codes=np.array([[0, 1, 2, 3, 3], [3, 3, 0, 0, 1]], dtype=np.uint8),
+        scales=np.array([[0.5, 1.0, 2.0], [0.25, 4.0, 1.5]], dtype=np.float32),
+        zero_points=np.array([[1, 2, 0], [0, 1, 1]], dtype=np.uint8),
+    )
+    expected = np.array(
+        [
+            [(0 - 1) * 0.5, (1 - 1) * 0.5, (2 - 2) * 1.0, (3 - 2) * 1.0, (3 - 0) * 2.0],
+            [(3 - 0) * 0.25, (3 - 0) * 0.25, (0 - 1) * 4.0, (0 - 1) * 4.0, (1 - 1) * 1.5],
+        ],
+        dtype=np.float32,
+    )
+    deq = weight.dequantize()
+    assert deq.dtype == np.float32
+    np.testing.assert_array_equal(deq, expected)
+    assert not weight.signed
+    assert weight.shape == (2, 5)
+
+
+def test_affine_sym_dequantize_multiplies_signed_codes_by_scale():
+    weight = AffineWeight(
+        SymmetricSpec(bits=3, group_size=2),
+        codes=np.array([[-2, 1, 3]], dtype=np.int8),
+        scales=np.array([[0.25, 4.0]], dtype=np.float32),
+    )
+    np.testing.assert_array_equal(weight.dequantize(), [[-0.5, 0.25, 12.0]])
+    assert weight.signed
+
+
+def test_affine_short_last_group_uses_its_own_scale():
+    # 7 inputs in groups of 3: groups {0,1,2}, {3,4,5}, {6}
+    weight = AffineWeight(
+        SymmetricSpec(bits=4, group_size=3),
+        codes=np.ones((2, 7), dtype=np.int8),
+        scales=np.array([[1, 2, 3], [4, 5, 6]], dtype=np.float32),
+    )
+    np.testing.assert_array_equal(
+        weight.dequantize(), [[1, 1, 1, 2, 2, 2, 3], [4, 4, 4, 5, 5, 5, 6]]
+    )
+
+
+def test_expand_groups_repeats_group_values_and_truncates_the_short_group():
+    per_group = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    expanded = expand_groups(per_group, 3, 7)
+    assert expanded.tolist() == [[1, 1, 1, 2, 2, 2, 3], [4, 4, 4, 5, 5, 5, 6]]
+
+
+def test_affine_group_size_none_is_one_group_per_row():
+    weight = AffineWeight(
+        AsymmetricSpec(bits=4, group_size=None),
+        codes=np.array([[0, 5, 15], [7, 8, 9]], dtype=np.uint8),
+        scales=np.array([[0.5], [2.0]], dtype=np.float32),
+        zero_points=np.array([[5], [8]], dtype=np.uint8),
+    )
+    np.testing.assert_array_equal(
+        weight.dequantize(), [[-2.5, 0.0, 5.0], [-2.0, 0.0, 2.0]]
+    )
+
+
+def test_float_offset_dequantize_is_code_times_scale_plus_offset():
+    weight = FloatOffsetWeight(
+        FloatOffsetSpec(bits=4, group_size=2),
+        codes=np.array([[0, 15, 3], [1, 2, 15]], dtype=np.uint8),
+        scales=np.array([[0.5, 0.25], [2.0, 0.125]], dtype=np.float32),
+        offsets=np.array([[-1.25, 3.0], [0.75, -8.0]], dtype=np.float32),
+    )
+    expected = [
+        [0 * 0.5 - 1.25, 15 * 0.5 - 1.25, 3 * 0.25 + 3.0],
+        [1 * 2.0 + 0.75, 2 * 2.0 + 0.75, 15 * 0.125 - 8.0],
+    ]
+    deq = weight.dequantize()
+    assert deq.dtype == np.float32
+    np.testing.assert_array_equal(deq, expected)
+
+
+def test_float_offset_group_size_none_and_short_last_group():
+    row = FloatOffsetWeight(
+        FloatOffsetSpec(bits=2, group_size=None),
+        codes=np.array([[0, 1, 2, 3]], dtype=np.uint8),
+        scales=np.array([[0.5]], dtype=np.float32),
+        offsets=np.array([[0.25]], dtype=np.float32),
+    )
+    np.testing.assert_array_equal(row.dequantize(), [[0.25, 0.75, 1.25, 1.75]])
+    short = FloatOffsetWeight(
+        FloatOffsetSpec(bits=2, group_size=3),
+        codes=np.array([[1, 1, 1, 1]], dtype=np.uint8),
+        scales=np.array([[1.0, 4.0]], dtype=np.float32),
+        offsets=np.array([[0.0, -1.0]], dtype=np.float32),
+    )
+    np.testing.assert_array_equal(short.dequantize(), [[1.0, 1.0, 1.0, 3.0]])
+
+
+def test_codebook_dequantize_looks_up_the_column_codebook():
+    codes = np.array([[0, 3, 1], [2, 0, 3], [1, 1, 0]], dtype=np.uint8)
+    codebooks = np.array(
+        [[-1.0, 0.0, 0.5, 2.0], [-4.0, -2.0, 1.0, 8.0], [0.125, 0.25, 0.375, 0.5]],
+        dtype=np.float16,
+    )
+    weight = CodebookWeight(CodebookSpec(bits=2), codes, codebooks)
+    expected = np.array(
+        [
+            [-1.0, 8.0, 0.25],  # codebooks[0, 0], codebooks[1, 3], codebooks[2, 1]
+            [0.5, -4.0, 0.5],
+            [0.0, -2.0, 0.125],
+        ],
+        dtype=np.float32,
+    )
+    deq = weight.dequantize()
+    assert deq.dtype == np.float32
+    np.testing.assert_array_equal(deq, expected)
+    assert weight.shape == (3, 3)
+
+
+def test_sparse_outliers_add_float16_residuals_at_flat_row_major_positions():
+    base = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=np.float32)
+    outliers = SparseOutliers(np.array([1, 5], dtype=np.int32),
+                              np.array([0.5, -2.0], dtype=np.float16))
+    tensors = {k: torch.from_numpy(v) for k, v in outliers.arrays().items()}
+    result = SparseOutliers.add_to(torch.from_numpy(base), tensors).numpy()
+    np.testing.assert_array_equal(result, [[1.0, 2.5, 3.0], [4.0, 5.0, 4.0]])
+    np.testing.assert_array_equal(base, [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # a copy
+
+
+def test_sparse_outliers_add_nothing_without_their_arrays():
+    base = torch.ones(2, 2)
+    assert SparseOutliers.add_to(base, {}) is base
+
+
+def test_format_with_outliers_dequantizes_to_base_plus_residuals():
+    outliers = SparseOutliers(np.array([0, 4], dtype=np.int32),
+                              np.array([0.1, 100.0], dtype=np.float16))
+    weight = FloatOffsetWeight(
+        FloatOffsetSpec(bits=2, group_size=None, outliers=0.25),
+        codes=np.array([[0, 1, 2, 3], [3, 2, 1, 0]], dtype=np.uint8),
+        scales=np.array([[1.0], [0.5]], dtype=np.float32),
+        offsets=np.array([[0.0], [1.0]], dtype=np.float32),
+        outliers=outliers,
+    )
+    expected = np.array([[0.0, 1.0, 2.0, 3.0], [2.5, 2.0, 1.5, 1.0]], dtype=np.float32)
+    expected[0, 0] += np.float32(np.float16(0.1))
+    expected[1, 0] += 100.0
+    np.testing.assert_array_equal(weight.dequantize(), expected)
+
+
+@pytest.mark.parametrize("shape, fraction, expected", [
+    ((10, 10), 0.01, 1), ((10, 10), 0.019, 1), ((7, 13), 0.05, 4), ((3, 3), 0.1, 0),
+    ((4, 8), 0.0, 0),
+])
+def test_outlier_count_rounds_the_fraction_down(shape, fraction, expected):
+    assert SparseOutliers.count_for(shape, fraction) == expected
+    assert SparseOutliers.bytes_for(expected) == 6 * expected
+
+
+# --------------------------------------------------------------------------- round trips
+
+ROUND_TRIP_SPECS = [
+    AsymmetricSpec(bits=4, group_size=8),
+    AsymmetricSpec(bits=3, group_size=None),
+    SymmetricSpec(bits=4, group_size=8),
+    SymmetricSpec(bits=2, group_size=5),
+    FloatOffsetSpec(bits=4, group_size=8),
+    FloatOffsetSpec(bits=8, group_size=None),
+    CodebookSpec(bits=2),
+    CodebookSpec(bits=3),
+]
+
+
+@pytest.mark.parametrize("outliers", [0.0, 0.05])
+@pytest.mark.parametrize("base_spec", ROUND_TRIP_SPECS, ids=lambda s: s.label())
+def test_arrays_round_trip_through_load_weight(base_spec, outliers):
+    spec = dataclasses.replace(base_spec, outliers=outliers)
+    w = np.random.default_rng(3).standard_normal((6, 20)).astype(np.float32)
+    weight = quantize_weight(w, spec)
+    assert (weight.outliers is not None) == (outliers > 0)
+    arrays = weight.arrays()
+    assert ("outlier_positions" in arrays) == (outliers > 0)
+    loaded = load_weight(spec, arrays)
+    assert type(loaded) is type(weight)
+    assert loaded.spec == spec
+    reloaded = loaded.arrays()
+    assert list(reloaded) == list(arrays)
+    for name, array in arrays.items():
+        assert reloaded[name].dtype == array.dtype, name
+        np.testing.assert_array_equal(reloaded[name], array, err_msg=name)
+    np.testing.assert_array_equal(loaded.dequantize(), weight.dequantize())
+
+
+@pytest.mark.parametrize("base_spec", ROUND_TRIP_SPECS, ids=lambda s: s.label())
+def test_load_weight_normalises_widened_dtypes(base_spec):
+    # a backend may hand arrays back widened (int64 codes, float64 scales): load restores them
+    spec = dataclasses.replace(base_spec, outliers=0.05)
+    w = np.random.default_rng(4).standard_normal((5, 16)).astype(np.float32)
+    weight = quantize_weight(w, spec)
+    arrays = weight.arrays()
+    widened = {k: v.astype(np.int64 if v.dtype.kind in "iu" else np.float64)
+               for k, v in arrays.items()}
+    loaded = load_weight(spec, widened).arrays()
+    for name, array in arrays.items():
+        assert loaded[name].dtype == array.dtype, name
+        np.testing.assert_array_equal(loaded[name], array, err_msg=name)
+
+
+def test_rtn_asym_arrays_carry_zero_points_and_rtn_sym_arrays_do_not():
+    w = np.random.default_rng(5).standard_normal((3, 8)).astype(np.float32)
+    assert set(quantize_weight(w, AsymmetricSpec(4, 4)).arrays()) == {
+        "codes", "scales", "zero_points"}
+    assert set(quantize_weight(w, SymmetricSpec(4, 4)).arrays()) == {"codes", "scales"}
+    assert set(quantize_weight(w, FloatOffsetSpec(4, 4)).arrays()) == {
+        "codes", "scales", "offsets"}
+    assert set(quantize_weight(w, CodebookSpec(2, outliers=0.1)).arrays()) == {
+        "codes", "codebooks", "outlier_positions", "outlier_values"}
+
+
+def test_format_class_maps_each_scheme_to_its_format():
+    assert format_class(AsymmetricSpec(4)) is AffineWeight
+    assert format_class(SymmetricSpec(4)) is AffineWeight
+    assert format_class(FloatOffsetSpec(4)) is FloatOffsetWeight
+    assert format_class(CodebookSpec(4)) is CodebookWeight
+    assert set(FORMATS) == {"affine", "float-offset", "codebook"}
+
+
+def test_format_class_of_keep_spec_raises_plan_error():
+    with pytest.raises(PlanError, match="'keep' has no weight format"):
+        format_class(KeepSpec())
+    with pytest.raises(PlanError):
+        load_weight(KeepSpec(), {})
+
+
+# --------------------------------------------------------------------------- physical bytes
+
+CONTAINER = {2: 2, 3: 4, 4: 4, 8: 8}
+
+
+def _ceil_bytes(bits):
+    return -(-bits // 8)
+
+
+def _expected_bytes(shape, spec):
+    """Closed form per format, with codes at their container width."""
+    out_features, in_features = shape
+    c = CONTAINER[spec.bits]
+    codes = _ceil_bytes(out_features * in_features * c)
+    outliers = math.floor(spec.outliers * out_features * in_features) * 6
+    if spec.scheme == "codebook":
+        return codes + in_features * 2**spec.bits * 2 + outliers
+    group = in_features if spec.group_size is None else spec.group_size
+    groups = out_features * -(-in_features // group)
+    if spec.scheme == "rtn-asym":
+        return codes + 4 * groups + _ceil_bytes(groups * c) + outliers
+    if spec.scheme == "rtn-sym":
+        return codes + 4 * groups + outliers
+    return codes + 8 * groups + outliers  # float-offset
+
+
+BYTES_SHAPES = [(3, 5), (17, 33), (256, 256), (1, 1)]
+BYTES_SPECS = [
+    cls(bits=bits, group_size=group, outliers=outliers)
+    for cls in (AsymmetricSpec, SymmetricSpec, FloatOffsetSpec)
+    for bits in (2, 3, 4, 8)
+    for group in (4, 128, None)
+    for outliers in (0.0, 0.03)
+] + [CodebookSpec(bits=bits, outliers=o) for bits in (2, 3, 4, 8) for o in (0.0, 0.03)]
+
+
+@pytest.mark.parametrize("shape", BYTES_SHAPES)
+def test_container_storage_bytes_follow_the_closed_form_of_each_format(shape):
+    for spec in BYTES_SPECS:
+        assert CONTAINER_STORAGE.bytes(shape, spec, 32) == _expected_bytes(shape, spec), spec
+
+
+def test_physical_bytes_by_hand_for_each_format():
+    # 256 x 256, 4 bits, group 128: 32768 bytes of codes, 512 groups
+    shape = (256, 256)
+    assert CONTAINER_STORAGE.bytes(shape, AsymmetricSpec(4, 128), 32) == 32768 + 2048 + 256
+    assert CONTAINER_STORAGE.bytes(shape, SymmetricSpec(4, 128), 32) == 32768 + 2048
+    assert CONTAINER_STORAGE.bytes(shape, FloatOffsetSpec(4, 128), 32) == 32768 + 4096
+    # codebook: 256 columns of 16 float16 centroids
+    assert CONTAINER_STORAGE.bytes(shape, CodebookSpec(4), 32) == 32768 + 256 * 16 * 2
+    # 1% outliers of 65536 weights: 655 of them, 6 bytes each
+    assert CONTAINER_STORAGE.bytes(shape, SymmetricSpec(4, 128, 0.01), 32) == (
+        32768 + 2048 + 655 * 6)
+    # 8 bits: one byte per code and per zero point
+    assert CONTAINER_STORAGE.bytes(shape, AsymmetricSpec(8, 128), 32) == 65536 + 2048 + 512
+    # 2 bits: four codes and four zero points per byte
+    assert CONTAINER_STORAGE.bytes(shape, AsymmetricSpec(2, 128), 32) == 16384 + 2048 + 128
+
+
+def test_physical_bytes_round_odd_sizes_up_to_whole_bytes():
+    # 3 x 5 at 2 bits, group 4: 15 codes = 30 bits -> 4 bytes; 6 groups -> 24 bytes of
+    # scales; 6 zero points = 12 bits -> 2 bytes
+    assert CONTAINER_STORAGE.bytes((3, 5), AsymmetricSpec(2, 4), 32) == 4 + 24 + 2
+    # at 3 bits (4-bit containers): 60 bits -> 8 bytes; 24 bits of zero points -> 3 bytes
+    assert CONTAINER_STORAGE.bytes((3, 5), AsymmetricSpec(3, 4), 32) == 8 + 24 + 3
+    # a single 4-bit code still takes a byte
+    assert CONTAINER_STORAGE.bytes((1, 1), SymmetricSpec(4, 128), 32) == 1 + 4
+    assert packed_code_bytes(15, 2) == 4
+    assert packed_code_bytes(1, 4) == 1
+    assert packed_code_bytes(0, 4) == 0
+
+
+@pytest.mark.parametrize("cls", [AsymmetricSpec, SymmetricSpec, FloatOffsetSpec])
+def test_3bit_group_formats_are_charged_exactly_as_4bit(cls):
+    for shape, group in [((256, 256), 128), ((3, 5), 4), ((17, 33), 8)]:
+        assert (CONTAINER_STORAGE.bytes(shape, cls(3, group), 32)
+                == CONTAINER_STORAGE.bytes(shape, cls(4, group), 32))
+
+
+def test_3bit_codebook_codes_cost_4_bits_but_it_has_only_8_centroids():
+    # 17 x 33: 561 codes * 4 bits -> 281 bytes; 33 columns * 8 centroids * 2 bytes
+    assert CONTAINER_STORAGE.bytes((17, 33), CodebookSpec(3), 32) == 281 + 33 * 8 * 2
+    assert CONTAINER_STORAGE.bytes((17, 33), CodebookSpec(4), 32) == 281 + 33 * 16 * 2
+
+
+@pytest.mark.parametrize("keep_bits", [32, 16])
+def test_kept_weight_costs_its_float_size(keep_bits):
+    assert CONTAINER_STORAGE.bytes((256, 512), KeepSpec(), keep_bits) == (
+        256 * 512 * keep_bits // 8)
+    assert CONTAINER_STORAGE.bytes((3, 5), KeepSpec(), 16) == 30
+
+
+@pytest.mark.parametrize("spec", [
+    AsymmetricSpec(3, 8, 0.02), SymmetricSpec(2, None), FloatOffsetSpec(4, 5, 0.05),
+    CodebookSpec(3, 0.02), AsymmetricSpec(8, 4),
+], ids=lambda s: s.label())
+def test_nbytes_of_a_quantized_weight_equals_the_planned_bytes(spec):
+    w = np.random.default_rng(6).standard_normal((9, 21)).astype(np.float32)
+    weight = quantize_weight(w, spec)
+    planned = CONTAINER_STORAGE.bytes((9, 21), spec, 32)
+    assert weight.nbytes(CONTAINER_STORAGE.code_bits(spec.bits)) == planned
+    assert planned == _expected_bytes((9, 21), spec)
+
+
+@pytest.mark.parametrize("spec", [
+    AsymmetricSpec(8, 4, 0.05), SymmetricSpec(8, None, 0.05), FloatOffsetSpec(8, 5, 0.05),
+    CodebookSpec(8, 0.05),
+], ids=lambda s: s.label())
+def test_8bit_nbytes_equals_the_bytes_of_the_stored_numpy_arrays(spec):
+    # at 8 bits every array is stored in its own dtype, so the charge is what numpy holds
+    w = np.random.default_rng(7).standard_normal((6, 10)).astype(np.float32)
+    weight = quantize_weight(w, spec)
+    assert weight.nbytes(8) == sum(a.nbytes for a in weight.arrays().values())
