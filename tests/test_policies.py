@@ -7,11 +7,13 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from lwqc.ir.accounting import totals
+from lwqc.ir.accounting import site_bytes, totals
 from lwqc.ir.errors import BudgetError, PipelineError
 from lwqc.ir.hf_source import import_model
+from lwqc.ir.spec import make_spec
 from lwqc.passes.manager import PassManager
 from lwqc.passes.policy_llamacpp import use_more_bits
+from lwqc.passes.solver import make_units
 from lwqc.registry import parse
 
 
@@ -65,12 +67,25 @@ def test_uniform_bits_takes_the_widest_width_that_fits(analysed, budget, width):
 @pytest.mark.parametrize("budget", [2.5, 3.5, 4.5, 6.0])
 def test_budget_is_never_exceeded_and_little_is_left(analysed, policy, budget):
     plan(analysed, f"{policy}bits={budget}}}")
-    used = physical_bits(analysed)
-    assert used <= budget
-    # no single unit could still be raised: the slack is below the cheapest upgrade
-    cheapest_upgrade = 64 * 256 * (8 - 4) / analysed.total_params  # a k/v proj from 4 to 8
-    if budget > 4.5:
-        assert budget - used < cheapest_upgrade + 1e-9
+    specs, graph = analysed.plan.specs, analysed
+    capacity = Fraction(str(budget)) * graph.total_params  # in bits
+    used = 8 * totals(graph, specs).bytes
+    assert used <= capacity
+    ladder = graph.plan.budget["widths"]
+    # the low width is the widest whose uniform plan fits: the next automatic rung does not
+    above = [w for w in (2, 4, 8, 16) if w > ladder[0]]
+    if above:
+        uniform = {s: make_spec(above[0], "rtn-asym", group_size=128) for s in graph.sites}
+        assert 8 * totals(graph, uniform).bytes > capacity
+    # and no unit could still move up one rung within the budget (greedy is maximal)
+    for unit in make_units(graph, graph.plan.budget["granularity"]):
+        (width,) = {specs[s].bits for s in unit.sites}
+        if width == ladder[-1]:
+            continue
+        higher = make_spec(ladder[ladder.index(width) + 1], "rtn-asym", group_size=128)
+        extra = sum(site_bytes(graph, s, higher) - site_bytes(graph, s, specs[s])
+                    for s in unit.sites)
+        assert used + 8 * extra > capacity, unit.name
 
 
 def test_zd_layer_granularity_keeps_the_lowest_zd_blocks_high(analysed):

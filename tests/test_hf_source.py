@@ -89,10 +89,28 @@ def test_ref_llama_6l_has_43_sites_in_6_blocks(ref_llama_dir):
 
 
 def test_minilm_encoder_is_lifted_as_bert_model(minilm_dir):
+    from safetensors.numpy import load_file
+
     graph = import_model(str(minilm_dir))
     assert graph.architecture == "BertModel" and graph.source.kind == "encoder"
     assert len(graph.blocks) == 6
     assert len(graph.sites) == 6 * 6 + 1  # six linears per layer, plus the pooler
+    layer = "encoder.layer.2"
+    block = graph.blocks[2]
+    assert block.module == layer
+    assert [graph.sites[s].role for s in block.sites] == ["q", "k", "v", "o", "fc_in", "fc_out"]
+    assert [graph.sites[s].shape for s in block.sites] == [(384, 384)] * 4 + [(1536, 384),
+                                                                            (384, 1536)]
+    q, k, v, o, fc_in, fc_out = block.sites
+    group = f"{layer}.attention.self:q+k+v"
+    assert graph.sites[q].fusion_group == graph.sites[k].fusion_group == group
+    # attention output feeds the FFN, which feeds the next layer's q, k and v
+    assert graph.dataflow.has_edge(o, fc_in) and graph.dataflow.has_edge(fc_in, fc_out)
+    assert graph.dataflow.has_edge(fc_out, "encoder.layer.3.attention.self.query")
+    # the weights are the checkpoint's own tensors, in [out, in] order
+    stored = load_file(str(minilm_dir / "model.safetensors"))
+    prefix = next(k for k in stored if k.endswith(f"{layer}.intermediate.dense.weight"))
+    np.testing.assert_array_equal(graph.weight(fc_in), stored[prefix])
 
 
 def test_stories260k_converts_and_imports(stories_bin, tmp_path):
@@ -103,6 +121,18 @@ def test_stories260k_converts_and_imports(stories_bin, tmp_path):
     assert len(graph.blocks) == 5
     assert graph.sites["model.layers.0.self_attn.k_proj"].shape == (32, 64)  # 4 kv heads of 8
     assert "lm_head" not in graph.sites  # tied to the embeddings
+    assert len(graph.sites) == 5 * 7
+    # w2 (FFN down, [L, dim, hidden]) read straight from the llama2.c file: header of 7 int32,
+    # then embeddings, two norms and wq/wk/wv/wo/w1 before it
+    dim, hidden, layers, heads, kv_heads, vocab, _ = np.fromfile(stories_bin, np.int32, 7)
+    kv_dim = dim * kv_heads // heads
+    floats = np.fromfile(stories_bin, np.float32, offset=7 * 4)
+    start = (abs(vocab) * dim + layers * dim + layers * (2 * dim * dim + 2 * kv_dim * dim)
+             + layers * dim + layers * hidden * dim)
+    w2 = floats[start : start + layers * dim * hidden].reshape(layers, dim, hidden)
+    for layer in range(layers):
+        np.testing.assert_array_equal(graph.weight(f"model.layers.{layer}.mlp.down_proj"),
+                                      w2[layer])
 
 
 def test_missing_model_path_is_a_model_load_error(tmp_path):
