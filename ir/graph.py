@@ -67,6 +67,9 @@ class Graph:
     excluded: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     source: ModelSource | None = None
     calibration: np.ndarray | None = None  # token windows [samples, seq_len]
+    # Gram matrix sum(x x^T) of each site's input over the calibration tokens, float64
+    # [in, in]; sites reading the same activation share one array (not persisted)
+    grams: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     target: Capabilities = CONTAINER_STORAGE
     lowered: dict[str, Any] = dataclasses.field(default_factory=dict)
     available: set[str] = dataclasses.field(default_factory=set)

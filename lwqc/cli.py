@@ -53,7 +53,17 @@ def _add_compile(sub) -> None:
                    help="greedy: most important first (default for rank scores); exact: optimal "
                         "knapsack (default for sensitivity)")
     p.add_argument("--widths", help="candidate widths of the exact solver, e.g. 2+4+8")
-    calib = p.add_argument_group("calibration (policies lim and sensitivity)")
+    quant = p.add_argument_group("quantizer")
+    quant.add_argument("--clip", choices=("minmax", "mse", "output"),
+                       help="group range: full range, least weight error, or least output "
+                            "error on calibration inputs (default mse)")
+    quant.add_argument("--gptq", action="store_true",
+                       help="GPTQ error feedback from calibration inputs")
+    quant.add_argument("--damp", type=float, help="GPTQ dampening (0.01)")
+    quant.add_argument("--no-act-order", action="store_true",
+                       help="GPTQ: process columns in their own order")
+    calib = p.add_argument_group("calibration (policies lim and sensitivity, --gptq, "
+                                 "--clip output)")
     calib.add_argument("--calib", help="wikitext2-valid (default) | tinyshakespeare | FILE")
     calib.add_argument("--calib-samples", type=int, help="windows (16)")
     calib.add_argument("--calib-seq-len", type=int, help="tokens per window (256)")
@@ -139,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _compile(args: argparse.Namespace) -> int:
     from lwqc.compile import CompileRequest, compile_model, default_passes, plan_passes, policy_pass
     from lwqc.passes.analyses import calibrated
+    from lwqc.passes.quantize import QuantizePass
     from lwqc.registry import parse
 
     if args.pipeline and args.plan:
@@ -159,16 +170,25 @@ def _compile(args: argparse.Namespace) -> int:
         calibration = {"source": args.calib, "samples": args.calib_samples,
                        "seq_len": args.calib_seq_len, "seed": args.calib_seed}
         policy = policy_pass(args.policy, options)
-        if not calibrated(policy.required()) and (any(v is not None for v in calibration.values())
-                                or args.measure or args.lim_skip_first):
-            raise LwqcError("--calib*, --measure and --lim-skip-first apply to the policies lim "
-                            "and sensitivity only")
+        if not args.gptq and (args.damp is not None or args.no_act_order):
+            raise LwqcError("--damp and --no-act-order apply with --gptq only")
+        quantize = QuantizePass(**{k: v for k, v in {
+            "clip": args.clip, "gptq": args.gptq or None, "damp": args.damp,
+            "act_order": False if args.no_act_order else None}.items() if v is not None})
+        needed = calibrated([*policy.required(), *quantize.required()])
+        if not needed and any(v is not None for v in calibration.values()):
+            raise LwqcError("--calib* apply to the policies lim and sensitivity, --gptq and "
+                            "--clip output only")
+        if args.measure and "sensitivity" not in needed:
+            raise LwqcError("--measure applies to the sensitivity policy only")
+        if args.lim_skip_first and "lim" not in needed:
+            raise LwqcError("--lim-skip-first applies to the lim policy only")
         analyses = {
             "lim": {"skip_first": args.lim_skip_first or None},
             "sensitivity": {"metric": "delta-kl" if args.measure else None,
                             "group_size": args.group_size, "scheme": args.scheme},
         }
-        pass_list = default_passes(policy, args.backend, calibration, analyses)
+        pass_list = default_passes(policy, args.backend, calibration, analyses, quantize)
     request = CompileRequest(
         model=args.model, out=args.out, passes=pass_list,
         print_ir_after=tuple(args.print_ir_after), trust_remote_code=args.trust_remote_code,

@@ -41,11 +41,14 @@ def policy_pass(policy: str, values: dict[str, Any]) -> Pass:
 def default_passes(
     policy: Pass, backend: str, calibration: dict[str, Any] | None = None,
     analysis_options: dict[str, dict[str, Any]] | None = None,
+    quantize: QuantizePass | None = None,
 ) -> list[Pass]:
-    """The analysis bundle (with the calibrated analyses the policy needs), the policy,
-    quantize, the lowering."""
-    analyses = analysis_passes(calibrated(policy.required()), calibration, analysis_options)
-    return [*analyses, policy, QuantizePass(), REGISTRY[LOWERINGS[backend]]()]
+    """The analysis bundle (with the calibrated analyses the policy and the quantizer need),
+    the policy, quantize, the lowering."""
+    quantize = quantize or QuantizePass()
+    needed = calibrated([*policy.required(), *quantize.required()])
+    analyses = analysis_passes(needed, calibration, analysis_options)
+    return [*analyses, policy, quantize, REGISTRY[LOWERINGS[backend]]()]
 
 
 def plan_passes(plan_file: Path, backend: str) -> list[Pass]:

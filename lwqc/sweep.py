@@ -32,6 +32,7 @@ from lwqc.ir.hf_source import import_model
 from lwqc.ir.source import CAUSAL_LM
 from lwqc.ir.spec import QuantSpec
 from lwqc.passes.analyses import CALIBRATED_ANALYSES, analysis_passes
+from lwqc.passes.gptq import GptqSettings
 from lwqc.passes.manager import PassManager
 from lwqc.passes.pipeline import format_pipeline
 from lwqc.passes.quantizers import quantize_weight
@@ -91,10 +92,12 @@ class Sweeper:
             self._float_outputs[key] = _run(self.graph.source.eager_module(), inputs, self.causal)
         return self._float_outputs[key]
 
-    def packed(self, site_id: str, spec: QuantSpec, clip: str = "mse") -> WeightFormat:
-        key = (site_id, spec, clip)
+    def packed(self, site_id: str, spec: QuantSpec, clip: str = "mse",
+               gptq: GptqSettings | None = None) -> WeightFormat:
+        key = (site_id, spec, clip, gptq)
         if key not in self._packed:
-            self._packed[key] = quantize_weight(self.graph.weight(site_id), spec, clip)
+            self._packed[key] = quantize_weight(self.graph.weight(site_id), spec, clip,
+                                                self.graph.grams.get(site_id), gptq)
         return self._packed[key]
 
     def plan(self, policy: str) -> dict[str, QuantSpec]:
@@ -105,8 +108,10 @@ class Sweeper:
         return dict(self.graph.plan.specs)
 
     def evaluate(self, specs: dict[str, QuantSpec], dropped: tuple[int, ...] = (),
-                 windows: int | None = None, clip: str = "mse") -> dict[str, Any]:
-        packed = {s: self.packed(s, spec, clip) for s, spec in specs.items() if not spec.kept}
+                 windows: int | None = None, clip: str = "mse",
+                 gptq: GptqSettings | None = None) -> dict[str, Any]:
+        packed = {s: self.packed(s, spec, clip, gptq) for s, spec in specs.items()
+                  if not spec.kept}
         module = torch_eager.build(self.graph.source.eager_module(), packed)
 
         def quant_run(inputs: dict[str, np.ndarray]) -> np.ndarray:

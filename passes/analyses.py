@@ -2,7 +2,8 @@
 
 1. The weight analyses (cheap, data-free) always run and are recorded in every plan.
 2. Calibrated analyses are those whose pass requires ``calibration``; when any is wanted, the
-   calibration pass runs first, then the wanted ones in bundle order.
+   calibration pass runs first, then the wanted ones and the calibrated analyses they need
+   (``gram`` for output-error sensitivity), in bundle order.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from typing import Any
 from lwqc.passes.base import Pass
 from lwqc.passes.calibration import CalibrationPass
 from lwqc.passes.entropy import EntropyPass
+from lwqc.passes.gram import GramPass
 from lwqc.passes.lim import LimPass
 from lwqc.passes.outliers import OutliersPass
 from lwqc.passes.sensitivity import SensitivityPass
 from lwqc.passes.zd import ZDPass
 
-ANALYSES: tuple[type[Pass], ...] = (ZDPass, EntropyPass, OutliersPass, LimPass, SensitivityPass)
+ANALYSES: tuple[type[Pass], ...] = (ZDPass, EntropyPass, OutliersPass, LimPass, GramPass,
+                                    SensitivityPass)
 WEIGHT_ANALYSES = tuple(cls for cls in ANALYSES if "calibration" not in cls.requires)
 CALIBRATED_ANALYSES = tuple(cls for cls in ANALYSES if "calibration" in cls.requires)
 
@@ -46,6 +49,13 @@ def analysis_passes(
     unknown = names - {cls.name for cls in CALIBRATED_ANALYSES}
     if unknown:
         raise ValueError(f"not a calibrated analysis: {sorted(unknown)[0]}")
+    while True:  # add the calibrated analyses that the wanted ones need
+        needed = {key for cls in CALIBRATED_ANALYSES if cls.name in names
+                  for key in build(cls).required()}
+        more = set(calibrated(needed)) - names
+        if not more:
+            break
+        names |= more
     if names:
         passes.append(CalibrationPass(**_given(calibration or {})))
         passes += [build(cls) for cls in CALIBRATED_ANALYSES if cls.name in names]

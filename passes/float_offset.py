@@ -3,8 +3,8 @@
 Groups run along the input dimension of W ``[out, in]``.
 1. A group's range [lo, hi] maps onto codes 0..2^b-1: scale = (hi - lo) / (2^b - 1),
    offset = lo, code = clip(round((w - offset) / scale)); w ~ code * scale + offset.
-2. The range is the group's [min, max], or with ``clip_search`` the range shrunk about its
-   midpoint by alpha in CLIP_GRID whose dequantized group has the least squared error
+2. The range is the group's [min, max], or with a search (``passes/rtn.py``) the range
+   shrunk about its midpoint by the alpha in CLIP_GRID with the least weighted squared error
    (alpha = 1 is in the grid, so it never does worse than min/max).
 3. A constant group gets scale 1 and offset = its value: dequantizes exactly.
 Scales and offsets are float32 and codes are computed against the float32 values stored.
@@ -16,43 +16,47 @@ import numpy as np
 
 from lwqc.ir.formats import FloatOffsetWeight
 from lwqc.ir.spec import GroupSpec
-from lwqc.passes.rtn import CLIP_GRID, grouped
+from lwqc.passes.rtn import grouped, grouped_weights, search
 
 
-def _params(lo: np.ndarray, hi: np.ndarray, qmax: int, alpha: float):
-    mid, half = (hi + lo) / 2, (hi - lo) / 2
-    scales = (2 * alpha * half / qmax).astype(np.float32)
-    offsets = (mid - alpha * half).astype(np.float32)
-    scales[scales == 0] = 1.0
-    return scales, offsets
+class FloatOffset:
+    """Unsigned codes with a float offset per group (``second`` = offsets)."""
+
+    pad = "edge"
+
+    def __init__(self, groups: np.ndarray, bits: int) -> None:
+        self.qmax = 2**bits - 1
+        self.lo, self.hi = groups.min(axis=2), groups.max(axis=2)
+
+    def params(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+        mid, half = (self.hi + self.lo) / 2, (self.hi - self.lo) / 2
+        scales = (2 * alpha * half / self.qmax).astype(np.float32)
+        offsets = (mid - alpha * half).astype(np.float32)
+        scales[scales == 0] = 1.0
+        return scales, offsets
+
+    def codes(self, groups: np.ndarray, scales: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        shifted = groups - offsets.astype(np.float64)[..., None]
+        shifted /= scales.astype(np.float64)[..., None]
+        return np.clip(np.round(shifted), 0, self.qmax)
+
+    @staticmethod
+    def dequantize(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        return (codes * scales.astype(np.float64)[..., None]
+                + offsets.astype(np.float64)[..., None])
 
 
-def _codes(groups: np.ndarray, scales: np.ndarray, offsets: np.ndarray, qmax: int) -> np.ndarray:
-    shifted = groups - offsets.astype(np.float64)[..., None]
-    shifted /= scales.astype(np.float64)[..., None]
-    return np.clip(np.round(shifted), 0, qmax)
+def pack_float_offset(spec: GroupSpec, codes: np.ndarray, scales: np.ndarray,
+                      offsets: np.ndarray) -> FloatOffsetWeight:
+    return FloatOffsetWeight(spec, codes.astype(np.uint8), scales, offsets)
 
 
-def _dequantized(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    return codes * scales.astype(np.float64)[..., None] + offsets.astype(np.float64)[..., None]
-
-
-def quantize_float_offset(
-    weights: np.ndarray, spec: GroupSpec, clip_search: bool = False
-) -> FloatOffsetWeight:
+def quantize_float_offset(weights: np.ndarray, spec: GroupSpec,
+                          column_weights: np.ndarray | None = None) -> FloatOffsetWeight:
     """Quantize ``weights`` ``[out, in]`` to codes, float scales and float offsets."""
-    qmax = 2**spec.bits - 1
-    groups = grouped(weights, spec, pad="edge")
-    lo, hi = groups.min(axis=2), groups.max(axis=2)
-    scales, offsets = _params(lo, hi, qmax, 1.0)
-    if clip_search:
-        best = np.full(scales.shape, np.inf)
-        for alpha in CLIP_GRID:
-            trial_scales, trial_offsets = _params(lo, hi, qmax, alpha)
-            codes = _codes(groups, trial_scales, trial_offsets, qmax)
-            error = ((_dequantized(codes, trial_scales, trial_offsets) - groups) ** 2).sum(2)
-            better = error < best
-            best[better] = error[better]
-            scales[better], offsets[better] = trial_scales[better], trial_offsets[better]
-    codes = _codes(groups, scales, offsets, qmax).reshape(weights.shape[0], -1)
-    return FloatOffsetWeight(spec, codes[:, : weights.shape[1]].astype(np.uint8), scales, offsets)
+    groups = grouped(weights, spec, pad=FloatOffset.pad)
+    rule = FloatOffset(groups, spec.bits)
+    scales, offsets = search(rule, groups,
+                             grouped_weights(column_weights, spec, weights.shape[1]))
+    codes = rule.codes(groups, scales, offsets).reshape(weights.shape[0], -1)
+    return pack_float_offset(spec, codes[:, : weights.shape[1]], scales, offsets)

@@ -21,7 +21,7 @@ ITERATIONS = 30
 CHUNK = 64  # columns per vectorised step: bounds the [out, chunk, K] distance array
 
 
-def _nearest(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+def nearest(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Index of the nearest centroid per value: ``values [out, c]``, ``centroids [c, K]``."""
     distance = np.abs(values[:, :, None] - centroids[None, :, :])
     return distance.argmin(axis=2)
@@ -39,13 +39,13 @@ def _initial(values: np.ndarray, levels: int) -> np.ndarray:
     return centroids
 
 
-def _lloyd(values: np.ndarray, levels: int, iterations: int) -> np.ndarray:
+def lloyd(values: np.ndarray, levels: int, iterations: int) -> np.ndarray:
     """Centroids ``[c, K]`` of each column of ``values [out, c]``."""
     centroids = _initial(values, levels)
     assignment = None
     columns = np.arange(values.shape[1])[None, :]
     for _ in range(iterations):
-        new = _nearest(values, centroids)
+        new = nearest(values, centroids)
         if assignment is not None and np.array_equal(new, assignment):
             break
         assignment = new
@@ -67,8 +67,8 @@ def quantize_codebook(weights: np.ndarray, spec: CodebookSpec,
     codes = np.zeros(w.shape, np.uint8)
     for start in range(0, w.shape[1], CHUNK):
         chunk = w[:, start : start + CHUNK]
-        stored = _lloyd(chunk, levels, iterations).astype(np.float16)
+        stored = lloyd(chunk, levels, iterations).astype(np.float16)
         stored.sort(axis=1)
         codebooks[start : start + CHUNK] = stored
-        codes[:, start : start + CHUNK] = _nearest(chunk, stored.astype(np.float64))
+        codes[:, start : start + CHUNK] = nearest(chunk, stored.astype(np.float64))
     return CodebookWeight(spec, codes, codebooks)

@@ -1,12 +1,16 @@
 """The one table from a scheme to its quantizer, and outlier reservation for any of them.
 
-``quantize_weight(weights, spec, clip)``:
+``quantize_weight(weights, spec, clip, gram, gptq)``:
 1. refuses non-2-D or non-finite weights and schemes without a quantizer;
 2. with ``spec.outliers = f > 0``: the floor(f * size) weights farthest from the matrix mean
    are reserved (ties: lower flat index first) and set to the mean for the base quantizer;
-3. quantizes with the scheme's quantizer (``clip`` = ``mse`` or ``minmax`` where the scheme
-   has a range to choose);
-4. stores each reserved weight as its float16 residual over the dequantized base (a residual
+3. ``clip`` chooses group ranges: ``minmax`` (the full range), ``mse`` (the least squared
+   weight error of the shrink grid), ``output`` (the least output error of uncorrelated
+   inputs: squared errors weighted by each input's mean square, the diagonal of the input
+   Gram matrix ``gram``); codebooks have no range to choose;
+4. quantizes with the scheme's quantizer, or with GPTQ (``passes/gptq.py``) when ``gptq``
+   settings are given (needs ``gram``);
+5. stores each reserved weight as its float16 residual over the dequantized base (a residual
    beyond the float16 range is refused).
 """
 
@@ -21,18 +25,34 @@ from lwqc.ir.errors import NonFiniteWeightError, PlanError
 from lwqc.ir.formats import SparseOutliers, WeightFormat
 from lwqc.ir.spec import QuantSpec
 from lwqc.passes.float_offset import quantize_float_offset
+from lwqc.passes.gptq import GptqSettings, gptq
 from lwqc.passes.kmeans import quantize_codebook
 from lwqc.passes.rtn import quantize_rtn
 
-CLIP_MODES = ("mse", "minmax")
+CLIP_MODES = ("mse", "minmax", "output")
 
-Quantizer = Callable[[np.ndarray, QuantSpec, bool], WeightFormat]
+# A quantizer takes weights [out, in], the spec and per-input-column error weights (None:
+# no range search).
+Quantizer = Callable[[np.ndarray, QuantSpec, "np.ndarray | None"], WeightFormat]
 QUANTIZERS: dict[str, Quantizer] = {
     "rtn-asym": quantize_rtn,
     "rtn-sym": quantize_rtn,
     "float-offset": quantize_float_offset,
-    "codebook": lambda weights, spec, clip_search: quantize_codebook(weights, spec),
+    "codebook": lambda weights, spec, column_weights: quantize_codebook(weights, spec),
 }
+
+
+def column_weights(clip: str, in_features: int, gram: np.ndarray | None) -> np.ndarray | None:
+    """The per-input-column weights of a clip mode's error (None: no search)."""
+    if clip == "minmax":
+        return None
+    if clip == "mse":
+        return np.ones(in_features)
+    if clip == "output":
+        if gram is None:
+            raise PlanError("clip=output needs the input Gram matrices of a calibration pass")
+        return np.diag(gram).astype(np.float64)
+    raise PlanError(f"unknown clip mode {clip!r} (modes: {', '.join(CLIP_MODES)})")
 
 
 def reserved_positions(weights: np.ndarray, count: int) -> np.ndarray:
@@ -44,7 +64,9 @@ def reserved_positions(weights: np.ndarray, count: int) -> np.ndarray:
     return np.sort(order).astype(np.int32)
 
 
-def quantize_weight(weights: np.ndarray, spec: QuantSpec, clip: str = "mse") -> WeightFormat:
+def quantize_weight(weights: np.ndarray, spec: QuantSpec, clip: str = "mse",
+                    gram: np.ndarray | None = None,
+                    gptq_settings: GptqSettings | None = None) -> WeightFormat:
     """The packed weight of ``weights`` ``[out, in]`` under ``spec``."""
     if weights.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {weights.shape}")
@@ -56,14 +78,24 @@ def quantize_weight(weights: np.ndarray, spec: QuantSpec, clip: str = "mse") -> 
                         f"{', '.join(QUANTIZERS)})")
     positions = reserved_positions(weights, SparseOutliers.count_for(weights.shape,
                                                                      spec.outliers))
+    weighting = column_weights(clip, weights.shape[1], gram)
+    if gptq_settings is not None:
+        if gram is None:
+            raise PlanError("GPTQ needs the input Gram matrices of a calibration pass")
+        return _checked(gptq(weights, spec, gram, weighting, positions, gptq_settings))
     if len(positions) == 0:
-        return quantizer(weights, spec, clip == "mse")
+        return quantizer(weights, spec, weighting)
     base_input = weights.copy()
     base_input.reshape(-1)[positions] = weights.mean(dtype=np.float64)
-    base = quantizer(base_input, spec, clip == "mse")
+    base = quantizer(base_input, spec, weighting)
     residual = weights.reshape(-1)[positions] - base.dequantize().reshape(-1)[positions]
-    if np.abs(residual).max() > np.finfo(np.float16).max:
+    return _checked(dataclasses.replace(
+        base, outliers=SparseOutliers(positions, residual.astype(np.float16))))
+
+
+def _checked(weight: WeightFormat) -> WeightFormat:
+    """Refuse outlier residuals that float16 cannot hold."""
+    if weight.outliers is not None and not np.all(np.isfinite(weight.outliers.values)):
         raise PlanError("an outlier lies beyond the float16 range of reserved values; "
                         "quantize this site without outliers")
-    return dataclasses.replace(base, outliers=SparseOutliers(positions,
-                                                             residual.astype(np.float16)))
+    return weight

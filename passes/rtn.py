@@ -1,15 +1,18 @@
-"""Round-to-nearest group-wise quantization to affine groups with integer zero points.
+"""Round-to-nearest group-wise quantization: the group rules every group format shares.
 
-Groups run along the input dimension of W ``[out, in]`` (the last group may be short).
+Groups run along the input dimension of W ``[out, in]`` (the last group may be short; a group
+size of None makes each row one group).
 1. ``rtn-asym``: a range [lo, hi] with lo <= 0 <= hi (zero is always exact) maps onto codes
    0..2^b-1: scale = (hi - lo) / (2^b - 1), zero point = round(-lo / scale),
    code = clip(round(w / scale) + zero point).
 2. ``rtn-sym``: a bound a >= 0 maps onto signed codes: scale = a / (2^(b-1) - 1),
    code = clip(round(w / scale)).
-3. The range is the group's own [min(w_min, 0), max(w_max, 0)] (resp. max |w|), or with
-   ``clip_search`` the shrunk range alpha * [lo, hi], alpha in CLIP_GRID, whose dequantized
-   group has the least squared error (the grid includes alpha = 1, so it never does worse).
-   A group size of None makes each row one group.
+3. The range is the group's own [min(w_min, 0), max(w_max, 0)] (resp. max |w|), or with a
+   search the shrunk range alpha * [lo, hi], alpha in CLIP_GRID, whose dequantized group has
+   the least error sum_j c_j (w_j - q_j)^2 under per-input-column weights c (all 1: the
+   weight's squared error; the diagonal of the input Gram matrix: the output error of
+   uncorrelated inputs). alpha = 1 is in the grid, so the search never does worse than min/max
+   under its own objective.
 4. A group of zeros gets scale 1 (its codes, and zero point, are 0): dequantizes exactly.
 Scales are float32 and codes are computed against the float32 scale actually stored.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lwqc.ir.formats import AffineWeight
+from lwqc.ir.formats import AffineWeight, WeightFormat
 from lwqc.ir.spec import GroupSpec
 
 CLIP_GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0, 0.975, ..., 0.5
@@ -39,7 +42,11 @@ def grouped(weights: np.ndarray, spec: GroupSpec, pad: str = "zero") -> np.ndarr
     return w.reshape(out_features, -1, block)
 
 
-class _Asymmetric:
+class Asymmetric:
+    """Unsigned codes and an integer zero point per group (``second`` = zero points)."""
+
+    pad = "zero"
+
     def __init__(self, groups: np.ndarray, bits: int) -> None:
         self.qmax = 2**bits - 1
         self.lo = np.minimum(groups.min(axis=2), 0.0)
@@ -60,7 +67,11 @@ class _Asymmetric:
         return (codes - zeros[..., None]) * scales.astype(np.float64)[..., None]
 
 
-class _Symmetric:
+class Symmetric:
+    """Signed codes, no zero point (``second`` = zeros)."""
+
+    pad = "zero"
+
     def __init__(self, groups: np.ndarray, bits: int) -> None:
         self.qmax = 2 ** (bits - 1) - 1
         self.bound = np.abs(groups).max(axis=2)
@@ -74,26 +85,51 @@ class _Symmetric:
         scaled = np.round(groups / scales.astype(np.float64)[..., None])
         return np.clip(scaled, -self.qmax - 1, self.qmax)
 
-    dequantize = staticmethod(_Asymmetric.dequantize)
+    dequantize = staticmethod(Asymmetric.dequantize)
 
 
-def quantize_rtn(weights: np.ndarray, spec: GroupSpec, clip_search: bool = False) -> AffineWeight:
-    """Quantize ``weights`` ``[out, in]`` under an ``rtn-asym`` or ``rtn-sym`` spec."""
-    groups = grouped(weights, spec)
-    bits = spec.bits
-    rule = _Asymmetric(groups, bits) if spec.scheme == "rtn-asym" else _Symmetric(groups, bits)
-    scales, zeros = rule.params(1.0)
-    if clip_search:
-        best = np.full(scales.shape, np.inf)
-        for alpha in CLIP_GRID:
-            trial_scales, trial_zeros = rule.params(alpha)
-            codes = rule.codes(groups, trial_scales, trial_zeros)
-            error = ((rule.dequantize(codes, trial_scales, trial_zeros) - groups) ** 2).sum(2)
-            better = error < best
-            best[better] = error[better]
-            scales[better], zeros[better] = trial_scales[better], trial_zeros[better]
-    codes = rule.codes(groups, scales, zeros).reshape(weights.shape[0], -1)
-    codes = codes[:, : weights.shape[1]]
+def search(rule, groups: np.ndarray, column_weights: np.ndarray | None):
+    """The (scales, second) of each group: min/max when ``column_weights`` is None, else the
+    least weighted squared error over CLIP_GRID (``column_weights`` grouped like ``groups``)."""
+    scales, second = rule.params(1.0)
+    if column_weights is None:
+        return scales, second
+    best = np.full(scales.shape, np.inf)
+    for alpha in CLIP_GRID:
+        trial_scales, trial_second = rule.params(alpha)
+        codes = rule.codes(groups, trial_scales, trial_second)
+        error = (((rule.dequantize(codes, trial_scales, trial_second) - groups) ** 2)
+                 * column_weights).sum(2)
+        better = error < best
+        best[better] = error[better]
+        scales[better], second[better] = trial_scales[better], trial_second[better]
+    return scales, second
+
+
+def grouped_weights(column_weights: np.ndarray | None, spec: GroupSpec,
+                    in_features: int) -> np.ndarray | None:
+    """Per-input-column weights as ``[1, groups, block]`` (padding weighs nothing)."""
+    if column_weights is None:
+        return None
+    block = spec.block(in_features)
+    padded = np.zeros(spec.groups(in_features) * block)
+    padded[:in_features] = column_weights
+    return padded.reshape(1, -1, block)
+
+
+def pack_affine(spec: GroupSpec, codes: np.ndarray, scales: np.ndarray,
+                zeros: np.ndarray) -> WeightFormat:
     if spec.scheme == "rtn-asym":
         return AffineWeight(spec, codes.astype(np.uint8), scales, zeros.astype(np.uint8))
     return AffineWeight(spec, codes.astype(np.int8), scales, None)
+
+
+def quantize_rtn(weights: np.ndarray, spec: GroupSpec,
+                 column_weights: np.ndarray | None = None) -> WeightFormat:
+    """Quantize ``weights`` ``[out, in]`` under an ``rtn-asym`` or ``rtn-sym`` spec; the range
+    search runs when ``column_weights`` (``[in]``) are given."""
+    groups = grouped(weights, spec)
+    rule = (Asymmetric if spec.scheme == "rtn-asym" else Symmetric)(groups, spec.bits)
+    scales, zeros = search(rule, groups, grouped_weights(column_weights, spec, weights.shape[1]))
+    codes = rule.codes(groups, scales, zeros).reshape(weights.shape[0], -1)
+    return pack_affine(spec, codes[:, : weights.shape[1]], scales, zeros)

@@ -1,6 +1,6 @@
 """Sensitivity of each matmul to each candidate width, at matmul granularity.
 
-1. ``metric=output-error`` (one calibration pass): with G = sum over calibration tokens of
+1. ``metric=output-error`` (from the ``gram`` pass): with G = sum over calibration tokens of
    x x^T for the site's input x, the relative output error of width b is
    ||(W - Q_b(W)) X||^2 / ||W X||^2 = tr(dW G dW^T) / tr(W G W^T).
 2. ``metric=delta-kl`` (expensive): quantize only that site to width b and measure the mean
@@ -94,21 +94,16 @@ class SensitivityPass(Pass):
             total = np.sum([errors[s] for s in block.sites], axis=0).tolist()
             graph.annotate_block(block.index, SensitivityStat(self.name, metric, *total))
 
+    def required(self) -> tuple[str, ...]:
+        if self.values["metric"] == "output-error":
+            return (*self.requires, "grams")
+        return self.requires
+
     def _output_errors(self, graph: Graph, context: PassContext) -> dict[str, list[float]]:
-        grams = {s.id: np.zeros((s.shape[1], s.shape[1])) for s in graph}
-
-        def tap(site_id):
-            def callback(x: torch.Tensor, _: torch.Tensor) -> None:
-                flat = x.reshape(-1, x.shape[-1]).double()
-                grams[site_id] += (flat.T @ flat).numpy()
-            return callback
-
-        windows = graph.calibration
-        for start in context.progress(range(0, len(windows), BATCH), desc="gram"):
-            graph.source.run(windows[start : start + BATCH], {s: tap(s) for s in grams})
         return {
             site.id: [relative_output_error(graph.weight(site.id),
-                                            self.quantized(graph, site.id, b), grams[site.id])
+                                            self.quantized(graph, site.id, b),
+                                            graph.grams[site.id])
                       for b in WIDTHS]
             for site in context.progress(graph, total=len(graph.sites), desc=self.name)
         }

@@ -15,10 +15,19 @@ from lwqc.ir.spec import (
     KeepSpec,
     SymmetricSpec,
 )
-from lwqc.passes.float_offset import quantize_float_offset
+from lwqc.passes import float_offset, rtn
 from lwqc.passes.kmeans import quantize_codebook
 from lwqc.passes.quantizers import QUANTIZERS, quantize_weight, reserved_positions
-from lwqc.passes.rtn import quantize_rtn
+
+
+def quantize_float_offset(w, spec, clip_search=False):
+    """Float-offset groups, with the squared-error range search or with min/max."""
+    return float_offset.quantize_float_offset(w, spec, np.ones(w.shape[1]) if clip_search
+                                              else None)
+
+
+def quantize_rtn(w, spec, clip_search=False):
+    return rtn.quantize_rtn(w, spec, np.ones(w.shape[1]) if clip_search else None)
 
 
 def _heavy_tailed(shape, seed):

@@ -80,7 +80,7 @@ def run(graph, pipeline: str) -> None:
 
 @pytest.fixture(scope="module")
 def output_error(tiny):
-    run(tiny, "sensitivity")
+    run(tiny, "gram,sensitivity")
     return {s.id: s.stats["sensitivity"] for s in tiny}, [b.stats["sensitivity"]
                                                           for b in tiny.blocks]
 
@@ -145,7 +145,7 @@ def test_output_error_follows_the_quantizer_options(tiny, output_error):
     site_id = "model.layers.1.self_attn.o_proj"
     x = captured_inputs(tiny, site_id)
     weight = tiny.weight(site_id).astype(np.float64)
-    run(tiny, "sensitivity{group_size=32,scheme=rtn-sym,clip=minmax}")
+    run(tiny, "gram,sensitivity{group_size=32,scheme=rtn-sym,clip=minmax}")
     try:
         stat = tiny.sites[site_id].stats["sensitivity"]
         for bits in WIDTHS:
@@ -155,7 +155,7 @@ def test_output_error_follows_the_quantizer_options(tiny, output_error):
             assert stat.error(bits) == pytest.approx(direct, rel=1e-9)
         assert stat.err4 != sites[site_id].err4
     finally:
-        run(tiny, "sensitivity")
+        run(tiny, "gram,sensitivity")
 
 
 # ---------------------------------------------------------------- delta-KL
@@ -215,7 +215,7 @@ def test_delta_kl_results_are_cached_and_read_back(tiny, monkeypatch, tmp_path):
     try:
         check_delta_kl_cache(tiny, tmp_path)
     finally:
-        run(tiny, "sensitivity")  # leave the output-error annotations for later tests
+        run(tiny, "gram,sensitivity")  # leave the output-error annotations for later tests
 
 
 def check_delta_kl_cache(tiny, tmp_path) -> None:
