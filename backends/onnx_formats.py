@@ -5,12 +5,16 @@ format's own arrays, exactly as its torch formula does.
 are stored in the orientation of the MatMul's B input (``[in, out]`` for MatMul, ``[out, in]``
 for Gemm with transB), initializers named ``<site>.weight_<array>``:
 1. ``affine``: ``DequantizeLinear(codes, blocked fp32 scales[, zero points])`` — uint8/int8,
-   uint4/int4 (3-bit codes in a 4-bit container), uint2/int2 (opset 25).
+   uint4/int4, uint2/int2 (opset 25).
 2. ``float-offset``: ``DequantizeLinear(codes, scales)`` (= code * scale) ``+ offsets`` repeated
    along the input dimension (Unsqueeze, Expand, Reshape, Slice).
 3. ``codebook``: ``Cast(GatherElements(codebooks, Cast(codes -> int64)) -> float)``; codebooks
    stay ``[in, 2^bits]`` float16 (transposed in the graph for Gemm).
-4. Outliers of any format: ``ScatterElements(reduction=add)`` of the float16 residuals at
+4. 3-bit codes and zero points of any format are packed eight to three bytes (little-endian
+   24-bit words, signed codes offset by 4) and unpacked with standard ops: Reshape to byte
+   triples, Cast, Mul by (1, 256, 65536), ReduceSum, BitShift right by 0, 3, ..., 21,
+   BitwiseAnd 7, Reshape, Slice, Cast.
+5. Outliers of any format: ``ScatterElements(reduction=add)`` of the float16 residuals at
    their int32 positions (re-indexed to B's orientation) into the flattened weight.
 """
 
@@ -32,6 +36,8 @@ CODE_TYPES = {
     (8, True): np.int8, (4, True): ml_dtypes.int4, (2, True): ml_dtypes.int2,
 }
 CODE_ARRAYS = ("codes", "zero_points")  # stored in the code container type
+PACKED_BITS = 3  # the width stored packed, eight codes to three bytes
+SIGNED_OFFSET = 4  # signed 3-bit codes are stored as code + 4
 UNORIENTED = ("codebooks", *SparseOutliers.ARRAYS)  # not laid out as [out, x]
 
 
@@ -67,13 +73,44 @@ class SiteRewrite:
         return value
 
     def array(self, weight: WeightFormat, name: str, signed: bool = False) -> ir.Value:
-        """The format's array ``name`` as an initializer in B's orientation."""
+        """The format's array ``name`` as an initializer in B's orientation (3-bit codes:
+        packed, and the value returned is their unpacked uint8/int8 tensor)."""
         array = weight.arrays()[name]
         if name not in UNORIENTED:
             array = self.orient(array)
+        if name in CODE_ARRAYS and self.code_bits == PACKED_BITS:
+            stored = array.astype(np.int32) + (SIGNED_OFFSET if signed else 0)
+            packed = self.initializer(f"{self.site_id}.weight_{name}",
+                                      pack3(stored.astype(np.uint8)))
+            return self.unpack3(packed, name, array.shape, signed)
         if name in CODE_ARRAYS:
             array = array.astype(CODE_TYPES[(self.code_bits, signed)])
         return self.initializer(f"{self.site_id}.weight_{name}", array)
+
+    def unpack3(self, packed: ir.Value, name: str, shape: tuple[int, ...],
+                signed: bool) -> ir.Value:
+        def constant(label: str, values: list[int], dtype=np.int64) -> ir.Value:
+            return self.initializer(f"{self.site_id}.lowering_{name}_{label}",
+                                    np.asarray(values, dtype))
+
+        triples = self.node("Reshape", [packed, constant("triples", [-1, 3])])
+        value = self.node("Cast", [triples], {"to": ir.DataType.INT32})
+        value = self.node("Mul", [value, constant("byte_weights", [[1, 256, 65536]], np.int32)])
+        value = self.node("ReduceSum", [value, constant("sum_axis", [1])], {"keepdims": 1})
+        value = self.node("Cast", [value], {"to": ir.DataType.UINT32})
+        value = self.node("BitShift", [value, constant("shifts", [list(range(0, 24, 3))],
+                                                       np.uint32)], {"direction": "RIGHT"})
+        value = self.node("BitwiseAnd", [value, constant("mask", [7], np.uint32)])
+        value = self.node("Reshape", [value, constant("flat", [-1])])
+        count = int(np.prod(shape))
+        value = self.node("Slice", [value, constant("start", [0]), constant("end", [count])])
+        value = self.node("Reshape", [value, constant("shape", list(shape))])
+        if not signed:
+            return self.node("Cast", [value], {"to": ir.DataType.UINT8})
+        value = self.node("Cast", [value], {"to": ir.DataType.INT32})
+        value = self.node("Sub", [value, constant("offset", [SIGNED_OFFSET], np.int32)])
+        return self.node("Cast", [value], {"to": ir.DataType.INT8})
+
 
     def constant(self, name: str, values: list[int]) -> ir.Value:
         return self.initializer(f"{self.site_id}.lowering_{name}", np.asarray(values, np.int64))
@@ -84,11 +121,28 @@ class SiteRewrite:
         label = output or f"{op}_{self.nodes}"
         node = ir.node(op, inputs, attributes=attributes or {}, domain=domain,
                        name=f"{self.site_id}/{label}")
-        if output is not None:
+        if output is not None:  # the node that yields the weight carries the decision
             node.outputs[0].name = f"{self.site_id}.{output}"
-        node.metadata_props.update(self.metadata)
+            node.metadata_props.update(self.metadata)
         self.graph.insert_before(self.matmul, node)
         return node.outputs[0]
+
+
+def pack3(values: np.ndarray) -> np.ndarray:
+    """Codes 0..7 (any shape, row-major) packed eight to three bytes, the last word padded."""
+    flat = values.reshape(-1).astype(np.uint32)
+    flat = np.pad(flat, (0, -len(flat) % 8)).reshape(-1, 8)
+    words = (flat << (3 * np.arange(8, dtype=np.uint32))).sum(axis=1, dtype=np.uint32)
+    triples = np.stack([words & 255, (words >> 8) & 255, (words >> 16) & 255], axis=1)
+    return triples.astype(np.uint8).reshape(-1)
+
+
+def unpack3(packed: np.ndarray, count: int) -> np.ndarray:
+    """Inverse of ``pack3``: the first ``count`` codes, uint8."""
+    triples = packed.reshape(-1, 3).astype(np.uint32)
+    words = triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)
+    codes = (words[:, None] >> (3 * np.arange(8, dtype=np.uint32))) & 7
+    return codes.reshape(-1)[:count].astype(np.uint8)
 
 
 def _dequantize_linear(rewrite: SiteRewrite, weight: WeightFormat, inputs: list[ir.Value],
@@ -101,7 +155,7 @@ def _dequantize_linear(rewrite: SiteRewrite, weight: WeightFormat, inputs: list[
                    name=f"{rewrite.site_id}/DequantizeLinear")
     node.outputs[0].name = f"{rewrite.site_id}.{name}"
     node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-    node.outputs[0].shape = ir.Shape(inputs[0].shape)
+    node.outputs[0].shape = ir.Shape(weight.shape[::-1] if rewrite.transposed else weight.shape)
     node.metadata_props.update(rewrite.metadata)
     rewrite.graph.insert_before(rewrite.matmul, node)
     return node.outputs[0]
@@ -202,20 +256,28 @@ def lower_weight(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
     return value if weight.outliers is None else add_outliers(rewrite, weight, value)
 
 
-def stored_arrays(initializers: dict[str, np.ndarray], site_id: str,
-                  transposed: bool) -> dict[str, np.ndarray]:
+def stored_arrays(initializers: dict[str, np.ndarray], site_id: str, transposed: bool,
+                  signed: bool) -> dict[str, np.ndarray]:
     """A site's format arrays read back from its initializers, in ``[out, in]`` orientation
-    (empty if the site has none)."""
+    (empty if the site has none); packed 3-bit arrays are unpacked."""
     prefix = f"{site_id}.weight_"
-    codes = initializers.get(f"{prefix}codes")
-    if codes is None:
+    if f"{prefix}codes" not in initializers:
         return {}
-    shape = codes.shape[::-1] if transposed else codes.shape
-    arrays = {}
+    stored = {}
     for name, array in initializers.items():
         if not name.startswith(prefix):
             continue
         key = name.removeprefix(prefix)
+        packed_shape = initializers.get(f"{site_id}.lowering_{key}_shape")
+        if key in CODE_ARRAYS and packed_shape is not None:
+            array = unpack3(array, int(np.prod(packed_shape))).reshape(packed_shape)
+            if signed:
+                array = array.astype(np.int32) - SIGNED_OFFSET
+        stored[key] = array
+    codes = stored["codes"]
+    shape = codes.shape[::-1] if transposed else codes.shape
+    arrays = {}
+    for key, array in stored.items():
         if key == SparseOutliers.ARRAYS[0]:
             arrays[key] = logical_positions(array, shape, transposed)
         elif key in UNORIENTED:

@@ -28,7 +28,7 @@ from lwqc.backends.onnx_formats import (
     lower_weight,
     stored_arrays,
 )
-from lwqc.ir.capabilities import CONTAINER_STORAGE, Capabilities
+from lwqc.ir.capabilities import PACKED_STORAGE, Capabilities
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.formats import WeightFormat, load_weight
 from lwqc.ir.graph import Graph
@@ -44,8 +44,8 @@ _DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy
                    "pkg.torch.onnx.fx_node", "namespace")
 CAPABILITIES = Capabilities(
     backend="onnx",
-    widths={name: CONTAINER_STORAGE.widths[name] for name in FORMAT_LOWERINGS},
-    containers=CONTAINER_STORAGE.containers,
+    widths={name: PACKED_STORAGE.widths[name] for name in FORMAT_LOWERINGS},
+    containers=PACKED_STORAGE.containers,
 )
 
 
@@ -164,7 +164,8 @@ def read_packed(path: Path, expected: set[str]) -> dict[str, WeightFormat]:
         if spec.kept:
             continue
         site_id = meta["lwqc.site"]
-        arrays = stored_arrays(initializers, site_id, _weight_is_transposed(node))
+        arrays = stored_arrays(initializers, site_id, _weight_is_transposed(node),
+                               spec.scheme == "rtn-sym")
         if arrays:
             packed[site_id] = load_weight(spec, arrays)
     missing = sorted(expected - set(packed))

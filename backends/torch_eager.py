@@ -15,17 +15,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lwqc.ir.capabilities import CONTAINER_STORAGE, Capabilities
+from lwqc.ir.capabilities import PACKED_STORAGE, Capabilities
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.formats import FORMATS, WeightFormat, format_class, load_weight
 from lwqc.ir.graph import Graph
 from lwqc.ir.spec import spec_from_json
 from lwqc.passes.base import Pass, PassContext, PassKind
 
+# Sizes are those of the ONNX artifact the plan describes; the eager module and
+# packed.safetensors hold codes unpacked, one byte each.
 CAPABILITIES = Capabilities(
     backend="torch",
-    widths={name: CONTAINER_STORAGE.widths[name] for name in FORMATS},
-    containers=CONTAINER_STORAGE.containers,
+    widths={name: PACKED_STORAGE.widths[name] for name in FORMATS},
+    containers=PACKED_STORAGE.containers,
 )
 SPECS_KEY = "lwqc.specs"
 

@@ -58,9 +58,10 @@ class Capabilities:
         return format_class(spec).physical_bytes(shape, spec, self.code_bits(spec.bits))
 
 
-# Codes in whole ONNX/numpy containers: 3-bit codes occupy (and are charged) 4 bits.
-CONTAINER_STORAGE = Capabilities(
+# Codes stored at their width: 2/4/8-bit in ONNX's int2/int4/int8 containers, 3-bit codes
+# packed eight to three bytes.
+PACKED_STORAGE = Capabilities(
     backend="any",
     widths={"affine": QUANT_WIDTHS, "float-offset": QUANT_WIDTHS, "codebook": QUANT_WIDTHS},
-    containers={2: 2, 3: 4, 4: 4, 8: 8},
+    containers={2: 2, 3: 3, 4: 4, 8: 8},
 )

@@ -10,7 +10,7 @@ import networkx as nx
 import numpy as np
 
 from lwqc.ir.annotations import Annotation, annotation_key
-from lwqc.ir.capabilities import CONTAINER_STORAGE, Capabilities
+from lwqc.ir.capabilities import PACKED_STORAGE, Capabilities
 
 if TYPE_CHECKING:
     from lwqc.ir.formats import WeightFormat
@@ -70,7 +70,7 @@ class Graph:
     # Gram matrix sum(x x^T) of each site's input over the calibration tokens, float64
     # [in, in]; sites reading the same activation share one array (not persisted)
     grams: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    target: Capabilities = CONTAINER_STORAGE
+    target: Capabilities = PACKED_STORAGE
     lowered: dict[str, Any] = dataclasses.field(default_factory=dict)
     available: set[str] = dataclasses.field(default_factory=set)
     _plan: Plan | None = dataclasses.field(default=None, repr=False)

@@ -4,8 +4,8 @@ A policy only scores (``passes/policy.py``); this module turns scores into width
 1. ``bits=B``: average physical bits per quantizable weight (everything a site stores
    counted, at the sizes of the pipeline's target backend) never exceed B. Widths come from
    ``lo``/``hi`` if given, else ``lo`` is the widest single width whose uniform plan fits and
-   ``hi`` the next rung of 2 -> 4 -> 8 -> 16 (3-bit codes cost a 4-bit container where the
-   target stores them so, and the automatic ladder skips them).
+   ``hi`` the next rung of 2 -> 3 -> 4 -> 8 -> 16 (rungs the target does not store are
+   skipped).
 2. ``ratio=R``: share R of the parameters at ``lo`` (default 4), the rest at ``hi`` (8).
 3. ``override=REGEX=BITS`` pins matching sites (first matching override wins); pinned sites
    are charged against the budget first.
@@ -33,8 +33,8 @@ from lwqc.passes.solver import Unit, fill_by_importance, make_units, solve_exact
 if TYPE_CHECKING:
     from lwqc.passes.policy import PolicyPass
 
-AUTO_LADDER = (2, 4, 8, KEEP_BITS)
-EXACT_WIDTHS = (2, 4, 8)
+AUTO_LADDER = (2, 3, 4, 8, KEEP_BITS)
+EXACT_WIDTHS = (2, 3, 4, 8)
 
 
 def width(text: str) -> int:

@@ -7,7 +7,7 @@ import networkx as nx
 import pytest
 
 from lwqc.ir.accounting import site_bytes, totals
-from lwqc.ir.capabilities import CONTAINER_STORAGE, Capabilities
+from lwqc.ir.capabilities import PACKED_STORAGE, Capabilities
 from lwqc.ir.graph import Block, Graph, MatmulSite
 from lwqc.ir.spec import (
     QUANT_WIDTHS,
@@ -38,7 +38,7 @@ QUANTIZED_BYTES = {
 PARAMS = 32 + 128 + 32 + 128 + 80 + 32
 
 
-def _graph(keep_bits=32, target=CONTAINER_STORAGE):
+def _graph(keep_bits=32, target=PACKED_STORAGE):
     sites = {
         s: MatmulSite(s, "r", 0 if s != "e" else None, shape, s, order)
         for order, (s, shape) in enumerate(SHAPES.items())

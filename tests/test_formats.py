@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lwqc.ir.capabilities import CONTAINER_STORAGE
+from lwqc.ir.capabilities import PACKED_STORAGE
 from lwqc.ir.errors import PlanError
 from lwqc.ir.formats import (
     FORMATS,
@@ -300,34 +300,34 @@ BYTES_SPECS = [
 @pytest.mark.parametrize("shape", BYTES_SHAPES)
 def test_container_storage_bytes_follow_the_closed_form_of_each_format(shape):
     for spec in BYTES_SPECS:
-        assert CONTAINER_STORAGE.bytes(shape, spec, 32) == _expected_bytes(shape, spec), spec
+        assert PACKED_STORAGE.bytes(shape, spec, 32) == _expected_bytes(shape, spec), spec
 
 
 def test_physical_bytes_by_hand_for_each_format():
     # 256 x 256, 4 bits, group 128: 32768 bytes of codes, 512 groups
     shape = (256, 256)
-    assert CONTAINER_STORAGE.bytes(shape, AsymmetricSpec(4, 128), 32) == 32768 + 2048 + 256
-    assert CONTAINER_STORAGE.bytes(shape, SymmetricSpec(4, 128), 32) == 32768 + 2048
-    assert CONTAINER_STORAGE.bytes(shape, FloatOffsetSpec(4, 128), 32) == 32768 + 4096
+    assert PACKED_STORAGE.bytes(shape, AsymmetricSpec(4, 128), 32) == 32768 + 2048 + 256
+    assert PACKED_STORAGE.bytes(shape, SymmetricSpec(4, 128), 32) == 32768 + 2048
+    assert PACKED_STORAGE.bytes(shape, FloatOffsetSpec(4, 128), 32) == 32768 + 4096
     # codebook: 256 columns of 16 float16 centroids
-    assert CONTAINER_STORAGE.bytes(shape, CodebookSpec(4), 32) == 32768 + 256 * 16 * 2
+    assert PACKED_STORAGE.bytes(shape, CodebookSpec(4), 32) == 32768 + 256 * 16 * 2
     # 1% outliers of 65536 weights: 655 of them, 6 bytes each
-    assert CONTAINER_STORAGE.bytes(shape, SymmetricSpec(4, 128, 0.01), 32) == (
+    assert PACKED_STORAGE.bytes(shape, SymmetricSpec(4, 128, 0.01), 32) == (
         32768 + 2048 + 655 * 6)
     # 8 bits: one byte per code and per zero point
-    assert CONTAINER_STORAGE.bytes(shape, AsymmetricSpec(8, 128), 32) == 65536 + 2048 + 512
+    assert PACKED_STORAGE.bytes(shape, AsymmetricSpec(8, 128), 32) == 65536 + 2048 + 512
     # 2 bits: four codes and four zero points per byte
-    assert CONTAINER_STORAGE.bytes(shape, AsymmetricSpec(2, 128), 32) == 16384 + 2048 + 128
+    assert PACKED_STORAGE.bytes(shape, AsymmetricSpec(2, 128), 32) == 16384 + 2048 + 128
 
 
 def test_physical_bytes_round_odd_sizes_up_to_whole_bytes():
     # 3 x 5 at 2 bits, group 4: 15 codes = 30 bits -> 4 bytes; 6 groups -> 24 bytes of
     # scales; 6 zero points = 12 bits -> 2 bytes
-    assert CONTAINER_STORAGE.bytes((3, 5), AsymmetricSpec(2, 4), 32) == 4 + 24 + 2
+    assert PACKED_STORAGE.bytes((3, 5), AsymmetricSpec(2, 4), 32) == 4 + 24 + 2
     # at 3 bits (4-bit containers): 60 bits -> 8 bytes; 24 bits of zero points -> 3 bytes
-    assert CONTAINER_STORAGE.bytes((3, 5), AsymmetricSpec(3, 4), 32) == 8 + 24 + 3
+    assert PACKED_STORAGE.bytes((3, 5), AsymmetricSpec(3, 4), 32) == 8 + 24 + 3
     # a single 4-bit code still takes a byte
-    assert CONTAINER_STORAGE.bytes((1, 1), SymmetricSpec(4, 128), 32) == 1 + 4
+    assert PACKED_STORAGE.bytes((1, 1), SymmetricSpec(4, 128), 32) == 1 + 4
     assert packed_code_bytes(15, 2) == 4
     assert packed_code_bytes(1, 4) == 1
     assert packed_code_bytes(0, 4) == 0
@@ -336,21 +336,21 @@ def test_physical_bytes_round_odd_sizes_up_to_whole_bytes():
 @pytest.mark.parametrize("cls", [AsymmetricSpec, SymmetricSpec, FloatOffsetSpec])
 def test_3bit_group_formats_are_charged_exactly_as_4bit(cls):
     for shape, group in [((256, 256), 128), ((3, 5), 4), ((17, 33), 8)]:
-        assert (CONTAINER_STORAGE.bytes(shape, cls(3, group), 32)
-                == CONTAINER_STORAGE.bytes(shape, cls(4, group), 32))
+        assert (PACKED_STORAGE.bytes(shape, cls(3, group), 32)
+                == PACKED_STORAGE.bytes(shape, cls(4, group), 32))
 
 
 def test_3bit_codebook_codes_cost_4_bits_but_it_has_only_8_centroids():
     # 17 x 33: 561 codes * 4 bits -> 281 bytes; 33 columns * 8 centroids * 2 bytes
-    assert CONTAINER_STORAGE.bytes((17, 33), CodebookSpec(3), 32) == 281 + 33 * 8 * 2
-    assert CONTAINER_STORAGE.bytes((17, 33), CodebookSpec(4), 32) == 281 + 33 * 16 * 2
+    assert PACKED_STORAGE.bytes((17, 33), CodebookSpec(3), 32) == 281 + 33 * 8 * 2
+    assert PACKED_STORAGE.bytes((17, 33), CodebookSpec(4), 32) == 281 + 33 * 16 * 2
 
 
 @pytest.mark.parametrize("keep_bits", [32, 16])
 def test_kept_weight_costs_its_float_size(keep_bits):
-    assert CONTAINER_STORAGE.bytes((256, 512), KeepSpec(), keep_bits) == (
+    assert PACKED_STORAGE.bytes((256, 512), KeepSpec(), keep_bits) == (
         256 * 512 * keep_bits // 8)
-    assert CONTAINER_STORAGE.bytes((3, 5), KeepSpec(), 16) == 30
+    assert PACKED_STORAGE.bytes((3, 5), KeepSpec(), 16) == 30
 
 
 @pytest.mark.parametrize("spec", [
@@ -360,8 +360,8 @@ def test_kept_weight_costs_its_float_size(keep_bits):
 def test_nbytes_of_a_quantized_weight_equals_the_planned_bytes(spec):
     w = np.random.default_rng(6).standard_normal((9, 21)).astype(np.float32)
     weight = quantize_weight(w, spec)
-    planned = CONTAINER_STORAGE.bytes((9, 21), spec, 32)
-    assert weight.nbytes(CONTAINER_STORAGE.code_bits(spec.bits)) == planned
+    planned = PACKED_STORAGE.bytes((9, 21), spec, 32)
+    assert weight.nbytes(PACKED_STORAGE.code_bits(spec.bits)) == planned
     assert planned == _expected_bytes((9, 21), spec)
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lwqc.ir.capabilities import CONTAINER_STORAGE, Capabilities
+from lwqc.ir.capabilities import PACKED_STORAGE, Capabilities
 from lwqc.ir.errors import PlanError
 from lwqc.ir.spec import (
     SCHEMES,
@@ -270,15 +270,15 @@ def test_container_storage_supports_every_scheme_width_and_group():
     for scheme in SCHEMES:
         for bits in WIDTHS:
             spec = make_spec(bits, scheme, group_size=None, outliers=0.1)
-            assert CONTAINER_STORAGE.supports(spec), spec
-            CONTAINER_STORAGE.check(spec, "x")
+            assert PACKED_STORAGE.supports(spec), spec
+            PACKED_STORAGE.check(spec, "x")
 
 
 def test_container_storage_puts_3bit_codes_in_4bit_containers():
-    assert [CONTAINER_STORAGE.code_bits(b) for b in (2, 3, 4, 8)] == [2, 4, 4, 8]
+    assert [PACKED_STORAGE.code_bits(b) for b in (2, 3, 4, 8)] == [2, 4, 4, 8]
 
 
 def test_same_storage_ignores_the_backend_name_only():
     assert TOY.same_storage(dataclasses.replace(TOY, backend="other"))
     assert not TOY.same_storage(dataclasses.replace(TOY, containers={4: 4, 8: 8, 3: 4}))
-    assert not TOY.same_storage(CONTAINER_STORAGE)
+    assert not TOY.same_storage(PACKED_STORAGE)
