@@ -56,9 +56,11 @@ def _add_compile(sub) -> None:
     quant = p.add_argument_group("quantizer")
     quant.add_argument("--clip", choices=("minmax", "mse", "output"),
                        help="group range: full range, least weight error, or least output "
-                            "error on calibration inputs (default mse)")
-    quant.add_argument("--gptq", action="store_true",
-                       help="GPTQ error feedback from calibration inputs")
+                            "error on calibration inputs (default: output when the policy "
+                            "calibrates, else minmax)")
+    quant.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                       help="GPTQ error feedback from calibration inputs (default: on when "
+                            "the policy calibrates)")
     quant.add_argument("--damp", type=float, help="GPTQ dampening (0.01)")
     quant.add_argument("--no-act-order", action="store_true",
                        help="GPTQ: process columns in their own order")
@@ -154,10 +156,15 @@ def _compile(args: argparse.Namespace) -> int:
 
     if args.pipeline and args.plan:
         raise LwqcError("give --pipeline or --plan, not both")
+    quantize = {"clip": args.clip, "gptq": args.gptq, "damp": args.damp,
+                "act_order": False if args.no_act_order else None}
     if args.pipeline:
+        if any(v is not None for v in quantize.values()):
+            raise LwqcError("--clip, --gptq, --damp and --no-act-order go inside --pipeline "
+                            "(quantize{clip=...,gptq=true})")
         pass_list = parse(args.pipeline)
     elif args.plan:
-        pass_list = plan_passes(args.plan, args.backend)
+        pass_list = plan_passes(args.plan, args.backend, quantize)
     else:
         options = {
             "bits": args.bits, "ratio": args.ratio, "width": args.width, "hi": args.hi,
@@ -170,12 +177,9 @@ def _compile(args: argparse.Namespace) -> int:
         calibration = {"source": args.calib, "samples": args.calib_samples,
                        "seq_len": args.calib_seq_len, "seed": args.calib_seed}
         policy = policy_pass(args.policy, options)
-        if not args.gptq and (args.damp is not None or args.no_act_order):
-            raise LwqcError("--damp and --no-act-order apply with --gptq only")
-        quantize = QuantizePass(**{k: v for k, v in {
-            "clip": args.clip, "gptq": args.gptq or None, "damp": args.damp,
-            "act_order": False if args.no_act_order else None}.items() if v is not None})
-        needed = calibrated([*policy.required(), *quantize.required()])
+        passes = default_passes(policy, args.backend, quantize_options=quantize)
+        settings = next(p for p in passes if isinstance(p, QuantizePass))
+        needed = calibrated([*policy.required(), *settings.required()])
         if not needed and any(v is not None for v in calibration.values()):
             raise LwqcError("--calib* apply to the policies lim and sensitivity, --gptq and "
                             "--clip output only")

@@ -38,21 +38,31 @@ def policy_pass(policy: str, values: dict[str, Any]) -> Pass:
     return cls(**given)
 
 
+# The quantizer of a pipeline that calibrates anyway (lim, sensitivity): GPTQ with output-error
+# ranges, the best of lwqc's quantizers on SmolLM2-135M (bench/quality-smollm2.md).
+CALIBRATED_QUANTIZE = {"clip": "output", "gptq": True}
+
+
 def default_passes(
     policy: Pass, backend: str, calibration: dict[str, Any] | None = None,
     analysis_options: dict[str, dict[str, Any]] | None = None,
-    quantize: QuantizePass | None = None,
+    quantize_options: dict[str, Any] | None = None,
 ) -> list[Pass]:
     """The analysis bundle (with the calibrated analyses the policy and the quantizer need),
-    the policy, quantize, the lowering."""
-    quantize = quantize or QuantizePass()
+    the policy, quantize (GPTQ with output-error ranges when the policy calibrates, unless
+    ``quantize_options`` say otherwise), the lowering."""
+    given = {k: v for k, v in (quantize_options or {}).items() if v is not None}
+    defaults = CALIBRATED_QUANTIZE if calibrated(policy.required()) else {}
+    quantize = QuantizePass(**{**defaults, **given})
     needed = calibrated([*policy.required(), *quantize.required()])
     analyses = analysis_passes(needed, calibration, analysis_options)
     return [*analyses, policy, quantize, REGISTRY[LOWERINGS[backend]]()]
 
 
-def plan_passes(plan_file: Path, backend: str) -> list[Pass]:
-    return default_passes(ApplyPlanPass(file=str(plan_file)), backend)
+def plan_passes(plan_file: Path, backend: str,
+                quantize_options: dict[str, Any] | None = None) -> list[Pass]:
+    return default_passes(ApplyPlanPass(file=str(plan_file)), backend,
+                          quantize_options=quantize_options)
 
 
 @dataclasses.dataclass

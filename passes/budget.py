@@ -10,7 +10,7 @@ A policy only scores (``passes/policy.py``); this module turns scores into width
 3. ``override=REGEX=BITS`` pins matching sites (first matching override wins); pinned sites
    are charged against the budget first.
 4. ``solver=greedy`` (default for rank scores: the papers' "most important first") or
-   ``solver=exact``: the optimal multiple-choice knapsack over ``widths`` (default 2+4+8),
+   ``solver=exact``: the optimal multiple-choice knapsack over ``widths`` (default 2+3+4+8),
    minimising the policy's ``loss``.
 5. Candidates are only specs the target backend stores; a width the user names that the
    target cannot store is refused before any work.

@@ -80,7 +80,8 @@ class SensitivityPass(Pass):
     def quantized(self, graph: Graph, site_id: str, bits: int) -> np.ndarray:
         v = self.values
         spec = make_spec(bits, v["scheme"], group_size=v["group_size"])
-        return quantize_weight(graph.weight(site_id), spec, v["clip"]).dequantize()
+        return quantize_weight(graph.weight(site_id), spec, v["clip"],
+                               graph.grams.get(site_id)).dequantize()
 
     def run(self, graph: Graph, context: PassContext) -> None:
         if self.values["metric"] == "output-error":
@@ -95,7 +96,7 @@ class SensitivityPass(Pass):
             graph.annotate_block(block.index, SensitivityStat(self.name, metric, *total))
 
     def required(self) -> tuple[str, ...]:
-        if self.values["metric"] == "output-error":
+        if self.values["metric"] == "output-error" or self.values["clip"] == "output":
             return (*self.requires, "grams")
         return self.requires
 

@@ -27,11 +27,11 @@ SPECS = {
     "e": KeepSpec(),
     "f": AsymmetricSpec(4, 8),
 }
-# bytes per site (codes at container bits: 3-bit codes cost 4 bits)
+# bytes per site (codes and zero points at their own width: 3-bit codes cost 3 bits)
 QUANTIZED_BYTES = {
     "a": 16 + 8 * 4 + 4,  # 32 codes * 4 bits; 4 rows * 2 groups: scales, 8 zero points * 4 bits
     "b": 128 + 16 * 4,  # 128 one-byte codes; one scale per row, no zero points
-    "c": 16 + 4 * 8 + 3 * 6,  # 32 codes * 4 bits; 4 groups * (scale + offset); floor(3.2) = 3
+    "c": 12 + 4 * 8 + 3 * 6,  # 32 codes * 3 bits; 4 groups * (scale + offset); floor(3.2) = 3
     "d": 32 + 8 * 4 * 2 + 6 * 6,  # 128 codes * 2 bits; 8 columns * 4 fp16; floor(6.4) = 6
     "f": 16 + 4 * 4 + 2,  # 32 codes * 4 bits; 4 groups: scales, 4 zero points * 4 bits
 }
@@ -60,18 +60,24 @@ def test_site_bytes_of_a_kept_weight_follow_the_graph_keep_bits():
 
 
 def test_site_bytes_use_the_graph_target():
-    # a target packing 3-bit codes tightly: 32 codes * 3 bits = 12 bytes instead of 16
-    tight = Capabilities(
-        backend="tight",
+    # a target storing 3-bit codes in 4-bit containers: 32 codes * 4 bits = 16 bytes instead
+    # of the default packed 32 * 3 bits = 12
+    loose = Capabilities(
+        backend="loose",
         widths={"affine": QUANT_WIDTHS, "float-offset": QUANT_WIDTHS, "codebook": QUANT_WIDTHS},
-        containers={2: 2, 3: 3, 4: 4, 8: 8},
+        containers={2: 2, 3: 4, 4: 4, 8: 8},
     )
-    graph = _graph(target=tight)
-    assert site_bytes(graph, "c", SPECS["c"]) == 12 + 32 + 18
-    assert site_bytes(_graph(), "c", SPECS["c"]) == 16 + 32 + 18
+    graph = _graph(target=loose)
+    assert site_bytes(graph, "c", SPECS["c"]) == 16 + 32 + 18
+    assert site_bytes(_graph(), "c", SPECS["c"]) == 12 + 32 + 18
+    # 3-bit zero points follow the container too: "a" at 3 bits has 8 groups; packed, 32
+    # codes * 3 bits = 12 bytes, 8 zero points * 3 bits = 3 bytes; in 4-bit containers 16 + 4
+    three = AsymmetricSpec(3, 4)
+    assert site_bytes(_graph(), "a", three) == 12 + 8 * 4 + 3
+    assert site_bytes(graph, "a", three) == 16 + 8 * 4 + 4
     # widths whose container is the same cost the same on both targets
     assert site_bytes(graph, "a", SPECS["a"]) == QUANTIZED_BYTES["a"]
-    assert totals(graph, SPECS).bytes == totals(_graph(), SPECS).bytes - 4
+    assert totals(graph, SPECS).bytes == totals(_graph(), SPECS).bytes + 4
 
 
 @pytest.mark.parametrize("keep_bits", [32, 16])
@@ -79,7 +85,7 @@ def test_totals_of_a_mixed_plan_by_closed_form(keep_bits):
     result = totals(_graph(keep_bits), SPECS)
     kept_bytes = 80 * keep_bits // 8
     nbytes = sum(QUANTIZED_BYTES.values()) + kept_bytes
-    assert nbytes == 476 + kept_bytes
+    assert nbytes == 472 + kept_bytes
     assert result.params == PARAMS == 432
     assert result.bytes == nbytes
     assert result.bytes_float == 432 * keep_bits // 8
@@ -95,9 +101,9 @@ def test_totals_to_json_rounds_and_sorts_widths():
     data = totals(_graph(32), SPECS).to_json()
     assert data == {
         "params": 432,
-        "bytes": 796,
+        "bytes": 792,
         "bytes_float": 1728,
-        "avg_bits_physical": round(8 * 796 / 432, 6),
+        "avg_bits_physical": round(8 * 792 / 432, 6),
         "avg_bits_logical": round(4192 / 432, 6),
         "params_by_bits": {"2": 128, "3": 32, "4": 64, "8": 128, "16": 80},
     }

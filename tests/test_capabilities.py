@@ -22,8 +22,9 @@ from lwqc.passes.manager import PassManager
 from lwqc.registry import parse
 
 AFFINE_4_8 = Capabilities(backend="toy", widths={"affine": (4, 8)}, containers={4: 4, 8: 8})
-TIGHT_3 = Capabilities(backend="tight", widths={"affine": (2, 3, 4, 8)},
-                       containers={2: 2, 3: 3, 4: 4, 8: 8})
+# stores 3-bit codes (and zero points) in 4-bit containers, unlike the default packed storage
+CONTAINER_3 = Capabilities(backend="container", widths={"affine": (2, 3, 4, 8)},
+                           containers={2: 2, 3: 4, 4: 4, 8: 8})
 
 
 def _lowering(capabilities: Capabilities) -> Pass:
@@ -85,21 +86,29 @@ def test_an_applied_plan_is_checked_against_the_target(tmp_path):
         manager.run(again)
 
 
-def test_tight_storage_charges_three_bit_codes_at_three_bits():
+def test_container_storage_charges_three_bit_codes_at_four_bits_packed_at_three():
     graph = _graph()
-    PassManager([*parse("policy-uniform{width=3,group_size=16}"), _lowering(TIGHT_3)]).run(graph)
-    # per site: 16 * 64 codes at 3 bits, 16 * 4 groups of fp32 scales and 3-bit zero points
+    PassManager([*parse("policy-uniform{width=3,group_size=16}"),
+                 _lowering(CONTAINER_3)]).run(graph)
+    # per site: 16 * 64 codes in 4-bit containers, 16 * 4 groups of fp32 scales and zero
+    # points in 4-bit containers
+    container = 16 * 64 * 4 // 8 + 64 * 4 + 64 * 4 // 8
+    assert container == 512 + 256 + 32
+    assert totals(graph, graph.plan.specs).bytes == 8 * container
+    packed = _graph()
+    PassManager(parse("policy-uniform{width=3,group_size=16}")).run(packed)  # no lowering
+    # the default storage packs codes and zero points at 3 bits: 1024 * 3 / 8 and 64 * 3 / 8
     per_site = 16 * 64 * 3 // 8 + 64 * 4 + 64 * 3 // 8
-    assert totals(graph, graph.plan.specs).bytes == 8 * per_site
-    container = _graph()
-    PassManager(parse("policy-uniform{width=3,group_size=16}")).run(container)  # no lowering
-    assert totals(container, container.plan.specs).bytes == 8 * (16 * 64 // 2 + 64 * 4 + 32)
+    assert per_site == 384 + 256 + 24
+    assert totals(packed, packed.plan.specs).bytes == 8 * per_site
+    # the difference is one bit per code and per zero point
+    assert 8 * (container - per_site) == 16 * 64 + 64
 
 
 def test_lowerings_that_store_differently_cannot_share_a_pipeline():
     with pytest.raises(PipelineError, match="store different formats"):
         PassManager([*parse("policy-uniform{width=4}"), _lowering(AFFINE_4_8),
-                     _lowering(TIGHT_3)]).run(_graph())
+                     _lowering(CONTAINER_3)]).run(_graph())
 
 
 def test_onnx_and_torch_store_the_same_specs_at_the_same_sizes():

@@ -263,17 +263,14 @@ def test_format_class_of_keep_spec_raises_plan_error():
 
 # --------------------------------------------------------------------------- physical bytes
 
-CONTAINER = {2: 2, 3: 4, 4: 4, 8: 8}
-
-
 def _ceil_bytes(bits):
     return -(-bits // 8)
 
 
 def _expected_bytes(shape, spec):
-    """Closed form per format, with codes at their container width."""
+    """Closed form per format, with codes and zero points packed at their own width."""
     out_features, in_features = shape
-    c = CONTAINER[spec.bits]
+    c = spec.bits
     codes = _ceil_bytes(out_features * in_features * c)
     outliers = math.floor(spec.outliers * out_features * in_features) * 6
     if spec.scheme == "codebook":
@@ -298,7 +295,7 @@ BYTES_SPECS = [
 
 
 @pytest.mark.parametrize("shape", BYTES_SHAPES)
-def test_container_storage_bytes_follow_the_closed_form_of_each_format(shape):
+def test_packed_storage_bytes_follow_the_closed_form_of_each_format(shape):
     for spec in BYTES_SPECS:
         assert PACKED_STORAGE.bytes(shape, spec, 32) == _expected_bytes(shape, spec), spec
 
@@ -324,25 +321,46 @@ def test_physical_bytes_round_odd_sizes_up_to_whole_bytes():
     # 3 x 5 at 2 bits, group 4: 15 codes = 30 bits -> 4 bytes; 6 groups -> 24 bytes of
     # scales; 6 zero points = 12 bits -> 2 bytes
     assert PACKED_STORAGE.bytes((3, 5), AsymmetricSpec(2, 4), 32) == 4 + 24 + 2
-    # at 3 bits (4-bit containers): 60 bits -> 8 bytes; 24 bits of zero points -> 3 bytes
-    assert PACKED_STORAGE.bytes((3, 5), AsymmetricSpec(3, 4), 32) == 8 + 24 + 3
+    # at 3 bits (packed): 45 bits -> 6 bytes; 18 bits of zero points -> 3 bytes
+    assert PACKED_STORAGE.bytes((3, 5), AsymmetricSpec(3, 4), 32) == 6 + 24 + 3
+    # a single 3-bit code and a single 3-bit zero point still take a byte each
+    assert PACKED_STORAGE.bytes((1, 1), AsymmetricSpec(3, 128), 32) == 1 + 4 + 1
     # a single 4-bit code still takes a byte
     assert PACKED_STORAGE.bytes((1, 1), SymmetricSpec(4, 128), 32) == 1 + 4
     assert packed_code_bytes(15, 2) == 4
+    # eight 3-bit codes fill three bytes exactly; a ninth starts a fourth
+    assert packed_code_bytes(8, 3) == 3
+    assert packed_code_bytes(9, 3) == 4
+    assert packed_code_bytes(15, 3) == 6
     assert packed_code_bytes(1, 4) == 1
     assert packed_code_bytes(0, 4) == 0
 
 
+# 3-bit codes and zero points packed at 3 bits, by hand:
+#   256 x 256, group 128: 65536 * 3 bits = 24576 B codes; 512 groups, zero points 192 B
+#   3 x 5, group 4: 15 * 3 = 45 bits -> 6 B codes; 6 groups, zero points 18 bits -> 3 B
+#   17 x 33, group 8: 561 * 3 = 1683 bits -> 211 B codes; 17 * 5 = 85 groups, zero points
+#     255 bits -> 32 B
+THREE_BIT_BYTES = {
+    AsymmetricSpec: [24576 + 512 * 4 + 192, 6 + 6 * 4 + 3, 211 + 85 * 4 + 32],
+    SymmetricSpec: [24576 + 512 * 4, 6 + 6 * 4, 211 + 85 * 4],
+    FloatOffsetSpec: [24576 + 512 * 8, 6 + 6 * 8, 211 + 85 * 8],
+}
+
+
 @pytest.mark.parametrize("cls", [AsymmetricSpec, SymmetricSpec, FloatOffsetSpec])
-def test_3bit_group_formats_are_charged_exactly_as_4bit(cls):
-    for shape, group in [((256, 256), 128), ((3, 5), 4), ((17, 33), 8)]:
-        assert (PACKED_STORAGE.bytes(shape, cls(3, group), 32)
-                == PACKED_STORAGE.bytes(shape, cls(4, group), 32))
+def test_3bit_group_formats_are_charged_three_bits_per_code_and_zero_point(cls):
+    cases = [((256, 256), 128), ((3, 5), 4), ((17, 33), 8)]
+    for (shape, group), expected in zip(cases, THREE_BIT_BYTES[cls], strict=True):
+        three = PACKED_STORAGE.bytes(shape, cls(3, group), 32)
+        assert three == expected, (shape, group)
+        assert three < PACKED_STORAGE.bytes(shape, cls(4, group), 32)
 
 
-def test_3bit_codebook_codes_cost_4_bits_but_it_has_only_8_centroids():
-    # 17 x 33: 561 codes * 4 bits -> 281 bytes; 33 columns * 8 centroids * 2 bytes
-    assert PACKED_STORAGE.bytes((17, 33), CodebookSpec(3), 32) == 281 + 33 * 8 * 2
+def test_3bit_codebook_codes_cost_3_bits_and_it_has_only_8_centroids():
+    # 17 x 33: 561 codes * 3 bits = 1683 bits -> 211 bytes; 33 columns * 8 centroids * 2 bytes
+    assert PACKED_STORAGE.bytes((17, 33), CodebookSpec(3), 32) == 211 + 33 * 8 * 2
+    # at 4 bits: 561 * 4 bits -> 281 bytes; 33 columns * 16 centroids * 2 bytes
     assert PACKED_STORAGE.bytes((17, 33), CodebookSpec(4), 32) == 281 + 33 * 16 * 2
 
 

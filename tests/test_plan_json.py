@@ -110,9 +110,9 @@ def test_plan_document_records_each_site_spec_and_shape(tmp_path):
     assert entry["block"] == 1
     assert entry["fusion_group"] == "fuse.layers.1.q"
     assert entry["scores"] == {"toy": {"source": "toy-pass", "value": 1.0, "count": 2}}
-    # 128 codes at 4 bits = 64 bytes; 8 groups of 16 -> 64 bytes of scale and offset;
+    # 128 codes packed at 3 bits = 48 bytes; 8 groups of 16 -> 64 bytes of scale and offset;
     # floor(0.05 * 128) = 6 outliers of 6 bytes
-    assert entry["bytes"] == 64 + 64 + 36
+    assert entry["bytes"] == 48 + 64 + 36
     # kept lm_head at keep_bits 16
     assert document["sites"]["lm_head"]["bytes"] == 20 * 16 * 2
     assert "outliers" not in document["sites"]["layers.0.q"]

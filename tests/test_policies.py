@@ -56,10 +56,15 @@ def test_llamacpp_rule_for_32_layers_matches_llama_cpp():
     assert chosen == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
 
 
-@pytest.mark.parametrize(("budget", "width"), [(4.3, 4), (4.2, 2), (8.32, 8), (40.0, 16)])
+# every input dimension is a multiple of 128, so a uniform b-bit plan (group 128, rtn-asym)
+# stores b + (32 + b) / 128 bits per weight: 2.265625, 3.2734375, 4.28125, 8.3125
+@pytest.mark.parametrize(("budget", "width"), [
+    (4.3, 4), (4.2, 3), (3.28, 3), (3.27, 2), (8.32, 8), (40.0, 16)])
 def test_uniform_bits_takes_the_widest_width_that_fits(analysed, budget, width):
     assert set(plan(analysed, f"policy-uniform{{bits={budget}}}").values()) == {width}
     assert physical_bits(analysed) <= budget
+    if width != 16:
+        assert physical_bits(analysed) == width + (32 + width) / 128
 
 
 @pytest.mark.parametrize("policy", ["policy-zd{", "policy-entropy{", "policy-random{seed=1,",
@@ -72,11 +77,13 @@ def test_budget_is_never_exceeded_and_little_is_left(analysed, policy, budget):
     used = 8 * totals(graph, specs).bytes
     assert used <= capacity
     ladder = graph.plan.budget["widths"]
-    # the low width is the widest whose uniform plan fits: the next automatic rung does not
-    above = [w for w in (2, 4, 8, 16) if w > ladder[0]]
+    # the low width is the widest whose uniform plan fits: the next automatic rung does not,
+    # and that next rung is the high width
+    above = [w for w in (2, 3, 4, 8, 16) if w > ladder[0]]
     if above:
         uniform = {s: make_spec(above[0], "rtn-asym", group_size=128) for s in graph.sites}
         assert 8 * totals(graph, uniform).bytes > capacity
+        assert ladder == [ladder[0], above[0]]
     # and no unit could still move up one rung within the budget (greedy is maximal)
     for unit in make_units(graph, graph.plan.budget["granularity"]):
         (width,) = {specs[s].bits for s in unit.sites}
@@ -88,8 +95,20 @@ def test_budget_is_never_exceeded_and_little_is_left(analysed, policy, budget):
         assert used + 8 * extra > capacity, unit.name
 
 
-def test_zd_layer_granularity_keeps_the_lowest_zd_blocks_high(analysed):
-    bits = plan(analysed, "policy-zd{bits=3.5,granularity=layer}")
+# 5767168 weights: 6 blocks of 786432, lm_head 1048576 (lowest ZD of all: promoted first).
+# One rung up at group 128 costs (hi - lo) * (1 + 1/128) bits per weight:
+#   bits=3.8 (ladder 3 -> 4): slack (3.8 - 3.2734375) * 5767168 = 3036774.4 bits; lm_head
+#     takes 1056768, each block 792576: two blocks fit (1585152), a third does not
+#   bits=3.5, lo=2, hi=4: slack (3.5 - 2.265625) * 5767168 = 7118848 bits; lm_head takes
+#     2113536, each block 1585152: three blocks fit (4755456), a fourth does not
+@pytest.mark.parametrize(("options", "lo", "hi", "high_blocks"), [
+    ("bits=3.8", 3, 4, 2),
+    ("bits=3.5,lo=2,hi=4", 2, 4, 3),
+])
+def test_zd_layer_granularity_keeps_the_lowest_zd_blocks_high(analysed, options, lo, hi,
+                                                              high_blocks):
+    bits = plan(analysed, f"policy-zd{{{options},granularity=layer}}")
+    assert analysed.plan.budget["widths"] == [lo, hi]
     block_bits = {}
     for block in analysed.blocks:
         widths = {bits[s] for s in block.sites}
@@ -98,7 +117,11 @@ def test_zd_layer_granularity_keeps_the_lowest_zd_blocks_high(analysed):
     by_zd = sorted(analysed.blocks, key=lambda b: b.stats["zd"].zd)
     ordered = [block_bits[b.index] for b in by_zd]
     assert ordered == sorted(ordered, reverse=True)  # lower ZD never gets fewer bits
-    assert set(ordered) == {2, 4}
+    assert set(ordered) == {lo, hi}
+    assert ordered.count(hi) == high_blocks
+    assert bits["lm_head"] == hi
+    assert all(b.stats["zd"].zd > analysed.sites["lm_head"].stats["zd"].zd
+               for b in analysed.blocks)
 
 
 def test_entropy_threshold_rule_without_budget(analysed):
@@ -149,9 +172,14 @@ def test_exact_solver_refuses_pins_that_alone_break_the_budget(analysed):
         plan(analysed, 'policy-zd{bits=3,solver=exact,override=".*=16"}')
 
 
-def test_lo_alone_climbs_to_the_next_rung(analysed):
-    bits = plan(analysed, "policy-zd{bits=3.5,lo=2}")
-    assert set(bits.values()) == {2, 4}
+# hi is the next rung of 2 -> 3 -> 4 -> 8 above lo; each budget lies between the uniform
+# plans of lo and hi (2.265625 < 2.8 < 3.2734375 < 3.5 < 4.28125 < 5 < 8.3125), so both appear
+@pytest.mark.parametrize(("budget", "lo", "hi"), [(2.8, 2, 3), (3.5, 3, 4), (5.0, 4, 8)])
+def test_lo_alone_climbs_to_the_next_rung(analysed, budget, lo, hi):
+    bits = plan(analysed, f"policy-zd{{bits={budget},lo={lo}}}")
+    assert set(bits.values()) == {lo, hi}
+    assert analysed.plan.budget["widths"] == [lo, hi]
+    assert physical_bits(analysed) <= budget
 
 
 def test_ewq_rule_ranks_blocks_unless_told_otherwise(analysed):

@@ -33,10 +33,9 @@ def rtn_asym_bytes(out: int, bits: int) -> int:
     kept as the graph's float32)."""
     if bits == 16:
         return out * IN * 4
-    container = 4 if bits == 3 else bits
-    codes = -(-out * IN * container // 8)
+    codes = -(-out * IN * bits // 8)
     scales = 4 * out
-    zero_points = -(-out * container // 8)
+    zero_points = -(-out * bits // 8)
     return codes + scales + zero_points
 
 
@@ -47,8 +46,17 @@ def block_bytes(bits: int) -> int:
 def test_closed_form_sizes_by_hand():
     # 2 bits: 32 rows * 32 B codes + 32 * 4 B scales + 8 B zero points = 1024 + 128 + 8
     assert block_bytes(2) == 1160
+    # 3 bits, packed: 32 rows * 48 B codes + 128 B scales + 8 rows * 3 bits -> 3 B and
+    # 24 rows * 3 bits -> 9 B of zero points
+    assert block_bytes(3) == 1536 + 128 + 3 + 9
+    assert rtn_asym_bytes(8, 3) == 384 + 32 + 3
     assert block_bytes(4) == 2048 + 128 + 16
     assert rtn_asym_bytes(8, 2) == 256 + 32 + 2
+    # uniform plans (4 blocks + lm_head), in bits: the automatic ladder's rungs
+    assert 8 * (4 * block_bytes(2) + rtn_asym_bytes(8, 2)) == 8 * (4640 + 290) == 39440
+    assert 8 * (4 * block_bytes(3) + rtn_asym_bytes(8, 3)) == 8 * (6704 + 419) == 56984
+    assert 8 * (4 * block_bytes(4) + rtn_asym_bytes(8, 4)) == 8 * (8768 + 548) == 74528
+    assert 8 * (4 * block_bytes(8) + rtn_asym_bytes(8, 8)) == 8 * (17024 + 1064) == 144704
 
 
 def lim_graph(block_lim=BLOCK_LIM, head_lim=HEAD_LIM, site_lim=None) -> Graph:
@@ -103,9 +111,37 @@ def test_annotating_makes_lim_available():
     assert graph.total_params == TOTAL_PARAMS
 
 
-# budget -> (block widths, lm_head width), by hand: every unit starts at 2 bits (4 * 1160 +
-# 290 bytes = 39440 bits); 2 -> 4 costs 8256 bits per block, 2064 for lm_head; promotions go
-# block 1 (0.40; ties with lm_head, runs first), lm_head, block 2 (0.25), block 0, block 3.
+# The automatic ladder: lo is the widest width whose uniform plan fits, hi the next rung of
+# 2 -> 3 -> 4 -> 8 -> 16. Uniform plans need 39440 bits at 2 (2.2656 bits per weight), 56984 at
+# 3 (3.2734), 74528 at 4 (4.28125), 144704 at 8 (8.3125). One rung up costs, in bits:
+#   2 -> 3 and 3 -> 4: a block 8 * 516 = 4128 (512 B codes + 4 B zero points), lm_head
+#     8 * 129 = 1032 (128 + 1)
+#   4 -> 8: a block 8 * 2064 = 16512, lm_head 8 * 516 = 4128
+# promotions go block 1 (0.40; ties with lm_head, runs first), lm_head, block 2 (0.25),
+# block 0, block 3; a unit that does not fit is skipped.
+@pytest.mark.parametrize(("budget", "expected_blocks", "expected_head", "ladder"), [
+    (2.3, [2, 2, 2, 2], 2, [2, 3]),    # 40038.4: from 39440 block 1 needs 43568, lm_head 40472
+    (2.52, [2, 3, 2, 2], 2, [2, 3]),   # 43868.16: block 1 (43568); lm_head would need 44600
+    (2.6, [2, 3, 2, 2], 3, [2, 3]),    # 45260.8: + lm_head (44600); block 2 would need 48728
+    (2.85, [2, 3, 3, 2], 3, [2, 3]),   # 49612.8: + block 2 (48728); block 0 would need 52856
+    (3.1, [3, 3, 3, 2], 3, [2, 3]),    # 53964.8: + block 0 (52856); block 3 would need 56984
+    (3.6, [3, 4, 3, 3], 4, [3, 4]),    # 62668.8: from 56984 block 1 (61112), lm_head (62144)
+    (3.85, [3, 4, 4, 3], 4, [3, 4]),   # 67020.8: + block 2 (66272); block 0 would need 70400
+    (4.1, [4, 4, 4, 3], 4, [3, 4]),    # 71372.8: + block 0 (70400); block 3 would need 74528
+    (5.5, [4, 8, 4, 4], 8, [4, 8]),    # 95744: from 74528 block 1 (91040), lm_head (95168)
+])
+def test_bits_gives_the_most_lim_blocks_the_higher_width(budget, expected_blocks,
+                                                          expected_head, ladder):
+    graph = lim_graph()
+    bits = run(graph, f"policy-lim{{bits={budget},granularity=layer}}")
+    assert block_widths(graph, bits) == expected_blocks
+    assert bits["lm_head"] == expected_head
+    assert graph.plan.budget["widths"] == ladder
+    assert graph.plan.policy == "policy-lim"
+
+
+# lo=2, hi=4 by hand: every unit starts at 2 bits (39440 bits); 2 -> 4 costs 8256 bits per
+# block, 2064 for lm_head; same order of promotions.
 @pytest.mark.parametrize(("budget", "expected_blocks", "expected_head"), [
     (2.3, [2, 2, 2, 2], 2),    # capacity 40038.4: no promotion fits
     (2.75, [2, 4, 2, 2], 2),   # 47872: block 1 (47696); lm_head would need 49760
@@ -113,14 +149,13 @@ def test_annotating_makes_lim_available():
     (3.5, [2, 4, 4, 2], 4),    # 60928: + block 2 (58016); block 0 would need 66272
     (4.0, [4, 4, 4, 2], 4),    # 69632: + block 0 (66272); block 3 would need 74528
 ])
-def test_bits_gives_the_most_lim_blocks_the_higher_width(budget, expected_blocks,
-                                                          expected_head):
+def test_given_lo_and_hi_mix_exactly_those_two_widths(budget, expected_blocks, expected_head):
     graph = lim_graph()
-    bits = run(graph, f"policy-lim{{bits={budget},granularity=layer}}")
+    bits = run(graph, f"policy-lim{{bits={budget},granularity=layer,lo=2,hi=4}}")
     assert block_widths(graph, bits) == expected_blocks
     assert bits["lm_head"] == expected_head
     assert graph.plan.budget["widths"] == [2, 4]
-    assert graph.plan.policy == "policy-lim"
+    assert physical_bits(graph, bits) <= Fraction(str(budget))
 
 
 @pytest.mark.parametrize("budget", [2.3, 2.6, 2.9, 3.2, 3.7, 4.3, 5.0, 6.5, 8.4, 12.0])
@@ -136,21 +171,37 @@ def test_bits_is_never_exceeded_and_more_lim_never_gets_fewer_bits(budget):
 
 
 def test_bits_just_below_a_promotion_withholds_it_and_just_above_grants_it():
-    # blocks 1, 2 and lm_head at 4 bits need 58016 bits: 3.33272058... bits per weight
+    # automatic ladder [2, 3]: blocks 1, 2 and lm_head at 3 bits need 48728 bits:
+    # 2.79917279... bits per weight
+    assert Fraction("2.79917") < Fraction(48728, TOTAL_PARAMS) < Fraction("2.79918")
+    below = lim_graph()
+    assert block_widths(below, run(below, "policy-lim{bits=2.79917,granularity=layer}")) == [
+        2, 3, 2, 2]
+    above = lim_graph()
+    assert block_widths(above, run(above, "policy-lim{bits=2.79918,granularity=layer}")) == [
+        2, 3, 3, 2]
+    # lo=2, hi=4: blocks 1, 2 and lm_head at 4 bits need 58016 bits: 3.33272058... bits
     assert Fraction(58016, TOTAL_PARAMS) > Fraction("3.33272")
     assert Fraction(58016, TOTAL_PARAMS) < Fraction("3.33273")
     below = lim_graph()
-    assert block_widths(below, run(below, "policy-lim{bits=3.33272,granularity=layer}")) == [
+    assert block_widths(
+        below, run(below, "policy-lim{bits=3.33272,granularity=layer,lo=2,hi=4}")) == [
         2, 4, 2, 2]
     above = lim_graph()
-    assert block_widths(above, run(above, "policy-lim{bits=3.33273,granularity=layer}")) == [
+    assert block_widths(
+        above, run(above, "policy-lim{bits=3.33273,granularity=layer,lo=2,hi=4}")) == [
         2, 4, 4, 2]
 
 
 def test_swapping_lim_scores_swaps_the_widths():
+    # at 3.85 (ladder [3, 4]) blocks 1 and 2 get 4 bits (see above); swapping blocks 0 <-> 1
+    # and 2 <-> 3 swaps which blocks get them
+    original = lim_graph()
+    assert block_widths(original, run(original, "policy-lim{bits=3.85,granularity=layer}")) == [
+        3, 4, 4, 3]
     graph = lim_graph(block_lim=[0.40, 0.10, 0.05, 0.25], head_lim=0.40)
-    bits = run(graph, "policy-lim{bits=3.5,granularity=layer}")
-    assert block_widths(graph, bits) == [4, 2, 2, 4]
+    bits = run(graph, "policy-lim{bits=3.85,granularity=layer}")
+    assert block_widths(graph, bits) == [4, 3, 3, 4]
     assert bits["lm_head"] == 4
 
 
@@ -158,19 +209,32 @@ def test_layer_granularity_ranks_blocks_by_their_block_lim_not_their_sites():
     # site LIMs say the opposite of block LIMs; at layer granularity the block stat decides
     opposite = {f"layers.{i}.{r}": 1.0 - BLOCK_LIM[i] for i in range(4) for r in ("q", "up")}
     graph = lim_graph(site_lim=opposite)
-    bits = run(graph, "policy-lim{bits=3.5,granularity=layer}")
+    bits = run(graph, "policy-lim{bits=3.85,granularity=layer}")
+    assert block_widths(graph, bits) == [3, 4, 4, 3]
+    graph = lim_graph(site_lim=opposite)
+    bits = run(graph, "policy-lim{bits=3.5,granularity=layer,lo=2,hi=4}")
     assert block_widths(graph, bits) == [2, 4, 4, 2]
 
 
 def test_matmul_granularity_ranks_sites_by_their_own_lim():
     # the default granularity is matmul: each site is its own unit, ranked by its site LIM
     site_lim = {"layers.3.q": 0.99}  # one 8-row site of the least-LIM block jumps the queue
+    # ladder [2, 3]: 2 -> 3 costs an 8-row site 8 * 129 = 1032 bits, a 24-row site
+    # 8 * (1257 - 870) = 3096; capacity 2.4 * 17408 = 41779.2 from 39440: layers.3.q (40472),
+    # block 1's q (41504), then block 1's up (44600), lm_head and every other 8-row site
+    # (42536) no longer fit
     graph = lim_graph(site_lim=site_lim)
-    # 2 -> 4: an 8-row site costs 2064 bits, a 24-row site 6192; capacity 2.5 * 17408 = 43520
-    # from 39440: layers.3.q (41504), then block 1's q (43568) no longer fits, lm_head (1024
-    # params, 2064 bits) neither; nothing else fits
-    bits = run(graph, "policy-lim{bits=2.5}")
+    bits = run(graph, "policy-lim{bits=2.4}")
     assert graph.plan.budget["granularity"] == "matmul"
+    assert graph.plan.budget["widths"] == [2, 3]
+    assert rtn_asym_bytes(24, 3) - rtn_asym_bytes(24, 2) == 387
+    assert {s for s, b in bits.items() if b == 3} == {"layers.3.q", "layers.1.q"}
+    assert physical_bits(graph, bits) == Fraction(41504, TOTAL_PARAMS)
+    # lo=2, hi=4: 2 -> 4 costs an 8-row site 2064 bits, a 24-row site 6192; capacity
+    # 2.5 * 17408 = 43520 from 39440: layers.3.q (41504), then block 1's q (43568) no longer
+    # fits, lm_head (1024 params, 2064 bits) neither; nothing else fits
+    graph = lim_graph(site_lim=site_lim)
+    bits = run(graph, "policy-lim{bits=2.5,lo=2,hi=4}")
     assert {s for s, b in bits.items() if b == 4} == {"layers.3.q"}
     assert physical_bits(graph, bits) == Fraction(41504, TOTAL_PARAMS)
 

@@ -4,7 +4,7 @@ Sites (inputs 128 each; scales float32; zero points packed at the code width):
     layers.0.q   16x128  w4 g128 rtn-asym: 1024 codes + 16 * 4 scales + 8 zp      = 1096 B
     layers.0.up  32x128  w2 g128 rtn-asym: 1024 codes + 32 * 4 scales + 8 zp      = 1160 B
     layers.1.q   16x128  w8 g64  rtn-asym: 2048 codes + 32 * 4 scales + 32 zp     = 2208 B
-    layers.1.up  32x128  w3 row  rtn-sym:  2048 codes (4-bit containers) + 128    = 2176 B
+    layers.1.up  32x128  w3 row  rtn-sym:  1536 codes (packed at 3 bits) + 128    = 1664 B
     lm_head       8x128  kept at the model's 16-bit float                          = 2048 B
 """
 
@@ -21,11 +21,11 @@ from lwqc.passes.manager import PassTiming
 from lwqc.report import render
 
 SITE_BYTES = {"layers.0.q": 1096, "layers.0.up": 1160, "layers.1.q": 2208,
-              "layers.1.up": 2176, "lm_head": 2048}
+              "layers.1.up": 1664, "lm_head": 2048}
 PARAMS = {"layers.0.q": 2048, "layers.0.up": 4096, "layers.1.q": 2048, "layers.1.up": 4096,
           "lm_head": 1024}
 TOTAL_PARAMS = 13312
-TOTAL_BYTES = 8688
+TOTAL_BYTES = 8176
 FLOAT_BYTES = 2 * TOTAL_PARAMS  # 16-bit model
 LOGICAL_BITS = 4 * 2048 + 2 * 4096 + 8 * 2048 + 3 * 4096 + 16 * 1024  # 61440
 BLOCK_LIM = (0.123456, 0.5)
@@ -67,7 +67,7 @@ def report_graph(mode: str = "bits") -> Graph:
     }
     budget = {"granularity": "matmul", "overrides": ["lm_head=16"]}
     if mode == "bits":
-        budget.update(mode="bits", bits=5.5, widths=[2, 4, 8], solver="greedy")
+        budget.update(mode="bits", bits=5.5, widths=[2, 3, 4, 8], solver="greedy")
     else:
         budget.update(mode="ratio", ratio=0.4, widths=[2, 8])
     graph.plan = Plan(specs=specs, policy="policy-lim", budget=budget,
@@ -112,23 +112,24 @@ def report() -> str:
 
 
 def test_summary_counts_and_totals(report):
-    physical = 8 * TOTAL_BYTES / TOTAL_PARAMS  # 5.2212...
+    physical = 8 * TOTAL_BYTES / TOTAL_PARAMS  # 65408 / 13312 = 4.9134...
     logical = LOGICAL_BITS / TOTAL_PARAMS  # 4.6154...
     assert report.splitlines()[0] == "# lwqc report: toy/model"
     summary = bullet_lines(report)
     assert summary[:7] == [
         "architecture: llama, 2 blocks, 5 matmul sites, 13,312 quantizable weights",
         "pipeline: `calib,lim,policy-lim{bits=5.5},quantize,lower-onnx`",
-        "policy: policy-lim, granularity matmul, mode bits, widths [2, 4, 8]",
+        "policy: policy-lim, granularity matmul, mode bits, widths [2, 3, 4, 8]",
         f"budget: 5.5 physical bits/weight; plan uses {physical:.4f} "
         f"(slack {5.5 - physical:.4f} bits/weight)",
         f"logical bits/weight {logical:.4f} (codes only; float kept at 16)",
-        f"size of quantizable weights: 8,688 bytes (float: 26,624, "
+        f"size of quantizable weights: 8,176 bytes (float: 26,624, "
         f"{FLOAT_BYTES / TOTAL_BYTES:.2f}x smaller)",
         "counted: the weights of every matmul site (scales and zero points included); "
         "biases and norms are not counted",
     ]
-    assert f"{physical:.4f}" == "5.2212" and f"{logical:.4f}" == "4.6154"
+    assert f"{physical:.4f}" == "4.9135" and f"{logical:.4f}" == "4.6154"
+    assert f"{FLOAT_BYTES / TOTAL_BYTES:.2f}" == "3.26"  # 26624 / 8176
 
 
 def test_excluded_tensors_notes_and_overrides_are_listed(report):
@@ -144,7 +145,7 @@ def test_excluded_tensors_notes_and_overrides_are_listed(report):
 def test_matmul_table_has_each_sites_bytes_spec_and_score(report):
     rows = table(report, "Matmuls")
     assert [r["site"] for r in rows] == [f"`{s}`" for s in SITE_BYTES]
-    assert [r["bytes"] for r in rows] == ["1,096", "1,160", "2,208", "2,176", "2,048"]
+    assert [r["bytes"] for r in rows] == ["1,096", "1,160", "2,208", "1,664", "2,048"]
     assert [r["spec"] for r in rows] == ["w4g128 rtn-asym", "w2g128 rtn-asym", "w8g64 rtn-asym",
                                          "w3grow rtn-sym", "keep"]
     assert [r["shape"] for r in rows] == ["16x128", "32x128", "16x128", "32x128", "8x128"]
@@ -160,8 +161,8 @@ def test_block_table_has_widths_and_bits_per_weight(report):
         ("0", "layers.0", "0.1235", "q4 up2"),
         ("1", "layers.1", "0.5000", "q8 up3"),
     ]
-    # 8 * (1096 + 1160) / 6144 = 2.9375; 8 * (2208 + 2176) / 6144 = 5.7083...
-    assert [r["bits/weight"] for r in rows] == ["2.938", "5.708"]
+    # 8 * (1096 + 1160) / 6144 = 2.9375; 8 * (2208 + 1664) / 6144 = 5.0416...
+    assert [r["bits/weight"] for r in rows] == ["2.938", "5.042"]
 
 
 def test_widths_section_gives_weights_and_shares_per_width(report):
@@ -185,5 +186,5 @@ def test_no_timings_no_timing_section_and_other_modes_show_the_plan_size():
     assert "## Pass timings" not in report
     summary = bullet_lines(report)
     assert summary[2] == "policy: policy-lim, granularity matmul, mode ratio, widths [2, 8]"
-    assert summary[3] == f"plan uses {8 * TOTAL_BYTES / TOTAL_PARAMS:.4f} physical bits/weight"
+    assert summary[3] == "plan uses 4.9135 physical bits/weight"  # 65408 / 13312
     assert not any(line.startswith("budget:") for line in summary)

@@ -266,7 +266,7 @@ def test_capabilities_check_refuses_unsupported_width_format_or_group(spec, labe
     assert "group sizes must be multiples of 32" in message
 
 
-def test_container_storage_supports_every_scheme_width_and_group():
+def test_packed_storage_supports_every_scheme_width_and_group():
     for scheme in SCHEMES:
         for bits in WIDTHS:
             spec = make_spec(bits, scheme, group_size=None, outliers=0.1)
@@ -274,11 +274,15 @@ def test_container_storage_supports_every_scheme_width_and_group():
             PACKED_STORAGE.check(spec, "x")
 
 
-def test_container_storage_puts_3bit_codes_in_4bit_containers():
-    assert [PACKED_STORAGE.code_bits(b) for b in (2, 3, 4, 8)] == [2, 4, 4, 8]
+def test_packed_storage_stores_each_width_at_its_own_bits():
+    # 3-bit codes are packed eight to three bytes, not put in 4-bit containers
+    assert [PACKED_STORAGE.code_bits(b) for b in (2, 3, 4, 8)] == [2, 3, 4, 8]
 
 
 def test_same_storage_ignores_the_backend_name_only():
     assert TOY.same_storage(dataclasses.replace(TOY, backend="other"))
     assert not TOY.same_storage(dataclasses.replace(TOY, containers={4: 4, 8: 8, 3: 4}))
     assert not TOY.same_storage(PACKED_STORAGE)
+    # 3-bit codes in 4-bit containers are a different storage from the packed default
+    containers = dataclasses.replace(PACKED_STORAGE, containers={2: 2, 3: 4, 4: 4, 8: 8})
+    assert not PACKED_STORAGE.same_storage(containers)
