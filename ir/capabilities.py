@@ -55,7 +55,7 @@ class Capabilities:
         """Physical bytes of a weight of ``shape`` under ``spec`` on this backend."""
         if spec.kept:
             return shape[0] * shape[1] * keep_bits // 8
-        return format_class(spec).physical_bytes(shape, spec, self.code_bits(spec.bits))
+        return format_class(spec).physical_bytes(shape, spec, self.code_bits)
 
 
 # Codes stored at their width: 2/4/8-bit in ONNX's int2/int4/int8 containers, 3-bit codes

@@ -12,7 +12,13 @@ import dataclasses
 import numpy as np
 import torch
 
-from lwqc.ir.formats.base import SCALE_BYTES, WeightFormat, expand_groups, packed_code_bytes
+from lwqc.ir.formats.base import (
+    SCALE_BYTES,
+    CodeBits,
+    WeightFormat,
+    expand_groups,
+    packed_code_bytes,
+)
 from lwqc.ir.formats.outliers import SparseOutliers
 from lwqc.ir.spec import GroupSpec
 
@@ -35,11 +41,12 @@ class AffineWeight(WeightFormat):
         return self.zero_points is None
 
     @classmethod
-    def base_bytes(cls, shape: tuple[int, int], spec: GroupSpec, code_bits: int) -> int:
+    def base_bytes(cls, shape: tuple[int, int], spec: GroupSpec, code_bits: CodeBits) -> int:
         out_features, in_features = shape
         groups = out_features * spec.groups(in_features)
-        zero_points = packed_code_bytes(groups, code_bits) if spec.scheme == "rtn-asym" else 0
-        return (packed_code_bytes(out_features * in_features, code_bits)
+        width = code_bits(spec.bits)
+        zero_points = packed_code_bytes(groups, width) if spec.scheme == "rtn-asym" else 0
+        return (packed_code_bytes(out_features * in_features, width)
                 + groups * SCALE_BYTES + zero_points)
 
     def base_arrays(self) -> dict[str, np.ndarray]:

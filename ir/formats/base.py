@@ -5,7 +5,8 @@ A format owns
    which every backend packages as they are (``from_arrays`` inverts it);
 2. its dequantization, written once in torch (``dequantize_tensors``) and used by the torch
    backend as is; ``dequantize()`` applies it to the numpy arrays;
-3. its physical bytes from the spec alone (``physical_bytes``), which the budget charges.
+3. its physical bytes from the spec alone (``physical_bytes``), which the budget charges;
+   ``code_bits`` maps a code width to the bits the backend stores it in.
 Sparse outliers are an optional additive part of any format (``outliers``).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -22,6 +24,7 @@ from lwqc.ir.formats.outliers import SparseOutliers
 from lwqc.ir.spec import QuantSpec
 
 SCALE_BYTES = 4  # float32 scales and offsets
+CodeBits = Callable[[int], int]  # code width -> stored bits
 
 
 def expand_groups(per_group: torch.Tensor, block: int, in_features: int) -> torch.Tensor:
@@ -48,8 +51,8 @@ class WeightFormat(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def base_bytes(cls, shape: tuple[int, int], spec: QuantSpec, code_bits: int) -> int:
-        """Bytes of the format's own arrays, codes stored at ``code_bits``."""
+    def base_bytes(cls, shape: tuple[int, int], spec: QuantSpec, code_bits: CodeBits) -> int:
+        """Bytes of the format's own arrays, codes of width b stored at ``code_bits(b)``."""
 
     @abc.abstractmethod
     def base_arrays(self) -> dict[str, np.ndarray]:
@@ -61,7 +64,8 @@ class WeightFormat(abc.ABC):
         """The float32 ``[out, in]`` weight the base arrays stand for."""
 
     @classmethod
-    def physical_bytes(cls, shape: tuple[int, int], spec: QuantSpec, code_bits: int) -> int:
+    def physical_bytes(cls, shape: tuple[int, int], spec: QuantSpec,
+                       code_bits: CodeBits) -> int:
         """Bytes a site of ``shape`` occupies under ``spec``: base arrays plus outliers."""
         count = SparseOutliers.count_for(shape, spec.outliers)
         return cls.base_bytes(shape, spec, code_bits) + SparseOutliers.bytes_for(count)
@@ -92,6 +96,6 @@ class WeightFormat(abc.ABC):
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.arrays().items()}
         return self.dequantize_tensors(self.spec, tensors).numpy()
 
-    def nbytes(self, code_bits: int) -> int:
-        """Physical bytes of this weight with codes stored at ``code_bits``."""
+    def nbytes(self, code_bits: CodeBits) -> int:
+        """Physical bytes of this weight with codes of width b stored at ``code_bits(b)``."""
         return self.physical_bytes(self.shape, self.spec, code_bits)

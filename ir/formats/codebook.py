@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from lwqc.ir.formats.base import WeightFormat, packed_code_bytes
+from lwqc.ir.formats.base import CodeBits, WeightFormat, packed_code_bytes
 from lwqc.ir.formats.outliers import SparseOutliers
 from lwqc.ir.spec import CodebookSpec
 
@@ -31,10 +31,10 @@ class CodebookWeight(WeightFormat):
         return tuple(self.codes.shape)  # type: ignore[return-value]
 
     @classmethod
-    def base_bytes(cls, shape: tuple[int, int], spec: CodebookSpec, code_bits: int) -> int:
+    def base_bytes(cls, shape: tuple[int, int], spec: CodebookSpec, code_bits: CodeBits) -> int:
         out_features, in_features = shape
         centroids = in_features * 2**spec.bits * CENTROID_BYTES
-        return packed_code_bytes(out_features * in_features, code_bits) + centroids
+        return packed_code_bytes(out_features * in_features, code_bits(spec.bits)) + centroids
 
     def base_arrays(self) -> dict[str, np.ndarray]:
         return {"codes": self.codes, "codebooks": self.codebooks}

@@ -12,7 +12,13 @@ import dataclasses
 import numpy as np
 import torch
 
-from lwqc.ir.formats.base import SCALE_BYTES, WeightFormat, expand_groups, packed_code_bytes
+from lwqc.ir.formats.base import (
+    SCALE_BYTES,
+    CodeBits,
+    WeightFormat,
+    expand_groups,
+    packed_code_bytes,
+)
 from lwqc.ir.formats.outliers import SparseOutliers
 from lwqc.ir.spec import GroupSpec
 
@@ -31,10 +37,11 @@ class FloatOffsetWeight(WeightFormat):
         return tuple(self.codes.shape)  # type: ignore[return-value]
 
     @classmethod
-    def base_bytes(cls, shape: tuple[int, int], spec: GroupSpec, code_bits: int) -> int:
+    def base_bytes(cls, shape: tuple[int, int], spec: GroupSpec, code_bits: CodeBits) -> int:
         out_features, in_features = shape
         groups = out_features * spec.groups(in_features)
-        return packed_code_bytes(out_features * in_features, code_bits) + 2 * groups * SCALE_BYTES
+        codes = packed_code_bytes(out_features * in_features, code_bits(spec.bits))
+        return codes + 2 * groups * SCALE_BYTES
 
     def base_arrays(self) -> dict[str, np.ndarray]:
         return {"codes": self.codes, "scales": self.scales, "offsets": self.offsets}
