@@ -28,17 +28,18 @@ import numpy as np
 import onnx_ir as ir
 
 from lwqc.ir.errors import LwqcError
-from lwqc.ir.formats import SparseOutliers, WeightFormat
+from lwqc.ir.formats import CodebookWeight, SparseOutliers, WeightFormat
 from lwqc.ir.spec import GroupSpec
 
 CODE_TYPES = {
     (8, False): np.uint8, (4, False): ml_dtypes.uint4, (2, False): ml_dtypes.uint2,
     (8, True): np.int8, (4, True): ml_dtypes.int4, (2, True): ml_dtypes.int2,
 }
-CODE_ARRAYS = ("codes", "zero_points")  # stored in the code container type
+CODE_ARRAYS = ("codes", "zero_points", "codes_high")  # stored in the code container type
 PACKED_BITS = 3  # the width stored packed, eight codes to three bytes
 SIGNED_OFFSET = 4  # signed 3-bit codes are stored as code + 4
-UNORIENTED = ("codebooks", *SparseOutliers.ARRAYS)  # not laid out as [out, x]
+UNORIENTED = ("codebooks", "codebooks_high", "column_slots",  # not laid out as [out, x]
+              *SparseOutliers.ARRAYS)
 
 
 class LoweringError(LwqcError):
@@ -53,7 +54,7 @@ class SiteRewrite:
     site_id: str
     matmul: ir.Node
     transposed: bool  # B is [in, out]
-    code_bits: int
+    code_bits: Callable[[int], int]  # code width -> stored bits
     metadata: dict[str, str]
     nodes: int = 0
 
@@ -75,16 +76,22 @@ class SiteRewrite:
     def array(self, weight: WeightFormat, name: str, signed: bool = False) -> ir.Value:
         """The format's array ``name`` as an initializer in B's orientation (3-bit codes:
         packed, and the value returned is their unpacked uint8/int8 tensor)."""
-        array = weight.arrays()[name]
+        return self.stored(weight.arrays(), name, weight.spec.bits, signed)
+
+    def stored(self, arrays: dict[str, np.ndarray], name: str, bits: int,
+               signed: bool = False) -> ir.Value:
+        """``arrays[name]`` as an initializer, codes of width ``bits`` in their container."""
+        array = arrays[name]
         if name not in UNORIENTED:
             array = self.orient(array)
-        if name in CODE_ARRAYS and self.code_bits == PACKED_BITS:
-            stored = array.astype(np.int32) + (SIGNED_OFFSET if signed else 0)
+        width = self.code_bits(bits)
+        if name in CODE_ARRAYS and width == PACKED_BITS:
+            values = array.astype(np.int32) + (SIGNED_OFFSET if signed else 0)
             packed = self.initializer(f"{self.site_id}.weight_{name}",
-                                      pack3(stored.astype(np.uint8)))
+                                      pack3(values.astype(np.uint8)))
             return self.unpack3(packed, name, array.shape, signed)
         if name in CODE_ARRAYS:
-            array = array.astype(CODE_TYPES[(self.code_bits, signed)])
+            array = array.astype(CODE_TYPES[(width, signed)])
         return self.initializer(f"{self.site_id}.weight_{name}", array)
 
     def unpack3(self, packed: ir.Value, name: str, shape: tuple[int, ...],
@@ -194,14 +201,33 @@ def lower_float_offset(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
     return rewrite.node("Add", [scaled, offsets], output="weight_dequantized")
 
 
-def lower_codebook(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
-    indices = rewrite.node("Cast", [rewrite.array(weight, "codes")],
-                           {"to": ir.DataType.INT64})
-    table = rewrite.array(weight, "codebooks")  # [in, 2^bits]
+def _gather_codebook(rewrite: SiteRewrite, codes: ir.Value, table: ir.Value) -> ir.Value:
+    """``table[j, codes[j, i]]`` in B's orientation (``table`` is ``[columns, 2^bits]``)."""
+    indices = rewrite.node("Cast", [codes], {"to": ir.DataType.INT64})
     if not rewrite.transposed:
         table = rewrite.node("Transpose", [table], {"perm": [1, 0]})
-    gathered = rewrite.node("GatherElements", [table, indices], {"axis": 1 - rewrite.axis})
-    return rewrite.node("Cast", [gathered], {"to": ir.DataType.FLOAT},
+    return rewrite.node("GatherElements", [table, indices], {"axis": 1 - rewrite.axis})
+
+
+def lower_codebook(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
+    assert isinstance(weight, CodebookWeight)
+    if weight.column_slots is None:
+        gathered = _gather_codebook(rewrite, rewrite.array(weight, "codes"),
+                                    rewrite.array(weight, "codebooks"))
+        return rewrite.node("Cast", [gathered], {"to": ir.DataType.FLOAT},
+                            output="weight_dequantized")
+    # adaptive precision: low and high columns stored apart, each at its own width, gathered
+    # separately, concatenated, and put back in column order by their slots
+    stored, low_bits, high_bits = weight.split(), weight.spec.bits, weight.spec.high_bits
+    low = _gather_codebook(rewrite, rewrite.stored(stored, "codes", low_bits),
+                           rewrite.stored(stored, "codebooks", low_bits))
+    high = _gather_codebook(rewrite, rewrite.stored(stored, "codes_high", high_bits),
+                            rewrite.stored(stored, "codebooks_high", high_bits))
+    joined = rewrite.node("Concat", [high, low], {"axis": rewrite.axis})
+    slots = rewrite.node("Cast", [rewrite.stored(stored, "column_slots", low_bits)],
+                         {"to": ir.DataType.INT64})
+    ordered = rewrite.node("Gather", [joined, slots], {"axis": rewrite.axis})
+    return rewrite.node("Cast", [ordered], {"to": ir.DataType.FLOAT},
                         output="weight_dequantized")
 
 
@@ -276,6 +302,8 @@ def stored_arrays(initializers: dict[str, np.ndarray], site_id: str, transposed:
         stored[key] = array
     codes = stored["codes"]
     shape = codes.shape[::-1] if transposed else codes.shape
+    if "column_slots" in stored:  # codes hold the low columns only
+        shape = (shape[0], len(stored["column_slots"]))
     arrays = {}
     for key, array in stored.items():
         if key == SparseOutliers.ARRAYS[0]:

@@ -33,13 +33,14 @@ from lwqc.ir.errors import LwqcError
 from lwqc.ir.formats import WeightFormat, load_weight
 from lwqc.ir.graph import Graph
 from lwqc.ir.plan_json import SCHEMA
-from lwqc.ir.spec import QuantSpec, spec_from_json
+from lwqc.ir.spec import SPECS, QuantSpec, spec_from_json
 from lwqc.passes.base import Pass, PassContext, PassKind
 
 OPSET_INT2 = 25
 IR_VERSION_INT2 = 13  # int2/uint2 tensors arrived with IR version 13 (opset 25)
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 _SCOPES = "pkg.torch.onnx.name_scopes"
+SPEC_FIELDS = {"scheme", *(name for cls in SPECS.values() for name in cls.field_names())}
 _DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy",
                    "pkg.torch.onnx.fx_node", "namespace")
 CAPABILITIES = Capabilities(
@@ -95,7 +96,7 @@ def _metadata_value(key: str, text: str) -> object:
 def spec_from_metadata(meta: dict[str, str]) -> QuantSpec:
     """Inverse of ``spec_metadata``."""
     fields = {k.removeprefix("lwqc."): v for k, v in meta.items()
-              if k.removeprefix("lwqc.") in ("bits", "group_size", "scheme", "outliers")}
+              if k.removeprefix("lwqc.") in SPEC_FIELDS}
     return spec_from_json({k: _metadata_value(k, v) for k, v in fields.items()})
 
 
@@ -125,7 +126,7 @@ def lower(graph: Graph, model: ir.Model) -> ir.Model:
         if old.const_value.numpy().shape != tuple(expected):
             raise LoweringError(f"site {site_id}: exported weight has shape {old.shape}")
         rewrite = SiteRewrite(model.graph, site_id, node, transposed,
-                              CAPABILITIES.code_bits(weight.spec.bits), dict(node.metadata_props))
+                              CAPABILITIES.code_bits, dict(node.metadata_props))
         node.replace_input_with(1, lower_weight(rewrite, weight))
         if not old.uses() and old.name in model.graph.initializers:
             model.graph.initializers.pop(old.name)

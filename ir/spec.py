@@ -141,14 +141,40 @@ class FloatOffsetSpec(GroupSpec):
 
 @dataclasses.dataclass(frozen=True)
 class CodebookSpec(_Quantized):
-    """A codebook of 2^bits float centroids per input column."""
+    """A codebook of 2^bits float centroids per input column; with ``high_share`` > 0, that
+    share of the columns (those holding the most outliers) gets 2^high_bits centroids
+    (CLAQ's outlier-guided adaptive precision)."""
 
     scheme: ClassVar[str] = "codebook"
     format: ClassVar[str] = "codebook"
     outliers: float = 0.0
+    high_bits: int | None = None
+    high_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        share = self.high_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+            raise PlanError(f"high_share must lie in [0, 1), got {share!r}")
+        if share and (self.high_bits not in QUANT_WIDTHS or self.high_bits <= self.bits):
+            raise PlanError(f"high_bits must be a width above bits={self.bits}, got "
+                            f"{self.high_bits!r}")
+        if not share and self.high_bits is not None:
+            raise PlanError("high_bits needs high_share > 0")
+
+    def high_count(self, in_features: int) -> int:
+        """Columns at ``high_bits`` in a site of ``in_features`` inputs (nearest integer)."""
+        return math.floor(self.high_share * in_features + 0.5)
+
+    def to_json(self) -> dict[str, Any]:
+        data = super().to_json()
+        if not self.high_share:
+            del data["high_bits"], data["high_share"]
+        return data
 
     def label(self) -> str:
-        return f"w{self.bits} codebook{self._outlier_label()}"
+        high = f" {self.high_share:g}@{self.high_bits}" if self.high_share else ""
+        return f"w{self.bits} codebook{high}{self._outlier_label()}"
 
 
 SPECS: dict[str, type[QuantSpec]] = {
@@ -190,10 +216,12 @@ def spec_from_json(data: Any) -> QuantSpec:
                 raise PlanError(f"scheme {scheme} needs group_size (an integer, or null)")
             if data[name] is not None and not _is_int(data[name]):
                 raise PlanError(f"group_size must be an integer or null, got {data[name]!r}")
-        if name == "outliers" and name in data and (
+        if name in ("outliers", "high_share") and name in data and (
             isinstance(data[name], bool) or not isinstance(data[name], (int, float))
         ):
-            raise PlanError(f"outliers must be a number, got {data[name]!r}")
+            raise PlanError(f"{name} must be a number, got {data[name]!r}")
+        if name == "high_bits" and data.get(name) is not None and not _is_int(data[name]):
+            raise PlanError(f"high_bits must be an integer, got {data[name]!r}")
         if name in data:
             fields[name] = data[name]
     return cls(**fields)

@@ -4,6 +4,7 @@ from lwqc.passes.analyses import ANALYSES
 from lwqc.passes.apply_plan import ApplyPlanPass
 from lwqc.passes.base import Pass
 from lwqc.passes.calibration import CalibrationPass
+from lwqc.passes.policy_claq import ClaqPolicy
 from lwqc.passes.policy_entropy import EntropyPolicy
 from lwqc.passes.policy_lim import LimPolicy
 from lwqc.passes.policy_llamacpp import LlamaCppPolicy
@@ -17,7 +18,7 @@ __all__ = ["PASSES"]
 
 PASSES: tuple[type[Pass], ...] = (
     *ANALYSES, CalibrationPass,
-    EntropyPolicy, LimPolicy, LlamaCppPolicy, RandomPolicy, SensitivityPolicy, UniformPolicy,
-    ZDPolicy, ApplyPlanPass,
+    ClaqPolicy, EntropyPolicy, LimPolicy, LlamaCppPolicy, RandomPolicy, SensitivityPolicy,
+    UniformPolicy, ZDPolicy, ApplyPlanPass,
     QuantizePass,
 )

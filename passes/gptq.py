@@ -25,10 +25,11 @@ from collections.abc import Callable
 import numpy as np
 import scipy.linalg
 
-from lwqc.ir.formats import SparseOutliers, WeightFormat
+from lwqc.ir.formats import CodebookWeight, SparseOutliers, WeightFormat
+from lwqc.ir.formats.codebook import column_slots
 from lwqc.ir.spec import CodebookSpec, GroupSpec, QuantSpec
 from lwqc.passes.float_offset import FloatOffset, pack_float_offset
-from lwqc.passes.kmeans import ITERATIONS, lloyd, nearest
+from lwqc.passes.kmeans import ITERATIONS, high_columns, lloyd, nearest
 from lwqc.passes.rtn import Asymmetric, Symmetric, pack_affine, search
 
 Current = Callable[[np.ndarray], np.ndarray]  # original column indices -> current [out, n]
@@ -87,26 +88,29 @@ class _GroupColumns:
 
 
 class _CodebookColumns:
-    """Each column's codebook fitted to its current values when it is reached."""
+    """Each column's codebook fitted to its current values when it is reached (high columns,
+    chosen from the original weights, get 2^high_bits centroids)."""
 
-    def __init__(self, spec: CodebookSpec, shape: tuple[int, int]) -> None:
-        from lwqc.ir.formats import CodebookWeight
-
-        self.spec, self.make = spec, CodebookWeight
-        self.codebooks = np.zeros((shape[1], 2**spec.bits), np.float16)
-        self.codes = np.zeros(shape, np.uint8)
+    def __init__(self, spec: CodebookSpec, weights: np.ndarray) -> None:
+        self.spec = spec
+        self.high = high_columns(weights, spec)
+        widest = spec.high_bits if len(self.high) else spec.bits
+        self.codebooks = np.zeros((weights.shape[1], 2**widest), np.float16)
+        self.codes = np.zeros(weights.shape, np.uint8)
 
     def quantize(self, column: int, w: np.ndarray, current: Current) -> np.ndarray:
+        bits = self.spec.high_bits if column in self.high else self.spec.bits
         values = current(np.array([column]))
-        centroids = lloyd(values, 2**self.spec.bits, ITERATIONS).astype(np.float16)
+        centroids = lloyd(values, 2**bits, ITERATIONS).astype(np.float16)
         centroids.sort(axis=1)
         stored = centroids.astype(np.float64)
         codes = nearest(w[:, None], stored)[:, 0]
-        self.codebooks[column], self.codes[:, column] = centroids[0], codes
+        self.codebooks[column, : 2**bits], self.codes[:, column] = centroids[0], codes
         return stored[0, codes]
 
     def result(self) -> WeightFormat:
-        return self.make(self.spec, self.codes, self.codebooks)
+        slots = column_slots(self.high, self.codes.shape[1]) if len(self.high) else None
+        return CodebookWeight(self.spec, self.codes, self.codebooks, slots)
 
 
 def _inverse_cholesky(hessian: np.ndarray) -> np.ndarray:
@@ -147,7 +151,7 @@ def gptq(weights: np.ndarray, spec: QuantSpec, gram: np.ndarray,
         values[is_reserved[:, columns]] = fill
         return values
 
-    columns = (_CodebookColumns(spec, weights.shape) if isinstance(spec, CodebookSpec)
+    columns = (_CodebookColumns(spec, weights) if isinstance(spec, CodebookSpec)
                else _GroupColumns(spec, weights.shape, column_weights))
     for start in range(0, in_features, settings.block):
         stop = min(start + settings.block, in_features)

@@ -8,6 +8,9 @@ For each input column j of W ``[out, in]``:
    ``iterations`` rounds; ties go to the lower centroid.
 3. Centroids are stored as float16 and codes are assigned against the stored values.
 A column with at most 2^b distinct values is represented exactly (up to float16).
+With adaptive precision, the spec's share of columns holding the most outliers (|W[i, j]| >=
+13 * mean |W|, CLAQ's rule; ties: larger max |W[:, j]| first, then lower index) get
+2^high_bits centroids.
 """
 
 from __future__ import annotations
@@ -15,10 +18,32 @@ from __future__ import annotations
 import numpy as np
 
 from lwqc.ir.formats import CodebookWeight
+from lwqc.ir.formats.codebook import column_slots
 from lwqc.ir.spec import CodebookSpec
 
+CLAQ_FACTOR = 13.0
 ITERATIONS = 30
 CHUNK = 64  # columns per vectorised step: bounds the [out, chunk, K] distance array
+
+
+def column_outlier_counts(weights: np.ndarray, factor: float = CLAQ_FACTOR) -> np.ndarray:
+    """Per input column j, the number of rows i with |W[i, j]| >= factor * mean |W|."""
+    magnitude = np.abs(np.asarray(weights, dtype=np.float64))
+    threshold = factor * magnitude.mean()
+    if threshold == 0.0:  # an all-zero matrix has no outliers
+        return np.zeros(magnitude.shape[1], dtype=np.int64)
+    return np.count_nonzero(magnitude >= threshold, axis=0)
+
+
+def high_columns(weights: np.ndarray, spec: CodebookSpec) -> np.ndarray:
+    """The columns given 2^high_bits centroids, ascending."""
+    count = spec.high_count(weights.shape[1])
+    if count == 0:
+        return np.zeros(0, np.int64)
+    counts = column_outlier_counts(weights)
+    peaks = np.abs(weights.astype(np.float64)).max(axis=0)
+    order = np.lexsort((np.arange(weights.shape[1]), -peaks, -counts))
+    return np.sort(order[:count])
 
 
 def nearest(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -60,15 +85,20 @@ def lloyd(values: np.ndarray, levels: int, iterations: int) -> np.ndarray:
 
 def quantize_codebook(weights: np.ndarray, spec: CodebookSpec,
                       iterations: int = ITERATIONS) -> CodebookWeight:
-    """Quantize ``weights`` ``[out, in]`` to per-column codebooks of 2^bits centroids."""
-    levels = 2**spec.bits
+    """Quantize ``weights`` ``[out, in]`` to per-column codebooks (adaptive precision when the
+    spec has high columns)."""
     w = weights.astype(np.float64)
-    codebooks = np.zeros((w.shape[1], levels), np.float16)
+    high = high_columns(weights, spec)
+    widest = spec.high_bits if len(high) else spec.bits
+    codebooks = np.zeros((w.shape[1], 2**widest), np.float16)
     codes = np.zeros(w.shape, np.uint8)
-    for start in range(0, w.shape[1], CHUNK):
-        chunk = w[:, start : start + CHUNK]
-        stored = lloyd(chunk, levels, iterations).astype(np.float16)
-        stored.sort(axis=1)
-        codebooks[start : start + CHUNK] = stored
-        codes[:, start : start + CHUNK] = nearest(chunk, stored.astype(np.float64))
-    return CodebookWeight(spec, codes, codebooks)
+    low = np.setdiff1d(np.arange(w.shape[1]), high)
+    for columns, bits in ((low, spec.bits), (high, spec.high_bits)):
+        for start in range(0, len(columns), CHUNK):
+            chunk = columns[start : start + CHUNK]
+            stored = lloyd(w[:, chunk], 2**bits, iterations).astype(np.float16)
+            stored.sort(axis=1)
+            codebooks[chunk, : 2**bits] = stored
+            codes[:, chunk] = nearest(w[:, chunk], stored.astype(np.float64))
+    slots = column_slots(high, w.shape[1]) if len(high) else None
+    return CodebookWeight(spec, codes, codebooks, slots)

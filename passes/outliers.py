@@ -17,17 +17,7 @@ from lwqc.ir.annotations import Annotation
 from lwqc.ir.errors import PipelineError
 from lwqc.ir.graph import Graph
 from lwqc.passes.base import Option, Pass, PassContext, PassKind
-
-CLAQ_FACTOR = 13.0
-
-
-def column_outlier_counts(weights: np.ndarray, factor: float = CLAQ_FACTOR) -> np.ndarray:
-    """Per input column j, the number of rows i with |W[i, j]| >= factor * mean |W|."""
-    magnitude = np.abs(np.asarray(weights, dtype=np.float64))
-    threshold = factor * magnitude.mean()
-    if threshold == 0.0:  # an all-zero matrix has no outliers
-        return np.zeros(magnitude.shape[1], dtype=np.int64)
-    return np.count_nonzero(magnitude >= threshold, axis=0)
+from lwqc.passes.kmeans import CLAQ_FACTOR, column_outlier_counts
 
 
 def kurtosis(weights: np.ndarray) -> float:

@@ -33,6 +33,7 @@ def _mixed_plan(graph, group_size: int) -> Plan:
         FloatOffsetSpec(2, group_size), SymmetricSpec(2, group_size), KeepSpec(),
         CodebookSpec(2, outliers=0.01), SymmetricSpec(3, group_size),
         SymmetricSpec(8, group_size), FloatOffsetSpec(3, None),
+        CodebookSpec(2, high_bits=4, high_share=0.1), CodebookSpec(3, 0.01, 4, 0.25),
     ]
     specs = {s: choices[i % len(choices)] for i, s in enumerate(graph.sites)}
     return Plan(specs=specs, policy="test", budget={})

@@ -5,13 +5,8 @@ import pytest
 from lwqc.ir.errors import PipelineError
 from lwqc.ir.graph import Block, Graph, MatmulSite
 from lwqc.passes.base import PassContext
-from lwqc.passes.outliers import (
-    CLAQ_FACTOR,
-    OutliersPass,
-    column_outlier_counts,
-    kurtosis,
-    outlier_stat,
-)
+from lwqc.passes.kmeans import CLAQ_FACTOR, column_outlier_counts
+from lwqc.passes.outliers import OutliersPass, kurtosis, outlier_stat
 
 
 def _spiky():

@@ -76,7 +76,7 @@ def test_canonical_text_lists_every_valued_option_in_declared_order():
         "zd{block=mean},entropy{method=softmax},"
         "policy-entropy{bits=4.5,group_size=128,scheme=rtn-asym,"
         "solver=greedy,k=0.65},"
-        "quantize{clip=mse}"
+        "quantize{clip=minmax}"
     )
 
 
