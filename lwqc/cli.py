@@ -27,8 +27,8 @@ def _add_compile(sub) -> None:
     p.add_argument("model", help="Hugging Face model directory, hub id, or .gguf file")
     p.add_argument("-o", "--out", required=True, type=Path, help="artifact directory to write")
     p.add_argument("--policy", default="entropy",
-                   help="entropy | zd | lim | sensitivity | uniform | random | llamacpp "
-                        "(default: entropy)")
+                   help="entropy | zd | lim | sensitivity | uniform | random | llamacpp | "
+                        "claq (default: entropy)")
     budget = p.add_argument_group("budget (one of --bits, --ratio, --width; none = the "
                                   "policy's own rule)")
     budget.add_argument("--bits", type=float, help="average physical bits per weight, "
@@ -37,6 +37,8 @@ def _add_compile(sub) -> None:
     budget.add_argument("--width", type=int, help="uniform policy: every site at this width")
     budget.add_argument("--hi", type=int, help="high width (2, 3, 4, 8, 16 = float)")
     budget.add_argument("--lo", type=int, help="low width")
+    budget.add_argument("--share", type=float,
+                        help="claq without --bits: share of columns at the high width (0.1)")
     p.add_argument("--granularity", choices=("layer", "matmul"),
                    help="unit sharing one width (default: matmul)")
     p.add_argument("--group-size", type=int, help="group size along the input dim (128)")
@@ -170,7 +172,7 @@ def _compile(args: argparse.Namespace) -> int:
             "bits": args.bits, "ratio": args.ratio, "width": args.width, "hi": args.hi,
             "lo": args.lo, "granularity": args.granularity, "group_size": args.group_size,
             "scheme": args.scheme, "outliers": args.outliers, "override": args.override,
-            "seed": args.seed, "k": args.k,
+            "seed": args.seed, "k": args.k, "share": args.share,
             "solver": args.solver,
             "widths": args.widths,
         }
