@@ -66,19 +66,17 @@ SMOLLM2 = (
     ("float-offset 4-bit g32 (Q4_1's own grid)",
      "policy-uniform{width=4,group_size=32,scheme=float-offset}", MINMAX, None),
     ("float-offset 4-bit g128, GPTQ", "policy-uniform{width=4,scheme=float-offset}", GPTQ, None),
-    ("uniform 3-bit g128, min/max", "policy-uniform{width=3}", MINMAX, None),
     ("uniform 3-bit g128, GPTQ", "policy-uniform{width=3}", GPTQ, None),
     ("codebook 3-bit (CLAQ k-means)", "policy-uniform{width=3,scheme=codebook}", MINMAX, None),
-    ("codebook 3-bit + 1 % outliers (+OR)",
+    ("codebook 3-bit, 1 % outliers (+OR)",
      "policy-uniform{width=3,scheme=codebook,outliers=0.01}", MINMAX, None),
-    ("codebook 3-bit + 1 % outliers, GPTQ (+OR +GPTQ)",
+    ("codebook 3-bit, 1 % outliers, GPTQ (+OR +GPTQ)",
      "policy-uniform{width=3,scheme=codebook,outliers=0.01}", GPTQ, None),
+    ("CLAQ --bits 3.5 (+AP), GPTQ", "policy-claq{bits=3.5}", GPTQ, None),
     ("uniform 2-bit g32, min/max", "policy-uniform{width=2,group_size=32}", MINMAX,
      (None, 70887.0, 6.57)),
-    ("llama.cpp rule 8/4 g128, GPTQ", "policy-llamacpp", GPTQ, None),
     *((f"sensitivity --bits {b}, GPTQ", f"policy-sensitivity{{bits={b}}}", GPTQ, None)
-      for b in (5.0, 4.5, 4.0, 3.5, 3.0, 2.5)),
-    ("lim --bits 3.5, GPTQ", "policy-lim{bits=3.5}", GPTQ, None),
+      for b in (4.5, 3.5, 2.5)),
 )
 
 
