@@ -97,6 +97,39 @@ MODELS = {
 }
 
 
+def write_tables(args, name: str, windows: int, sweeper: Sweeper, rows: list[dict],
+                 planned: int) -> None:
+    """``bench/<name>.json`` and ``.md`` from the rows measured so far (rewritten after each
+    point, so an interrupted run leaves consistent tables)."""
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": args.model, "windows": windows, "seq_len": 512,
+            "analyses": sweeper.analyses, "ppl_fp": rows[0]["ppl_fp"],
+            "rows": f"{len(rows)} of {planned}"}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{name}.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = [
+        f"# Quality at equal size: {meta['model']}, {windows} WikiText-2 windows of 512 "
+        f"tokens, float PPL {meta['ppl_fp']:.2f}", "",
+        f"Measured {meta['date']} with `python tools/bench_quality.py {args.model}`; analyses "
+        f"`{meta['analyses']}`. Baseline columns are BASELINES.md (ONNX Runtime's RTN "
+        "quantizer on the same model).", "",
+        *([] if len(rows) == planned else
+          [f"{len(rows)} of {planned} configurations measured so far; a rerun resumes the "
+           "rest.", ""]),
+        "| configuration | lwqc bpw | lwqc ΔPPL | lwqc KLD | baseline bpw | baseline ΔPPL | "
+        "baseline KLD |", "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        base = row["baseline"]
+        cells = ["", "", ""] if base is None else [
+            "" if base["avg_bits_physical"] is None else f"{base['avg_bits_physical']:.2f}",
+            f"{base['delta_ppl_percent']:+.2f} %", f"{base['kld']:.4f}"]
+        lines.append(f"| {row['config']} | {row['avg_bits_physical']:.2f} | "
+                     f"{100 * row['delta_ppl']:+.2f} % | {row['kld']:.4f} | {' | '.join(cells)} |")
+    (args.out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default="ref-llama-6L", choices=sorted(MODELS))
@@ -126,29 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                               strict=True))})
         print(f"{label}: {result['avg_bits_physical']:.3f} bpw, "
               f"{100 * result['delta_ppl']:+.2f} %, KLD {result['kld']:.4f}", file=sys.stderr)
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "model": args.model, "windows": windows, "seq_len": 512,
-            "analyses": sweeper.analyses, "ppl_fp": rows[0]["ppl_fp"]}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{name}.json").write_text(
-        json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = [
-        f"# Quality at equal size: {meta['model']}, {windows} WikiText-2 windows of 512 "
-        f"tokens, float PPL {meta['ppl_fp']:.2f}", "",
-        f"Measured {meta['date']} with `python tools/bench_quality.py {args.model}`; analyses "
-        f"`{meta['analyses']}`. Baseline columns are BASELINES.md (ONNX Runtime's RTN "
-        "quantizer on the same model).", "",
-        "| configuration | lwqc bpw | lwqc ΔPPL | lwqc KLD | baseline bpw | baseline ΔPPL | "
-        "baseline KLD |", "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        base = row["baseline"]
-        cells = ["", "", ""] if base is None else [
-            "" if base["avg_bits_physical"] is None else f"{base['avg_bits_physical']:.2f}",
-            f"{base['delta_ppl_percent']:+.2f} %", f"{base['kld']:.4f}"]
-        lines.append(f"| {row['config']} | {row['avg_bits_physical']:.2f} | "
-                     f"{100 * row['delta_ppl']:+.2f} % | {row['kld']:.4f} | {' | '.join(cells)} |")
-    (args.out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+        write_tables(args, name, windows, sweeper, rows, len(configs))
     return 0
 
 
