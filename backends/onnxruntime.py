@@ -19,8 +19,11 @@ import ast
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
+from lwqc.backends import matmul_nbits
+from lwqc.backends.genai_decoder import ARCHITECTURES, build_decoder, builds
 from lwqc.backends.onnx_formats import (
     FORMAT_LOWERINGS,
     LoweringError,
@@ -33,8 +36,9 @@ from lwqc.ir.errors import LwqcError
 from lwqc.ir.formats import WeightFormat, load_weight
 from lwqc.ir.graph import Graph
 from lwqc.ir.plan_json import SCHEMA
-from lwqc.ir.spec import SPECS, QuantSpec, spec_from_json
-from lwqc.passes.base import Pass, PassContext, PassKind
+from lwqc.ir.source import CAUSAL_LM
+from lwqc.ir.spec import SPECS, GroupSpec, QuantSpec, spec_from_json
+from lwqc.passes.base import Option, Pass, PassContext, PassKind, choice
 
 OPSET_INT2 = 25
 IR_VERSION_INT2 = 13  # int2/uint2 tensors arrived with IR version 13 (opset 25)
@@ -43,6 +47,10 @@ _SCOPES = "pkg.torch.onnx.name_scopes"
 SPEC_FIELDS = {"scheme", *(name for cls in SPECS.values() for name in cls.field_names())}
 _DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy",
                    "pkg.torch.onnx.fx_node", "namespace")
+GRAPHS = ("auto", "kv-cache", "export")
+ACCURACY_LEVELS = (1, 2, 3, 4)
+DEFAULT_ACCURACY_LEVEL = 4
+DECODER_FILES = "onnx.files"  # graph.lowered key: the decoder's config and tokenizer files
 CAPABILITIES = Capabilities(
     backend="onnx",
     widths={name: PACKED_STORAGE.widths[name] for name in FORMAT_LOWERINGS},
@@ -133,14 +141,28 @@ def lower(graph: Graph, model: ir.Model) -> ir.Model:
     for node in model.graph.all_nodes():
         for key in _DEBUG_METADATA:
             node.metadata_props.pop(key, None)
-    if any(p.spec.bits == 2 for p in graph.packed.values()):
+    _finish(graph, model, any(p.spec.bits == 2 for p in graph.packed.values()))
+    return model
+
+
+def _finish(graph: Graph, model: ir.Model, int2_codes: bool) -> None:
+    """Raise the opset where int2 tensors are dequantized; record what the model came from."""
+    if int2_codes:
         model.opset_imports[""] = OPSET_INT2
         model.ir_version = max(model.ir_version, IR_VERSION_INT2)
     model.metadata_props.update(
         {"lwqc.schema": SCHEMA, "lwqc.pipeline": graph.pipeline, "lwqc.model": graph.model_id,
          "lwqc.weights_sha256": graph.weights_sha256}
     )
-    return model
+
+
+def lower_decoder(graph: Graph, accuracy_level: int) -> tuple[ir.Model, dict[str, bytes]]:
+    """The GenAI decoder (KV cache) rewritten from the plan, and its config and tokenizer
+    files."""
+    metadata = {site_id: _decision_metadata(graph, site_id) for site_id in graph.sites}
+    model, files, int2_codes = build_decoder(graph, accuracy_level, metadata)
+    _finish(graph, model, int2_codes)
+    return model, files
 
 
 def save(model: ir.Model, path: Path) -> None:
@@ -159,6 +181,9 @@ def read_packed(path: Path, expected: set[str]) -> dict[str, WeightFormat]:
     packed = {}
     for node in model.graph:
         meta = node.metadata_props
+        if node.op_type == "MatMulNBits" and not spec_from_metadata(meta).kept:
+            packed.update(_read_nbits(node, initializers))
+            continue
         if node.op_type not in ("MatMul", "Gemm") or "lwqc.site" not in meta:
             continue
         spec = spec_from_metadata(meta)
@@ -176,20 +201,68 @@ def read_packed(path: Path, expected: set[str]) -> dict[str, WeightFormat]:
     return packed
 
 
+def parse_accuracy_level(text: str) -> int:
+    value = int(text)
+    if value not in ACCURACY_LEVELS:
+        raise ValueError("an accuracy level 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)")
+    return value
+
+
+def _read_nbits(node: ir.Node, initializers: dict[str, np.ndarray]) -> dict[str, WeightFormat]:
+    """The sites of a MatMulNBits node (several when fused sites share its spec)."""
+    meta = node.metadata_props
+    spec = spec_from_metadata(meta)
+    assert isinstance(spec, GroupSpec)
+    stored = {key: initializers[value.name]
+              for key, value in zip(matmul_nbits.ARRAYS, node.inputs[1:], strict=False)
+              if value is not None}
+    arrays = matmul_nbits.unpack(spec, stored, node.attributes.get_int("K"))
+    if "lwqc.site" in meta:
+        return {meta["lwqc.site"]: load_weight(spec, arrays)}
+    site_ids, rows = json.loads(meta["lwqc.sites"]), json.loads(meta["lwqc.rows"])
+    edges = np.cumsum(rows)[:-1]
+    parts = {key: np.split(array, edges) for key, array in arrays.items()}
+    return {site_id: load_weight(spec, {key: parts[key][i] for key in parts})
+            for i, site_id in enumerate(site_ids)}
+
+
 class LowerOnnxPass(Pass):
-    """Rewrite the source's float ONNX graph: every quantized site's weight from its format."""
+    """Write the ONNX model: for a causal LM the GenAI decoder with a KV cache (``graph=auto``
+    when the builder knows the architecture, ``kv-cache`` to insist), else the source's float
+    export; every quantized site's weight from its format."""
 
     name = "lower-onnx"
     kind = PassKind.TRANSFORM
     requires = ("packed",)
     provides = ("lowered.onnx",)
     capabilities = CAPABILITIES
+    options = {
+        "graph": Option(choice(*GRAPHS), "auto",
+                        "causal LMs: kv-cache (the GenAI decoder) or export (no cache)"),
+        "accuracy_level": Option(parse_accuracy_level, DEFAULT_ACCURACY_LEVEL,
+                                 "MatMulNBits compute: 1 fp32 ... 4 int8 activations"),
+    }
+
+    def _decoder(self, graph: Graph) -> bool:
+        wanted = self.values["graph"]
+        if wanted == "export":
+            return False
+        fits = graph.source is not None and graph.source.kind == CAUSAL_LM and builds(graph)
+        if wanted == "kv-cache" and not fits:
+            raise LoweringError(f"no KV-cache decoder for {graph.architecture} (it needs one of "
+                                f"{', '.join(ARCHITECTURES)} with a tokenizer); use graph=export")
+        return fits
 
     def run(self, graph: Graph, context: PassContext) -> None:
-        graph.lowered["onnx"] = lower(graph, graph.source.float_onnx())
+        if self._decoder(graph):
+            model, files = lower_decoder(graph, self.values["accuracy_level"])
+            graph.lowered["onnx"] = model
+            graph.lowered[DECODER_FILES] = files
+        else:
+            graph.lowered["onnx"] = lower(graph, graph.source.float_onnx())
 
 
-def session(path: Path, accuracy_level: int = 1):
+def session(path: Path, accuracy_level: int = 1, threads: int | None = None):
     """An ORT CPU session that computes what the artifact says.
 
     ORT's default optimizer fuses ``DequantizeLinear -> MatMul`` into ``MatMulNBits`` at
@@ -200,4 +273,6 @@ def session(path: Path, accuracy_level: int = 1):
 
     options = ort.SessionOptions()
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    if threads is not None:
+        options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

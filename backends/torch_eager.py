@@ -52,7 +52,9 @@ class PackedLinear(torch.nn.Module):
 
 
 def build(module: torch.nn.Module, packed: dict[str, WeightFormat]) -> torch.nn.Module:
-    """A deep copy of ``module`` with every packed site replaced by a ``PackedLinear``."""
+    """A deep copy of ``module`` with every packed site replaced by a ``PackedLinear``; a
+    table tied to a site's weight (the embedding of a tied head) holds the same dequantized
+    weight."""
     quantized = copy.deepcopy(module).eval()
     for site_id, weight in packed.items():
         parent_name, _, child = site_id.rpartition(".")
@@ -62,7 +64,13 @@ def build(module: torch.nn.Module, packed: dict[str, WeightFormat]) -> torch.nn.
         except AttributeError:
             raise LwqcError(f"the model has no linear {site_id}: the artifact was compiled for "
                             "another model; recompile") from None
-        setattr(parent, child, PackedLinear(weight, getattr(original, "bias", None)))
+        linear = PackedLinear(weight, getattr(original, "bias", None))
+        shared = [p for name, p in quantized.named_parameters(remove_duplicate=False)
+                  if p is original.weight and not name.startswith(f"{site_id}.")]
+        setattr(parent, child, linear)
+        if shared:
+            with torch.no_grad():
+                shared[0].copy_(linear.dequantized_weight())
     return quantized
 
 

@@ -102,6 +102,7 @@ def lift(module: torch.nn.Module, ep: torch.export.ExportedProgram, model_id: st
     layouts: dict[str, tuple[str, bool]] = {}
     inputs_of: dict[str, torch.fx.Node] = {}
     excluded: list[tuple[str, str]] = []
+    tied_sites: dict[str, str] = {}  # tied table -> the site that owns it
     for node in ep.graph.nodes:
         spec = _MATMUL_TARGETS.get(str(node.target)) if node.op == "call_function" else None
         if spec is None:
@@ -112,25 +113,27 @@ def lift(module: torch.nn.Module, ep: torch.export.ExportedProgram, model_id: st
             continue
         site_id = _module_path(node)
         param_name = f"{site_id}.weight"
-        if param_name in tied or param_of[weight.name] != param_name:
-            owner = tied.get(param_name, param_of[weight.name])
-            excluded.append((site_id, f"weight tied to {owner}; stays float and is not counted"))
+        owner = tied.get(param_name)
+        if param_of[weight.name] not in (param_name, owner) or owner in tied_sites:
+            excluded.append((site_id, f"weight shared with {param_of[weight.name]}; stays float "
+                                      "and is not counted"))
             continue
         tensor = module.get_parameter(param_name)
         shape = tuple(tensor.shape[::-1] if transposed else tensor.shape)
         layouts[site_id] = (param_name, transposed)
         sites[site_id] = MatmulSite(
             id=site_id, role=role_of(site_id), block=None, shape=shape, fusion_group=site_id,
-            order=len(sites),
+            order=len(sites), tied=owner,
         )
+        if owner is not None:
+            tied_sites[owner] = site_id
         site_nodes[node] = site_id
         inputs_of[site_id] = _activation_root(node.args[input_index])
     if not sites:
         raise ModelLoadError(f"{model_id} has no linear layer with a weight parameter to quantize")
     for name, param in module.named_parameters():
-        if param.dim() == 2 and name.removesuffix(".weight") not in sites and not any(
-            name.removesuffix(".weight") == e for e, _ in excluded
-        ):
+        if param.dim() == 2 and name.removesuffix(".weight") not in sites and name not in \
+                tied_sites and not any(name.removesuffix(".weight") == e for e, _ in excluded):
             excluded.append((name, "not a matmul weight (embedding or table); stays float"))
     blocks = _group_blocks(module, sites)
     _assign_fusion_groups(sites, inputs_of)

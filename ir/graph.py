@@ -29,6 +29,7 @@ class MatmulSite:
     fusion_group: str
     order: int
     stats: dict[str, Annotation] = dataclasses.field(default_factory=dict)
+    tied: str | None = None  # the embedding table sharing this weight (one array serves both)
 
     @property
     def params(self) -> int:

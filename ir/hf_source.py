@@ -12,13 +12,14 @@ import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir
 import torch
 
-from lwqc.ir.errors import NonFiniteWeightError
+from lwqc.ir.errors import ModelLoadError, NonFiniteWeightError
 from lwqc.ir.fx_lift import example_inputs, export, lift
 from lwqc.ir.graph import Graph
 from lwqc.ir.hf_load import LoadedModel, load_model, weights_sha256
@@ -116,6 +117,13 @@ class HFSource:
 
     def eager_module(self) -> torch.nn.Module:
         return self.module
+
+    def save_pretrained(self, directory: Path) -> None:
+        """The float model as a transformers directory: config, weights and, when the model
+        has one, its tokenizer's files."""
+        self.module.save_pretrained(directory)
+        with contextlib.suppress(ModelLoadError):
+            self.tokenizer().save_pretrained(directory)
 
 
 def _first_tensor(value: Any) -> torch.Tensor:

@@ -41,6 +41,8 @@ def plan_document(graph: Graph) -> dict[str, Any]:
             "bytes": site_bytes(graph, site.id, spec),
             "scores": _annotations_json(site.stats),
         }
+        if site.tied is not None:
+            sites[site.id]["tied"] = site.tied
     return {
         "schema": SCHEMA,
         "model": {
@@ -52,7 +54,8 @@ def plan_document(graph: Graph) -> dict[str, Any]:
         "pipeline": graph.pipeline,
         "policy": plan.policy,
         "budget": plan.budget,
-        "counted": "the weights of all matmul sites below (biases, norms and embeddings excluded)",
+        "counted": "the weights of all matmul sites below (biases, norms and untied embeddings "
+                   "excluded; a head tied to its embedding table is one site serving both)",
         "excluded": [{"tensor": name, "why": why} for name, why in graph.excluded],
         "notes": plan.notes,
         "blocks": [
@@ -105,7 +108,7 @@ _ARTIFACT_FIELDS = {
     "model": {"id": "string", "architecture": "string", "weights_sha256": "string",
               "keep_bits": "int"},
     "site": {"role": "string", "block": "int?", "shape": "shape", "fusion_group": "string",
-             "scores": "scores"},
+             "scores": "scores", "tied": "absent or string"},
     "block": {"index": "int", "module": "string", "sites": "strings", "scores": "scores"},
 }
 
@@ -121,6 +124,7 @@ _TYPES = {
     "strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     "int": _is_int,
     "int?": lambda v: v is None or _is_int(v),
+    "absent or string": lambda v: v is None or isinstance(v, str),
     "shape": lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0
                                                                      for x in v),
     "scores": lambda v: isinstance(v, dict) and all(
@@ -139,10 +143,10 @@ def _check_fields(path: Path, where: str, entry: Any, table: str) -> None:
         raise PlanError(f"plan file {path}: {where or 'the document'} is not an object")
     for key, kind in _ARTIFACT_FIELDS[table].items():
         name = f"{where}.{key}" if where else key
-        if key not in entry:
+        if key not in entry and kind != "absent or string":
             raise PlanError(f"plan file {path} lacks {name}: it is not a complete lwqc "
                             "artifact; recompile")
-        _check_type(path, name, entry[key], kind)
+        _check_type(path, name, entry.get(key), kind)
 
 
 def read_artifact_plan(path: Path) -> dict[str, Any]:
@@ -175,6 +179,7 @@ def graph_from_document(document: dict[str, Any]) -> Graph:
             fusion_group=entry["fusion_group"],
             order=order,
             stats=_recorded(entry.get("scores", {})),
+            tied=entry.get("tied"),
         )
     blocks = [
         Block(index=b["index"], module=b["module"], sites=b["sites"], stats=_recorded(b["scores"]))

@@ -9,13 +9,16 @@ nothing in lwqc reaches into a frontend's own objects.
    maps a block's module name or a site id to ``callback(input, output)``, called with that
    block's residual-stream input and output, or that site's input activation and output.
 4. ``substituted(weights)``: a context in which ``run`` uses other site weights.
-5. ``float_onnx()`` / ``eager_module()``: the float graphs the lowerings start from.
+5. ``float_onnx()`` / ``eager_module()``: the float graphs the lowerings start from;
+   ``save_pretrained(directory)``: the float model as a transformers directory, for tools
+   that read one (the GenAI model builder).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -50,3 +53,5 @@ class ModelSource(Protocol):
     def float_onnx(self) -> onnx_ir.Model: ...
 
     def eager_module(self) -> torch.nn.Module: ...
+
+    def save_pretrained(self, directory: Path) -> None: ...

@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from lwqc.artifacts import MODEL_FILE, PACKED_FILE, PLAN_FILE, REPORT_FILE, atomic_directory
+from lwqc.artifacts import (
+    DECODER_FILES,
+    MODEL_FILE,
+    PACKED_FILE,
+    PLAN_FILE,
+    REPORT_FILE,
+    atomic_directory,
+)
 from lwqc.backends import onnxruntime as ort_backend
 from lwqc.backends import torch_eager
 from lwqc.ir.accounting import totals
@@ -90,6 +97,10 @@ def write_artifacts(graph: Graph, directory: Path, timings: list[PassTiming]) ->
     write_plan(directory / PLAN_FILE, plan_document(graph))
     if "onnx" in graph.lowered:
         ort_backend.save(graph.lowered["onnx"], directory / MODEL_FILE)
+        for name, content in graph.lowered.get(ort_backend.DECODER_FILES, {}).items():
+            if name not in DECODER_FILES:
+                raise LwqcError(f"the decoder builder wrote an unexpected file {name}")
+            (directory / name).write_bytes(content)
     if "torch" in graph.lowered:
         torch_eager.save_packed(graph.packed, directory / PACKED_FILE)
     (directory / REPORT_FILE).write_text(render(graph, timings))

@@ -19,6 +19,7 @@ import torch
 from lwqc.artifacts import MODEL_FILE, PACKED_FILE, PLAN_FILE
 from lwqc.backends import onnxruntime as ort_backend
 from lwqc.backends import torch_eager
+from lwqc.backends.decoder_session import DecoderSession, is_decoder
 from lwqc.ir.datasets import read_text, stsb_pairs, wikitext2_text
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.hf_load import load_model, weights_sha256
@@ -39,6 +40,9 @@ def _torch_runner(module: torch.nn.Module, output: str) -> Runner:
 
 
 def _ort_runner(path: Path, output: str) -> Runner:
+    if is_decoder(path.parent):
+        decoder = DecoderSession(path.parent)
+        return lambda inputs: decoder.prefill(inputs["input_ids"])
     session = ort_backend.session(path)
     names = {i.name for i in session.get_inputs()}
 
