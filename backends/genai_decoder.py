@@ -28,16 +28,20 @@ import numpy as np
 import onnx_ir as ir
 
 from lwqc.backends import matmul_nbits
-from lwqc.backends.onnx_formats import LoweringError, SiteRewrite, lower_weight
+from lwqc.backends.onnx_formats import (
+    LoweringError,
+    SiteRewrite,
+    add_initializer,
+    lower_weight,
+    replace_node,
+)
 from lwqc.ir.capabilities import PACKED_STORAGE
 from lwqc.ir.errors import ModelLoadError
 from lwqc.ir.formats import AffineWeight, WeightFormat
 from lwqc.ir.graph import Graph
-from lwqc.ir.spec import GroupSpec
 
 # Architectures whose builder output lwqc has checked against the float model.
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-MS_DOMAIN = "com.microsoft"
 DECODER_FILE = "model.onnx"  # the builder's, and the genai_config.json's, file name
 BUILDER_TIMEOUT_S = 3600
 
@@ -134,24 +138,33 @@ class DecoderRewrite:
         """Replace ``node`` by the lowering of its sites."""
         packed = [self.graph.packed.get(s) for s in site_ids]
         weight_b = node.inputs[1]
-        if len(site_ids) == 1 or self._shares_nbits(packed):
+        if len(site_ids) == 1 or self._shares_nbits(site_ids, packed):
             output = self._lower(node, site_ids, packed)
         else:
             starts = np.cumsum([0] + [self.graph.sites[s].shape[0] for s in site_ids])
             parts = [self._lower(node, [s], [w], int(start))
                      for s, w, start in zip(site_ids, packed, starts, strict=False)]
-            output = self._insert(node, ir.node("Concat", parts, attributes={"axis": -1},
-                                                name=f"{node.name}/Concat"))
-        self._replace(node, output)
+            concat = ir.node("Concat", parts, attributes={"axis": -1}, name=f"{node.name}/Concat")
+            self.model.graph.insert_before(node, concat)
+            output = concat.outputs[0]
+        replace_node(self.model.graph, node, output)
         site = self.graph.sites[site_ids[0]]
         if len(site_ids) == 1 and site.tied is not None and packed[0] is not None:
             self._share_embedding(weight_b, site.id, packed[0])
 
-    @staticmethod
-    def _shares_nbits(packed: list[WeightFormat | None]) -> bool:
+    def _nbits_holds(self, site_id: str, weight: WeightFormat | None) -> bool:
+        """MatMulNBits holds the weight, and GatherBlockQuantized its tied table, if any."""
+        if weight is None:
+            return False
+        if self.graph.sites[site_id].tied is not None:
+            return matmul_nbits.gathers(weight)
+        return matmul_nbits.supported(weight)
+
+    def _shares_nbits(self, site_ids: list[str], packed: list[WeightFormat | None]) -> bool:
         first = packed[0]
         return first is not None and all(
-            w is not None and w.spec == first.spec and matmul_nbits.supported(w) for w in packed)
+            w is not None and w.spec == first.spec and self._nbits_holds(s, w)
+            for s, w in zip(site_ids, packed, strict=True))
 
     def _lower(self, node: ir.Node, site_ids: list[str], packed: list[WeightFormat | None],
                start: int = 0) -> ir.Value:
@@ -161,110 +174,57 @@ class DecoderRewrite:
         if weight is None:  # kept float: this site's columns of the builder's weight
             rows = self.graph.sites[name].shape[0]
             columns = node.inputs[1].const_value.numpy()[:, start:start + rows]
-            value = self._initializer(f"{name}.weight", np.ascontiguousarray(columns))
-            return self._matmul_node("MatMul", [activation, value], node, site_ids)
-        if matmul_nbits.supported(weight):
-            return self._nbits(node, site_ids, packed)
-        rewrite = SiteRewrite(self.model.graph, name, node, True, PACKED_STORAGE.code_bits,
-                              self.metadata[name])
-        self.int2_dequantized |= weight.spec.bits == 2
-        self.dequantized[name] = lower_weight(rewrite, weight)
-        return self._matmul_node("MatMul", [activation, self.dequantized[name]], node, site_ids)
+            value = add_initializer(self.model.graph, f"{name}.weight",
+                                    np.ascontiguousarray(columns))
+            new = ir.node("MatMul", [activation, value], name=f"{name}/MatMul")
+            self.model.graph.insert_before(node, new)
+        elif self._nbits_holds(site_ids[0], weight):
+            weights = [w for w in packed if isinstance(w, AffineWeight)]
+            new = matmul_nbits.matmul(self.model.graph, node, name, activation, weights,
+                                      self.accuracy_level)
+        else:
+            rewrite = SiteRewrite(self.model.graph, name, node, True, PACKED_STORAGE.code_bits,
+                                  self.metadata[name])
+            self.int2_dequantized |= weight.spec.bits == 2
+            self.dequantized[name] = lower_weight(rewrite, weight)
+            new = ir.node("MatMul", [activation, self.dequantized[name]], name=f"{name}/MatMul")
+            self.model.graph.insert_before(node, new)
+        new.metadata_props.update(self._decision(site_ids))
+        return new.outputs[0]
 
-    def _nbits(self, node: ir.Node, site_ids: list[str],
-               packed: list[WeightFormat | None]) -> ir.Value:
-        arrays = [matmul_nbits.pack(w) for w in packed if isinstance(w, AffineWeight)]
-        joined = {key: np.concatenate([a[key] for a in arrays]) for key in arrays[0]}
-        spec = packed[0].spec if packed[0] is not None else None
-        assert isinstance(spec, GroupSpec)
-        name = "+".join(site_ids)
-        inputs = [node.inputs[0]] + [self._initializer(f"{name}.weight_{key}", joined[key])
-                                     for key in matmul_nbits.ARRAYS if key in joined]
-        attributes = {"K": int(node.inputs[1].const_value.shape[0]),
-                      "N": int(joined["B"].shape[0]), "bits": spec.bits,
-                      "block_size": spec.group_size, "accuracy_level": self.accuracy_level}
-        return self._matmul_node("MatMulNBits", inputs, node, site_ids, attributes, MS_DOMAIN)
-
-    def _matmul_node(self, op: str, inputs: list[ir.Value], before: ir.Node,
-                     site_ids: list[str], attributes: dict | None = None,
-                     domain: str = "") -> ir.Value:
-        new = ir.node(op, inputs, attributes=attributes or {}, domain=domain,
-                      name=f"{'+'.join(site_ids)}/{op}")
+    def _decision(self, site_ids: list[str]) -> dict[str, str]:
+        """The decision metadata of one site, or of sites sharing one spec."""
         first = self.metadata[site_ids[0]]
         if len(site_ids) == 1:
-            new.metadata_props.update(first)
-        else:  # one spec, several sites
-            new.metadata_props.update({k: v for k, v in first.items()
-                                       if k not in ("lwqc.site", "lwqc.role", "lwqc.scores")})
-            new.metadata_props["lwqc.sites"] = json.dumps(site_ids)
-            new.metadata_props["lwqc.rows"] = json.dumps(
-                [self.graph.sites[s].shape[0] for s in site_ids])
-            new.metadata_props["lwqc.scores"] = json.dumps(
-                {s: json.loads(self.metadata[s]["lwqc.scores"]) for s in site_ids})
-        return self._insert(before, new)
-
-    def _insert(self, before: ir.Node, *nodes: ir.Node) -> ir.Value:
-        self.model.graph.insert_before(before, list(nodes))
-        return nodes[-1].outputs[0]
-
-    def _initializer(self, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
-        value.type = ir.TensorType(value.const_value.dtype)
-        value.shape = ir.Shape(array.shape)
-        self.model.graph.register_initializer(value)
-        return value
-
-    def _replace(self, node: ir.Node, output: ir.Value) -> None:
-        name = node.outputs[0].name
-        ir.convenience.replace_all_uses_with(node.outputs[0], output,
-                                             replace_graph_outputs=True)
-        self.model.graph.remove(node, safe=True)
-        output.name = name
+            return first
+        shared = {k: v for k, v in first.items()
+                  if k not in ("lwqc.site", "lwqc.role", "lwqc.scores")}
+        return {**shared, "lwqc.sites": json.dumps(site_ids),
+                "lwqc.rows": json.dumps([self.graph.sites[s].shape[0] for s in site_ids]),
+                "lwqc.scores": json.dumps({s: json.loads(self.metadata[s]["lwqc.scores"])
+                                           for s in site_ids})}
 
     def _share_embedding(self, weight_b: ir.Value, site_id: str, weight: WeightFormat) -> None:
         """Point the Gathers that read ``Transpose(B)`` of a tied head at its arrays."""
         for transpose in [u.node for u in weight_b.uses() if u.node.op_type == "Transpose"]:
             for use in list(transpose.outputs[0].uses()):
-                if use.node.op_type == "Gather" and use.idx == 0:
-                    self._replace(use.node, self._lookup(use.node, site_id, weight))
+                gather = use.node
+                if gather.op_type != "Gather" or use.idx != 0:
+                    continue
+                if site_id in self.dequantized:  # no n-bit kernel holds it: float rows
+                    table = ir.node("Transpose", [self.dequantized[site_id]],
+                                    attributes={"perm": [1, 0]}, name=f"{site_id}/table")
+                    rows = ir.node("Gather", [table.outputs[0], gather.inputs[1]],
+                                   attributes={"axis": 0}, name=f"{site_id}/Gather")
+                    self.model.graph.insert_before(gather, [table, rows])
+                    value = rows.outputs[0]
+                else:
+                    assert isinstance(weight, AffineWeight)
+                    value = matmul_nbits.gather(self.model.graph, gather, site_id, weight,
+                                                gather.inputs[1])
+                replace_node(self.model.graph, gather, value)
             if not transpose.outputs[0].uses():
                 self.model.graph.remove(transpose, safe=True)
-
-    def _lookup(self, gather: ir.Node, site_id: str, weight: WeightFormat) -> ir.Value:
-        """Rows of the site's weight at the Gather's indices."""
-        indices = gather.inputs[1]
-        if site_id in self.dequantized:  # no n-bit kernel holds it: gather float rows
-            table = ir.node("Transpose", [self.dequantized[site_id]],
-                            attributes={"perm": [1, 0]}, name=f"{site_id}/table")
-            lookup = ir.node("Gather", [table.outputs[0], indices], attributes={"axis": 0},
-                             name=f"{site_id}/Gather")
-            return self._insert(gather, table, lookup)
-        spec = weight.spec
-        assert isinstance(spec, GroupSpec) and spec.group_size is not None
-        if spec.bits not in matmul_nbits.GATHER_BITS:
-            raise LoweringError(f"site {site_id}: GatherBlockQuantized cannot read "
-                                f"{spec.bits}-bit codes for the tied embedding")
-        stored = self.model.graph.initializers
-        out_features, in_features = weight.shape
-        shape = self._initializer(f"{site_id}.lowering_table_shape",
-                                  np.asarray([out_features, -1], np.int64))
-        table = ir.node("Reshape", [stored[f"{site_id}.weight_B"], shape],
-                        name=f"{site_id}/table")
-        inputs = [table.outputs[0], indices, stored[f"{site_id}.weight_scales"]]
-        if f"{site_id}.weight_zero_points" in stored:
-            inputs.append(stored[f"{site_id}.weight_zero_points"])
-        lookup = ir.node("GatherBlockQuantized", inputs, domain=MS_DOMAIN,
-                         attributes={"bits": spec.bits, "gather_axis": 0, "quantize_axis": 1,
-                                     "block_size": spec.group_size},
-                         name=f"{site_id}/GatherBlockQuantized")
-        value = self._insert(gather, table, lookup)
-        if in_features % spec.group_size == 0:
-            return value
-        bounds = [self._initializer(f"{site_id}.lowering_embedding_{key}",
-                                    np.asarray([v], np.int64))
-                  for key, v in (("start", 0), ("end", in_features), ("axis", -1))]
-        return self._insert(gather, ir.node("Slice", [value, *bounds],
-                                            name=f"{site_id}/embedding_columns"))
 
 
 def _materialize(model: ir.Model) -> None:

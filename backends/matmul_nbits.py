@@ -9,31 +9,53 @@ the even input in the low nibble); ``scales`` ``[N, blocks]`` float32; ``zero_po
 ``[N, ceil(blocks * bits / 8)]`` packed the same way, absent when the codes are symmetric (the
 kernel's default zero point is ``2^(bits-1)``, so signed codes are stored shifted by it).
 Dequantization is ``(code - zero_point) * scale``: the affine format's own formula, so the
-weights are the ones the torch backend computes.
+weights are the ones the torch backend computes. ``matmul`` and ``gather`` build the nodes;
+a table the gather reads is the matmul's own ``B`` (no second copy), its padded columns cut
+by a Slice.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 
+from lwqc.backends.onnx_formats import add_initializer
 from lwqc.ir.formats import AffineWeight, WeightFormat
-from lwqc.ir.spec import GroupSpec
+from lwqc.ir.formats.base import SCALE_BYTES
+from lwqc.ir.spec import GroupSpec, QuantSpec
 
 BITS = (2, 4, 8)
 GATHER_BITS = (4, 8)  # GatherBlockQuantized holds 4- and 8-bit codes
 MIN_BLOCK = 16
 ARRAYS = ("B", "scales", "zero_points")  # MatMulNBits' inputs after A, in order
+BIAS_INPUT = 5  # after A, B, scales, zero_points, g_idx
+DOMAIN = "com.microsoft"
+
+
+def holds(spec: QuantSpec) -> bool:
+    """Whether MatMulNBits holds weights of ``spec`` exactly: affine codes of 2, 4 or 8 bits,
+    groups of a power of two of at least 16 inputs, no outliers."""
+    if spec.format != "affine" or not isinstance(spec, GroupSpec) or spec.outliers:
+        return False
+    size = spec.group_size
+    return spec.bits in BITS and size is not None and size >= MIN_BLOCK and size & (size - 1) == 0
 
 
 def supported(weight: WeightFormat) -> bool:
-    """Whether MatMulNBits holds ``weight`` exactly: affine codes of 2, 4 or 8 bits, groups
-    of a power of two of at least 16 inputs, no outliers."""
-    spec = weight.spec
-    if not isinstance(weight, AffineWeight) or weight.outliers is not None:
-        return False
-    assert isinstance(spec, GroupSpec)
-    size = spec.group_size
-    return spec.bits in BITS and size is not None and size >= MIN_BLOCK and size & (size - 1) == 0
+    return isinstance(weight, AffineWeight) and weight.outliers is None and holds(weight.spec)
+
+
+def layout_bytes(shape: tuple[int, int], spec: QuantSpec) -> int | None:
+    """Bytes of ``B``, ``scales`` and ``zero_points`` for a weight MatMulNBits holds (the last
+    block padded to a whole one, zero points packed per row); None for any other."""
+    if not holds(spec):
+        return None
+    assert isinstance(spec, GroupSpec) and spec.group_size is not None
+    out_features, in_features = shape
+    blocks = spec.groups(in_features)
+    codes = out_features * blocks * spec.group_size * spec.bits // 8
+    zero_points = out_features * -(-blocks * spec.bits // 8) if spec.scheme == "rtn-asym" else 0
+    return codes + out_features * blocks * SCALE_BYTES + zero_points
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -89,3 +111,57 @@ def unpack(spec: GroupSpec, arrays: dict[str, np.ndarray],
     else:
         result["codes"] = (codes - (1 << (bits - 1))).astype(np.int8)
     return result
+
+
+def gathers(weight: WeightFormat) -> bool:
+    """Whether GatherBlockQuantized reads the weight's table from MatMulNBits' arrays."""
+    return supported(weight) and weight.spec.bits in GATHER_BITS
+
+
+def matmul(graph: ir.Graph, before: ir.Node, name: str, activation: ir.Value,
+           weights: list[AffineWeight], accuracy_level: int,
+           bias: ir.Value | None = None) -> ir.Node:
+    """A MatMulNBits node (inserted before ``before``) multiplying ``activation`` by the
+    weights stacked along the output dimension (one spec); initializers ``<name>.weight_*``."""
+    arrays = [pack(w) for w in weights]
+    joined = {key: np.concatenate([a[key] for a in arrays]) for key in arrays[0]}
+    spec = weights[0].spec
+    inputs: list[ir.Value | None] = [activation]
+    inputs += [add_initializer(graph, f"{name}.weight_{key}", joined[key])
+               for key in ARRAYS if key in joined]
+    if bias is not None:
+        inputs += [None] * (BIAS_INPUT - len(inputs)) + [bias]
+    node = ir.node("MatMulNBits", inputs, domain=DOMAIN, name=f"{name}/MatMulNBits",
+                   attributes={"K": weights[0].shape[1], "N": int(joined["B"].shape[0]),
+                               "bits": spec.bits, "block_size": spec.group_size,
+                               "accuracy_level": accuracy_level})
+    graph.insert_before(before, node)
+    return node
+
+
+def gather(graph: ir.Graph, before: ir.Node, name: str, weight: AffineWeight,
+           indices: ir.Value) -> ir.Value:
+    """Rows of the weight at ``indices``, read by GatherBlockQuantized from the initializers
+    ``matmul`` wrote for ``name`` (inserted before ``before``)."""
+    spec = weight.spec
+    assert isinstance(spec, GroupSpec) and spec.group_size is not None
+    out_features, in_features = weight.shape
+    stored = graph.initializers
+    shape = add_initializer(graph, f"{name}.lowering_table_shape",
+                            np.asarray([out_features, -1], np.int64))
+    table = ir.node("Reshape", [stored[f"{name}.weight_B"], shape], name=f"{name}/table")
+    inputs = [table.outputs[0], indices, stored[f"{name}.weight_scales"]]
+    if f"{name}.weight_zero_points" in stored:
+        inputs.append(stored[f"{name}.weight_zero_points"])
+    lookup = ir.node("GatherBlockQuantized", inputs, domain=DOMAIN,
+                     attributes={"bits": spec.bits, "gather_axis": 0, "quantize_axis": 1,
+                                 "block_size": spec.group_size},
+                     name=f"{name}/GatherBlockQuantized")
+    nodes = [table, lookup]
+    if in_features % spec.group_size:
+        bounds = [add_initializer(graph, f"{name}.lowering_table_{key}", np.asarray([v], np.int64))
+                  for key, v in (("start", 0), ("end", in_features), ("axis", -1))]
+        nodes.append(ir.node("Slice", [lookup.outputs[0], *bounds],
+                             name=f"{name}/table_columns"))
+    graph.insert_before(before, nodes)
+    return nodes[-1].outputs[0]

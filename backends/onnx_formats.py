@@ -46,6 +46,23 @@ class LoweringError(LwqcError):
     """The exported graph does not have the shape the lowering expects."""
 
 
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """``array`` as a new initializer of ``graph``."""
+    value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+    value.type = ir.TensorType(value.const_value.dtype)
+    value.shape = ir.Shape(array.shape)
+    graph.register_initializer(value)
+    return value
+
+
+def replace_node(graph: ir.Graph, node: ir.Node, output: ir.Value) -> None:
+    """Remove ``node``; ``output`` takes over its single output's uses and name."""
+    name = node.outputs[0].name
+    ir.convenience.replace_all_uses_with(node.outputs[0], output, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    output.name = name
+
+
 @dataclasses.dataclass
 class SiteRewrite:
     """Builds the nodes that compute one site's weight, inserted before its MatMul."""
@@ -67,11 +84,7 @@ class SiteRewrite:
         return np.ascontiguousarray(array.T if self.transposed else array)
 
     def initializer(self, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
-        value.type = ir.TensorType(value.const_value.dtype)
-        value.shape = ir.Shape(array.shape)
-        self.graph.register_initializer(value)
-        return value
+        return add_initializer(self.graph, name, array)
 
     def array(self, weight: WeightFormat, name: str, signed: bool = False) -> ir.Value:
         """The format's array ``name`` as an initializer in B's orientation (3-bit codes:

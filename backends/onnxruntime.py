@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +30,12 @@ from lwqc.backends.onnx_formats import (
     LoweringError,
     SiteRewrite,
     lower_weight,
+    replace_node,
     stored_arrays,
 )
 from lwqc.ir.capabilities import PACKED_STORAGE, Capabilities
 from lwqc.ir.errors import LwqcError
-from lwqc.ir.formats import WeightFormat, load_weight
+from lwqc.ir.formats import AffineWeight, WeightFormat, load_weight
 from lwqc.ir.graph import Graph
 from lwqc.ir.plan_json import SCHEMA
 from lwqc.ir.source import CAUSAL_LM
@@ -55,6 +57,7 @@ CAPABILITIES = Capabilities(
     backend="onnx",
     widths={name: PACKED_STORAGE.widths[name] for name in FORMAT_LOWERINGS},
     containers=PACKED_STORAGE.containers,
+    layout_bytes=matmul_nbits.layout_bytes,
 )
 
 
@@ -120,11 +123,16 @@ def _decision_metadata(graph: Graph, site_id: str) -> dict[str, str]:
     }
 
 
-def lower(graph: Graph, model: ir.Model) -> ir.Model:
-    """Rewrite the float ONNX ``model`` with the graph's plan and packed weights."""
+def lower(graph: Graph, model: ir.Model,
+          accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> ir.Model:
+    """Rewrite the float ONNX ``model`` with the graph's plan and packed weights: MatMulNBits
+    where it holds the weight (and GatherBlockQuantized the tied table, if any), else the
+    format's standard-op lowering feeding the site's MatMul/Gemm."""
     matmuls = site_matmuls(model, list(graph.sites))
+    int2_codes = False
     for site_id, node in matmuls.items():
-        node.metadata_props.update(_decision_metadata(graph, site_id))
+        decision = _decision_metadata(graph, site_id)
+        node.metadata_props.update(decision)
         weight = graph.packed.get(site_id)
         if weight is None:
             continue
@@ -133,16 +141,80 @@ def lower(graph: Graph, model: ir.Model) -> ir.Model:
         expected = weight.shape[::-1] if transposed else weight.shape
         if old.const_value.numpy().shape != tuple(expected):
             raise LoweringError(f"site {site_id}: exported weight has shape {old.shape}")
-        rewrite = SiteRewrite(model.graph, site_id, node, transposed,
-                              CAPABILITIES.code_bits, dict(node.metadata_props))
-        node.replace_input_with(1, lower_weight(rewrite, weight))
+        tied = graph.sites[site_id].tied is not None
+        if _nbits_fits(node) and (matmul_nbits.gathers(weight) if tied
+                                  else matmul_nbits.supported(weight)):
+            assert isinstance(weight, AffineWeight)
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+            new = matmul_nbits.matmul(model.graph, node, site_id, node.inputs[0], [weight],
+                                      accuracy_level, bias)
+            new.metadata_props.update(decision)
+            replace_node(model.graph, node, new.outputs[0])
+            table = matmul_nbits.gather
+        else:
+            rewrite = SiteRewrite(model.graph, site_id, node, transposed,
+                                  CAPABILITIES.code_bits, dict(node.metadata_props))
+            dequantized = lower_weight(rewrite, weight)
+            node.replace_input_with(1, dequantized)
+            int2_codes |= weight.spec.bits == 2
+            table = _dequantized_rows(dequantized, transposed)
+        if tied:
+            _share_table(model.graph, site_id, graph.weight(site_id), weight, table)
         if not old.uses() and old.name in model.graph.initializers:
             model.graph.initializers.pop(old.name)
     for node in model.graph.all_nodes():
         for key in _DEBUG_METADATA:
             node.metadata_props.pop(key, None)
-    _finish(graph, model, any(p.spec.bits == 2 for p in graph.packed.values()))
+    _finish(graph, model, int2_codes)
     return model
+
+
+def _nbits_fits(node: ir.Node) -> bool:
+    """MatMulNBits can take the node's place: a MatMul, or a Gemm that only adds a bias."""
+    if node.op_type == "MatMul":
+        return True
+    attributes = node.attributes
+    return (attributes.get_int("transA", 0) == 0 and attributes.get_float("alpha", 1.0) == 1.0
+            and attributes.get_float("beta", 1.0) == 1.0)
+
+
+TableLookup = Callable[[ir.Graph, ir.Node, str, WeightFormat, ir.Value], ir.Value]
+
+
+def _dequantized_rows(dequantized: ir.Value, transposed: bool) -> TableLookup:
+    """Rows of a dequantized weight held as B (``[in, out]`` when ``transposed``)."""
+
+    def lookup(graph: ir.Graph, before: ir.Node, site_id: str, weight: WeightFormat,
+               indices: ir.Value) -> ir.Value:
+        nodes = []
+        table = dequantized
+        if transposed:
+            nodes.append(ir.node("Transpose", [dequantized], attributes={"perm": [1, 0]},
+                                 name=f"{site_id}/table"))
+            table = nodes[-1].outputs[0]
+        nodes.append(ir.node("Gather", [table, indices], attributes={"axis": 0},
+                             name=f"{site_id}/Gather"))
+        graph.insert_before(before, nodes)
+        return nodes[-1].outputs[0]
+
+    return lookup
+
+
+def _share_table(graph: ir.Graph, site_id: str, float_weight: np.ndarray, weight: WeightFormat,
+                 lookup: TableLookup) -> None:
+    """Replace the Gathers that read a tied head's float table (``[out, in]``; the export
+    keeps it as an initializer of its own) by ``lookup`` of the head's quantized weight."""
+    gathers = [node for node in graph if node.op_type == "Gather"
+               and node.inputs[0] is not None and node.inputs[0].const_value is not None
+               and node.inputs[0].const_value.shape == float_weight.shape]
+    for gather in gathers:
+        table = gather.inputs[0]
+        if not np.array_equal(table.const_value.numpy(), float_weight):
+            continue
+        replace_node(graph, gather, lookup(graph, gather, site_id, weight, gather.inputs[1]))
+        if not table.uses() and table.name in graph.initializers:
+            graph.initializers.pop(table.name)
+        graph.sort()  # the table is now computed after the Gather's old position
 
 
 def _finish(graph: Graph, model: ir.Model, int2_codes: bool) -> None:
@@ -150,6 +222,8 @@ def _finish(graph: Graph, model: ir.Model, int2_codes: bool) -> None:
     if int2_codes:
         model.opset_imports[""] = OPSET_INT2
         model.ir_version = max(model.ir_version, IR_VERSION_INT2)
+    if any(node.domain == matmul_nbits.DOMAIN for node in model.graph.all_nodes()):
+        model.opset_imports.setdefault(matmul_nbits.DOMAIN, 1)
     model.metadata_props.update(
         {"lwqc.schema": SCHEMA, "lwqc.pipeline": graph.pipeline, "lwqc.model": graph.model_id,
          "lwqc.weights_sha256": graph.weights_sha256}
@@ -259,7 +333,8 @@ class LowerOnnxPass(Pass):
             graph.lowered["onnx"] = model
             graph.lowered[DECODER_FILES] = files
         else:
-            graph.lowered["onnx"] = lower(graph, graph.source.float_onnx())
+            graph.lowered["onnx"] = lower(graph, graph.source.float_onnx(),
+                                          self.values["accuracy_level"])
 
 
 def session(path: Path, accuracy_level: int = 1, threads: int | None = None):

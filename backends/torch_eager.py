@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lwqc.backends import matmul_nbits
 from lwqc.ir.capabilities import PACKED_STORAGE, Capabilities
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.formats import FORMATS, WeightFormat, format_class, load_weight
@@ -22,12 +23,13 @@ from lwqc.ir.graph import Graph
 from lwqc.ir.spec import spec_from_json
 from lwqc.passes.base import Pass, PassContext, PassKind
 
-# Sizes are those of the ONNX artifact the plan describes; the eager module and
-# packed.safetensors hold codes unpacked, one byte each.
+# Sizes are those of the ONNX artifact the plan describes (MatMulNBits' padded blocks
+# included); the eager module and packed.safetensors hold codes unpacked, one byte each.
 CAPABILITIES = Capabilities(
     backend="torch",
     widths={name: PACKED_STORAGE.widths[name] for name in FORMATS},
     containers=PACKED_STORAGE.containers,
+    layout_bytes=matmul_nbits.layout_bytes,
 )
 SPECS_KEY = "lwqc.specs"
 

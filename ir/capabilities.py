@@ -25,11 +25,13 @@ class Capabilities:
     containers: dict[int, int]
     group_size_ok: Callable[[int | None], bool] = any_group_size
     group_size_rule: str = "any group size"
+    # bytes of the specs the backend stores in a layout of its own (None: the format's)
+    layout_bytes: Callable[[tuple[int, int], QuantSpec], int | None] | None = None
 
     def same_storage(self, other: Capabilities) -> bool:
         """Whether ``other`` stores the same specs at the same sizes (backend name aside)."""
-        return (self.widths, self.containers, self.group_size_rule) == (
-            other.widths, other.containers, other.group_size_rule)
+        return (self.widths, self.containers, self.group_size_rule, self.layout_bytes) == (
+            other.widths, other.containers, other.group_size_rule, other.layout_bytes)
 
     def supports(self, spec: QuantSpec) -> bool:
         if spec.kept:
@@ -55,6 +57,9 @@ class Capabilities:
         """Physical bytes of a weight of ``shape`` under ``spec`` on this backend."""
         if spec.kept:
             return shape[0] * shape[1] * keep_bits // 8
+        own = None if self.layout_bytes is None else self.layout_bytes(shape, spec)
+        if own is not None:
+            return own
         return format_class(spec).physical_bytes(shape, spec, self.code_bits)
 
 

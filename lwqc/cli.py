@@ -1,4 +1,4 @@
-"""The ``lwqc`` command line: compile, eval, analyze, sweep, passes, show."""
+"""The ``lwqc`` command line: compile, eval, generate, analyze, sweep, passes, show."""
 
 from __future__ import annotations
 
@@ -83,6 +83,11 @@ def _add_compile(sub) -> None:
                    help="print the IR after PASS (repeatable, or 'all')")
     p.add_argument("--backend", choices=("onnx", "torch"), default="onnx",
                    help="onnx: model.onnx; torch: packed.safetensors for the eager module")
+    p.add_argument("--onnx-graph", choices=("auto", "kv-cache", "export"),
+                   help="causal LMs: kv-cache = the ONNX Runtime GenAI decoder (default where "
+                        "the architecture has one), export = the plain export, no cache")
+    p.add_argument("--accuracy-level", type=int, choices=(1, 2, 3, 4),
+                   help="MatMulNBits compute: 1 fp32 ... 4 int8 activations (default 4)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or timings")
 
@@ -97,6 +102,17 @@ def _add_eval(sub) -> None:
     p.add_argument("--backend", choices=("onnx", "torch"), default=None,
                    help="runtime for the quantized model (default: what the artifact holds)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="greedy text from a compiled causal LM, streamed")
+    p.add_argument("out", type=Path, help="artifact directory written by lwqc compile")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--backend", choices=("onnx", "torch"), default=None,
+                   help="onnx: the artifact's KV-cache decoder (default when it has one); "
+                        "torch: the eager module with the artifact's weights")
 
 
 def _add_analyze(sub) -> None:
@@ -143,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_compile(sub)
     _add_eval(sub)
+    _add_generate(sub)
     _add_analyze(sub)
     _add_sweep(sub)
     _add_passes(sub)
@@ -160,13 +177,17 @@ def _compile(args: argparse.Namespace) -> int:
         raise LwqcError("give --pipeline or --plan, not both")
     quantize = {"clip": args.clip, "gptq": args.gptq, "damp": args.damp,
                 "act_order": False if args.no_act_order else None}
+    lowering = {"graph": args.onnx_graph, "accuracy_level": args.accuracy_level}
+    if args.backend != "onnx" and any(v is not None for v in lowering.values()):
+        raise LwqcError("--onnx-graph and --accuracy-level apply to --backend onnx only")
     if args.pipeline:
-        if any(v is not None for v in quantize.values()):
-            raise LwqcError("--clip, --gptq, --damp and --no-act-order go inside --pipeline "
-                            "(quantize{clip=...,gptq=true})")
+        if any(v is not None for v in (*quantize.values(), *lowering.values())):
+            raise LwqcError("--clip, --gptq, --damp, --no-act-order, --onnx-graph and "
+                            "--accuracy-level go inside --pipeline "
+                            "(quantize{clip=...,gptq=true},lower-onnx{graph=...})")
         pass_list = parse(args.pipeline)
     elif args.plan:
-        pass_list = plan_passes(args.plan, args.backend, quantize)
+        pass_list = plan_passes(args.plan, args.backend, quantize, lowering)
     else:
         options = {
             "bits": args.bits, "ratio": args.ratio, "width": args.width, "hi": args.hi,
@@ -179,7 +200,8 @@ def _compile(args: argparse.Namespace) -> int:
         calibration = {"source": args.calib, "samples": args.calib_samples,
                        "seq_len": args.calib_seq_len, "seed": args.calib_seed}
         policy = policy_pass(args.policy, options)
-        passes = default_passes(policy, args.backend, quantize_options=quantize)
+        passes = default_passes(policy, args.backend, quantize_options=quantize,
+                                lowering_options=lowering)
         settings = next(p for p in passes if isinstance(p, QuantizePass))
         needed = calibrated([*policy.required(), *settings.required()])
         if not needed and any(v is not None for v in calibration.values()):
@@ -194,7 +216,8 @@ def _compile(args: argparse.Namespace) -> int:
             "sensitivity": {"metric": "delta-kl" if args.measure else None,
                             "group_size": args.group_size, "scheme": args.scheme},
         }
-        pass_list = default_passes(policy, args.backend, calibration, analyses, quantize)
+        pass_list = default_passes(policy, args.backend, calibration, analyses, quantize,
+                                   lowering)
     request = CompileRequest(
         model=args.model, out=args.out, passes=pass_list,
         print_ir_after=tuple(args.print_ir_after), trust_remote_code=args.trust_remote_code,
@@ -210,6 +233,19 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluate(args.out, data=args.data, seq_len=args.seq_len, windows=args.windows,
                       backend=args.backend)
     print(json.dumps(result, sort_keys=True) if args.json else format_result(result))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from lwqc.generate import GenerateRequest, generate
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    generate(GenerateRequest(out=args.out, prompt=args.prompt, chat=args.chat,
+                             max_new_tokens=args.max_new_tokens, backend=args.backend), write)
+    sys.stdout.write("\n")
     return 0
 
 
@@ -281,8 +317,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "compile": _compile, "eval": _eval, "analyze": _analyze, "sweep": _sweep,
-    "passes": _passes, "show": _show,
+    "compile": _compile, "eval": _eval, "generate": _generate, "analyze": _analyze,
+    "sweep": _sweep, "passes": _passes, "show": _show,
 }
 
 

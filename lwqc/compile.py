@@ -54,22 +54,25 @@ def default_passes(
     policy: Pass, backend: str, calibration: dict[str, Any] | None = None,
     analysis_options: dict[str, dict[str, Any]] | None = None,
     quantize_options: dict[str, Any] | None = None,
+    lowering_options: dict[str, Any] | None = None,
 ) -> list[Pass]:
     """The analysis bundle (with the calibrated analyses the policy and the quantizer need),
     the policy, quantize (GPTQ with output-error ranges when the policy calibrates, unless
-    ``quantize_options`` say otherwise), the lowering."""
+    ``quantize_options`` say otherwise), the lowering (with ``lowering_options``)."""
     given = {k: v for k, v in (quantize_options or {}).items() if v is not None}
     defaults = CALIBRATED_QUANTIZE if calibrated(policy.required()) else {}
     quantize = QuantizePass(**{**defaults, **given})
     needed = calibrated([*policy.required(), *quantize.required()])
     analyses = analysis_passes(needed, calibration, analysis_options)
-    return [*analyses, policy, quantize, REGISTRY[LOWERINGS[backend]]()]
+    lowering = {k: v for k, v in (lowering_options or {}).items() if v is not None}
+    return [*analyses, policy, quantize, REGISTRY[LOWERINGS[backend]](**lowering)]
 
 
 def plan_passes(plan_file: Path, backend: str,
-                quantize_options: dict[str, Any] | None = None) -> list[Pass]:
+                quantize_options: dict[str, Any] | None = None,
+                lowering_options: dict[str, Any] | None = None) -> list[Pass]:
     return default_passes(ApplyPlanPass(file=str(plan_file)), backend,
-                          quantize_options=quantize_options)
+                          quantize_options=quantize_options, lowering_options=lowering_options)
 
 
 @dataclasses.dataclass

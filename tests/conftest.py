@@ -135,7 +135,40 @@ def ort_dequantized(path) -> dict[str, np.ndarray]:
                                    providers=["CPUExecutionProvider"])
     feeds = {i.name: np.ones((1, 8), np.int64) for i in session.get_inputs()}
     outputs = session.run(list(names.values()), feeds)
-    return {s: w.T if transposed[s] else w for s, w in zip(names, outputs, strict=True)}
+    weights = {s: w.T if transposed[s] else w for s, w in zip(names, outputs, strict=True)}
+    return {**weights, **nbits_dequantized(model)}
+
+
+def nbits_dequantized(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The weight each quantized MatMulNBits node multiplies by, ``[out, in]``: ORT runs the
+    node alone (fp32 accuracy) on the identity matrix; fused sites are split by their rows."""
+    inits = {t.name: t for t in model.graph.initializer}
+    weights = {}
+    for node in model.graph.node:
+        props = {p.key: p.value for p in node.metadata_props}
+        if node.op_type != "MatMulNBits" or props.get("lwqc.bits", "16") == "16":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        probe = onnx.helper.make_node("MatMulNBits", ["A", *node.input[1:4]], ["Y"],
+                                      domain="com.microsoft", **{**attrs, "accuracy_level": 1})
+        graph = onnx.helper.make_graph(
+            [probe], "probe", [onnx.helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT,
+                                                                  None)],
+            [onnx.helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)],
+            [inits[name] for name in node.input[1:4] if name])
+        single = onnx.helper.make_model(graph, opset_imports=[
+            onnx.helper.make_opsetid("", 21), onnx.helper.make_opsetid("com.microsoft", 1)])
+        session = ort.InferenceSession(single.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        weight = session.run(None, {"A": np.eye(attrs["K"], dtype=np.float32)})[0].T
+        if "lwqc.site" in props:
+            weights[props["lwqc.site"]] = weight
+            continue
+        import json
+
+        rows = np.cumsum(json.loads(props["lwqc.rows"]))[:-1]
+        weights.update(zip(json.loads(props["lwqc.sites"]), np.split(weight, rows), strict=True))
+    return weights
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from conftest import ArrayWeights
 from lwqc.backends.onnxruntime import LowerOnnxPass
 from lwqc.backends.torch_eager import LowerTorchPass
 from lwqc.ir.accounting import totals
-from lwqc.ir.capabilities import Capabilities
+from lwqc.ir.capabilities import PACKED_STORAGE, Capabilities
 from lwqc.ir.errors import PipelineError, PlanError
 from lwqc.ir.graph import Block, Graph, MatmulSite
 from lwqc.ir.spec import AsymmetricSpec
@@ -114,5 +114,17 @@ def test_lowerings_that_store_differently_cannot_share_a_pipeline():
 def test_onnx_and_torch_store_the_same_specs_at_the_same_sizes():
     onnx, torch = LowerOnnxPass.capabilities, LowerTorchPass.capabilities
     assert onnx.same_storage(torch)
-    for spec in (AsymmetricSpec(3, 32), AsymmetricSpec(2, None)):
-        assert onnx.bytes((8, 64), spec, 32) == torch.bytes((8, 64), spec, 32)
+    for spec in (AsymmetricSpec(3, 32), AsymmetricSpec(2, None), AsymmetricSpec(4, 128)):
+        assert onnx.bytes((8, 576), spec, 32) == torch.bytes((8, 576), spec, 32)
+
+
+def test_matmul_nbits_padding_is_charged():
+    # 576 inputs in groups of 128: MatMulNBits pads the fifth block to 128 codes and packs
+    # each row's five 4-bit zero points into three bytes; 3-bit codes (no MatMulNBits) are
+    # charged at the format's own size
+    onnx = LowerOnnxPass.capabilities
+    assert onnx.bytes((8, 576), AsymmetricSpec(4, 128), 32) == 8 * 5 * 128 // 2 + 8 * 5 * 4 + 8 * 3
+    assert PACKED_STORAGE.bytes((8, 576), AsymmetricSpec(4, 128), 32) == (
+        8 * 576 // 2 + 8 * 5 * 4 + 8 * 5 // 2)
+    assert onnx.bytes((8, 576), AsymmetricSpec(3, 128), 32) == PACKED_STORAGE.bytes(
+        (8, 576), AsymmetricSpec(3, 128), 32)

@@ -18,9 +18,9 @@ EXPECTED = {
     "llama": (LLAMA_LIKE_ROLES, ["lm_head"], {"q+k+v", "gate+up"}),
     "qwen2": (LLAMA_LIKE_ROLES, ["lm_head"], {"q+k+v", "gate+up"}),
     "mistral": (LLAMA_LIKE_ROLES, ["lm_head"], {"q+k+v", "gate+up"}),
-    "gemma": (LLAMA_LIKE_ROLES, [], {"q+k+v", "gate+up"}),  # lm_head tied to embeddings
+    "gemma": (LLAMA_LIKE_ROLES, ["lm_head"], {"q+k+v", "gate+up"}),  # tied to the embeddings
     "phi3": (["qkv", "o", "gate_up", "down"], ["lm_head"], set()),
-    "gpt2": (["qkv", "o", "fc_in", "fc_out"], [], set()),  # lm_head tied to wte
+    "gpt2": (["qkv", "o", "fc_in", "fc_out"], ["lm_head"], set()),  # lm_head tied to wte
     "bert": (["q", "k", "v", "o", "fc_in", "fc_out"], ["pooler.dense"], {"q+k+v"}),
 }
 
@@ -54,11 +54,15 @@ def test_gpt2_conv1d_weight_is_transposed_to_out_in(tmp_path):
     assert isinstance(stored, torch.nn.Parameter)
 
 
-def test_tied_lm_head_is_excluded_and_said_so(tmp_path):
+def test_tied_lm_head_is_one_site_serving_the_embedding(tmp_path):
     graph = import_model(str(save_tiny_model("gemma", tmp_path)))
-    assert "lm_head" not in graph.sites
-    reasons = dict(graph.excluded)
-    assert "tied" in reasons["lm_head"]
+    head = graph.sites["lm_head"]
+    assert (head.role, head.tied, head.block) == ("lm_head", "model.embed_tokens.weight", None)
+    table = graph.source.module.get_parameter("model.embed_tokens.weight").detach().numpy()
+    np.testing.assert_array_equal(graph.weight("lm_head"), table)
+    assert "model.embed_tokens.weight" not in dict(graph.excluded)  # counted as the head
+    untied = import_model(str(save_tiny_model("llama", tmp_path / "llama")))
+    assert untied.sites["lm_head"].tied is None
 
 
 def test_dataflow_links_blocks_in_execution_order(tiny_llama_dir):
@@ -120,8 +124,8 @@ def test_stories260k_converts_and_imports(stories_bin, tmp_path):
     graph = import_model(str(llama2c_to_hf.convert(stories_bin, tmp_path / "stories")))
     assert len(graph.blocks) == 5
     assert graph.sites["model.layers.0.self_attn.k_proj"].shape == (32, 64)  # 4 kv heads of 8
-    assert "lm_head" not in graph.sites  # tied to the embeddings
-    assert len(graph.sites) == 5 * 7
+    assert graph.sites["lm_head"].tied == "model.embed_tokens.weight"
+    assert len(graph.sites) == 5 * 7 + 1
     # w2 (FFN down, [L, dim, hidden]) read straight from the llama2.c file: header of 7 int32,
     # then embeddings, two norms and wq/wk/wv/wo/w1 before it
     dim, hidden, layers, heads, kv_heads, vocab, _ = np.fromfile(stories_bin, np.int32, 7)

@@ -127,8 +127,8 @@ def test_value_with_outer_spaces_is_quoted_and_bare_values_are_stripped():
 
 
 def test_pass_without_options_has_bare_canonical_name():
-    assert format_pipeline(parse("lower-onnx")) == "lower-onnx"
-    assert format_pipeline(parse("lower-onnx{}")) == "lower-onnx"
+    assert format_pipeline(parse("lower-torch")) == "lower-torch"
+    assert format_pipeline(parse("lower-torch{}")) == "lower-torch"
 
 
 def _error(text):
@@ -150,7 +150,7 @@ def test_unknown_option_is_rejected_with_the_pass_options():
 
 
 def test_option_on_pass_without_options_is_rejected():
-    message = _error("lower-onnx{fast=1}")
+    message = _error("lower-torch{fast=1}")
     assert "has no option 'fast'" in message
     assert "none" in message
 
