@@ -240,9 +240,8 @@ def build_decoder(graph: Graph, accuracy_level: int,
     and whether it dequantizes int2 codes with DequantizeLinear (opset 25)."""
     assert graph.source is not None
     with tempfile.TemporaryDirectory(prefix="lwqc-decoder-") as work:
-        hf_dir, out = Path(work) / "hf", Path(work) / "decoder"
-        graph.source.save_pretrained(hf_dir)
-        run_builder(hf_dir, out)
+        out = Path(work) / "decoder"
+        run_builder(graph.source.transformers_directory(Path(work) / "hf"), out)
         model = ir.load(out / DECODER_FILE)
         rewrite = DecoderRewrite(model, graph, accuracy_level, metadata)
         rewrite.run()

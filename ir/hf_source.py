@@ -118,12 +118,17 @@ class HFSource:
     def eager_module(self) -> torch.nn.Module:
         return self.module
 
-    def save_pretrained(self, directory: Path) -> None:
-        """The float model as a transformers directory: config, weights and, when the model
-        has one, its tokenizer's files."""
-        self.module.save_pretrained(directory)
+    def transformers_directory(self, scratch: Path) -> Path:
+        """A transformers directory of the float model (config, weights and, when the model
+        has one, its tokenizer's files): the model's own when it was loaded from one, else
+        written into ``scratch``."""
+        own = Path(self.model_id)
+        if not self.loaded.gguf and (own / "config.json").is_file():
+            return own
+        self.module.save_pretrained(scratch)
         with contextlib.suppress(ModelLoadError):
-            self.tokenizer().save_pretrained(directory)
+            self.tokenizer().save_pretrained(scratch)
+        return scratch
 
 
 def _first_tensor(value: Any) -> torch.Tensor:

@@ -10,8 +10,8 @@ nothing in lwqc reaches into a frontend's own objects.
    block's residual-stream input and output, or that site's input activation and output.
 4. ``substituted(weights)``: a context in which ``run`` uses other site weights.
 5. ``float_onnx()`` / ``eager_module()``: the float graphs the lowerings start from;
-   ``save_pretrained(directory)``: the float model as a transformers directory, for tools
-   that read one (the GenAI model builder).
+   ``transformers_directory(scratch)``: the float model as a transformers directory (its own,
+   or one written into ``scratch``), for tools that read one (the GenAI model builder).
 """
 
 from __future__ import annotations
@@ -54,4 +54,4 @@ class ModelSource(Protocol):
 
     def eager_module(self) -> torch.nn.Module: ...
 
-    def save_pretrained(self, directory: Path) -> None: ...
+    def transformers_directory(self, scratch: Path) -> Path: ...

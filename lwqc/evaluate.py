@@ -80,29 +80,45 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 def language_model_metrics(
     tokens: np.ndarray, seq_len: int, windows: int | None, float_run: Runner, quant_run: Runner
 ) -> dict[str, Any]:
+    return language_model_comparison(tokens, seq_len, windows, float_run, {"q": quant_run})["q"]
+
+
+def language_model_comparison(
+    tokens: np.ndarray, seq_len: int, windows: int | None, float_run: Runner,
+    quant_runs: dict[str, Runner],
+) -> dict[str, dict[str, Any]]:
+    """Metrics of several quantized runners against one float run (computed once per batch)."""
     available = len(tokens) // seq_len
     if available == 0:
         raise LwqcError(f"the data has {len(tokens)} tokens, fewer than one window of {seq_len}")
     count = available if windows is None else min(windows, available)
-    nll_fp = nll_q = kl = agree = 0.0
+    nll_fp = 0.0
+    sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0} for name in quant_runs}
     predicted = 0
     for start in range(0, count, BATCH):
         stop = min(start + BATCH, count)
         ids = tokens[start * seq_len : stop * seq_len].reshape(stop - start, seq_len)
         targets = ids[:, 1:, None]
         lp_fp = _log_softmax(float_run({"input_ids": ids})[:, :-1])
-        lp_q = _log_softmax(quant_run({"input_ids": ids})[:, :-1])
         nll_fp -= np.take_along_axis(lp_fp, targets, axis=-1).sum()
-        nll_q -= np.take_along_axis(lp_q, targets, axis=-1).sum()
-        kl += (np.exp(lp_fp) * (lp_fp - lp_q)).sum()
-        agree += np.count_nonzero(lp_fp.argmax(-1) == lp_q.argmax(-1))
+        p_fp = np.exp(lp_fp)
+        for name, run in quant_runs.items():
+            lp_q = _log_softmax(run({"input_ids": ids})[:, :-1])
+            acc = sums[name]
+            acc["nll"] -= np.take_along_axis(lp_q, targets, axis=-1).sum()
+            acc["kl"] += (p_fp * (lp_fp - lp_q)).sum()
+            acc["agree"] += np.count_nonzero(lp_fp.argmax(-1) == lp_q.argmax(-1))
         predicted += targets.size
-    ppl_fp, ppl = math.exp(nll_fp / predicted), math.exp(nll_q / predicted)
-    return {
-        "ppl": ppl, "ppl_fp": ppl_fp, "delta_ppl": (ppl - ppl_fp) / ppl_fp,
-        "kld": kl / predicted, "top1_agreement": agree / predicted,
-        "windows": count, "seq_len": seq_len, "predicted_tokens": predicted,
-    }
+    ppl_fp = math.exp(nll_fp / predicted)
+    results = {}
+    for name, acc in sums.items():
+        ppl = math.exp(acc["nll"] / predicted)
+        results[name] = {
+            "ppl": ppl, "ppl_fp": ppl_fp, "delta_ppl": (ppl - ppl_fp) / ppl_fp,
+            "kld": acc["kl"] / predicted, "top1_agreement": acc["agree"] / predicted,
+            "windows": count, "seq_len": seq_len, "predicted_tokens": predicted,
+        }
+    return results
 
 
 def _embed(tokenizer, sentences: list[str], run: Runner, seq_len: int) -> np.ndarray:

@@ -28,8 +28,8 @@ CHUNK = 64  # columns per vectorised step: bounds the [out, chunk, K] distance a
 
 def column_outlier_counts(weights: np.ndarray, factor: float = CLAQ_FACTOR) -> np.ndarray:
     """Per input column j, the number of rows i with |W[i, j]| >= factor * mean |W|."""
-    magnitude = np.abs(np.asarray(weights, dtype=np.float64))
-    threshold = factor * magnitude.mean()
+    magnitude = np.abs(weights)
+    threshold = factor * magnitude.mean(dtype=np.float64)
     if threshold == 0.0:  # an all-zero matrix has no outliers
         return np.zeros(magnitude.shape[1], dtype=np.int64)
     return np.count_nonzero(magnitude >= threshold, axis=0)

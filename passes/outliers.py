@@ -21,12 +21,15 @@ from lwqc.passes.kmeans import CLAQ_FACTOR, column_outlier_counts
 
 
 def kurtosis(weights: np.ndarray) -> float:
-    """Pearson kurtosis of the entries (0 for a constant matrix)."""
-    w = np.asarray(weights, dtype=np.float64).ravel()
+    """Pearson kurtosis of the entries (0 for a constant matrix); float32 arithmetic with
+    float64 sums."""
+    w = np.asarray(weights).ravel()
     if np.ptp(w) == 0.0:
         return 0.0
-    centered = w - w.mean()
-    return float(np.mean(centered**4) / np.mean(centered**2) ** 2)
+    squared = w - w.dtype.type(w.mean(dtype=np.float64))
+    np.square(squared, out=squared)
+    variance = squared.mean(dtype=np.float64)
+    return float(np.square(squared).mean(dtype=np.float64) / variance**2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,14 +44,13 @@ class OutlierStat(Annotation):
 
 def outlier_stat(source: str, weights: np.ndarray, factor: float) -> OutlierStat:
     counts = column_outlier_counts(weights, factor)
-    w = np.asarray(weights, dtype=np.float64)
     return OutlierStat(
         source=source,
         outlier_columns=int(np.count_nonzero(counts)),
         outlier_weights=int(counts.sum()),
-        max_abs=float(np.abs(w).max()),
-        std=float(w.std()),
-        kurtosis=kurtosis(w),
+        max_abs=float(np.abs(weights).max()),
+        std=float(np.std(weights, dtype=np.float64)),
+        kurtosis=kurtosis(weights),
     )
 
 
@@ -78,7 +80,7 @@ class OutliersPass(Pass):
                     outlier_columns=sum(s.outlier_columns for s in site_stats),
                     outlier_weights=sum(s.outlier_weights for s in site_stats),
                     max_abs=float(np.abs(pooled).max()),
-                    std=float(pooled.std()),
+                    std=float(np.std(pooled, dtype=np.float64)),
                     kurtosis=kurtosis(pooled),
                 ),
             )

@@ -184,3 +184,41 @@ def test_missing_gguf_file(capsys, tmp_path):
     _run_and_expect_error(capsys, ["compile", str(tmp_path / "model.gguf"), "--bits", "4", "-o",
                                    str(out)], out, "does not exist")
 
+
+
+def test_kv_cache_decoder_for_an_encoder(capsys, tmp_path):
+    model = save_tiny_model("bert", tmp_path / "bert")
+    out = tmp_path / "out"
+    _run_and_expect_error(capsys, ["compile", str(model), "--policy", "uniform", "--width",
+                                   "4", "--onnx-graph", "kv-cache", "-o", str(out)], out,
+                          "no KV-cache decoder for BertModel")
+
+
+def test_lowering_options_with_the_torch_backend(capsys, tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    _run_and_expect_error(capsys, ["compile", str(tiny_llama_dir), "--bits", "4",
+                                   "--backend", "torch", "--accuracy-level", "1", "-o",
+                                   str(out)], out, "apply to --backend onnx only")
+
+
+def test_generate_from_a_directory_that_is_no_artifact(capsys, tmp_path):
+    _run_and_expect_error(capsys, ["generate", str(tmp_path), "--prompt", "hi"], None,
+                          "is not an lwqc artifact")
+
+
+def test_generate_on_onnx_without_a_decoder(capsys, tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"  # a tiny model has no tokenizer: the plain export, no cache
+    assert main(["compile", str(tiny_llama_dir), "--policy", "uniform", "--width", "4",
+                 "-o", str(out), "-q"]) == 0
+    _run_and_expect_error(capsys, ["generate", str(out), "--prompt", "hi", "--backend",
+                                   "onnx"], None, "holds no KV-cache decoder")
+
+
+def test_generate_chat_without_a_chat_template(capsys, ref_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["compile", str(ref_llama_dir), "--policy", "uniform", "--width", "8",
+                 "-o", str(out), "-q"]) == 0
+    _run_and_expect_error(capsys, ["generate", str(out), "--prompt", "hi", "--chat"], None,
+                          "no chat template")
+    _run_and_expect_error(capsys, ["generate", str(out), "--prompt", "hi",
+                                   "--max-new-tokens", "0"], None, "at least 1")

