@@ -9,6 +9,7 @@ token up to float rounding. ``--chat`` wraps the prompt in the model's chat temp
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -64,10 +65,13 @@ def torch_greedy(module: torch.nn.Module, prompt: list[int], max_new_tokens: int
                  stop: set[int]) -> Iterator[int]:
     """The argmax continuation of ``prompt`` by an HF causal LM, with its own KV cache."""
     ids = torch.tensor([prompt])
+    # transformers 5 names the cache argument ``cache``; earlier versions ``past_key_values``
+    name = "cache" if "cache" in inspect.signature(module.forward).parameters \
+        else "past_key_values"
     past = None
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            result = module(input_ids=ids, past_key_values=past, use_cache=True)
+            result = module(input_ids=ids, use_cache=True, **{name: past})
             past = result.past_key_values
             token = int(result.logits[0, -1].argmax())
             yield token
