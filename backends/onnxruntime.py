@@ -170,12 +170,15 @@ def lower(graph: Graph, model: ir.Model,
 
 
 def _nbits_fits(node: ir.Node) -> bool:
-    """MatMulNBits can take the node's place: a MatMul, or a Gemm that only adds a bias."""
+    """MatMulNBits can take the node's place: a MatMul, or a Gemm that only adds a bias of
+    one value per output."""
     if node.op_type == "MatMul":
         return True
     attributes = node.attributes
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
     return (attributes.get_int("transA", 0) == 0 and attributes.get_float("alpha", 1.0) == 1.0
-            and attributes.get_float("beta", 1.0) == 1.0)
+            and attributes.get_float("beta", 1.0) == 1.0
+            and (bias is None or (bias.shape is not None and len(bias.shape) == 1)))
 
 
 TableLookup = Callable[[ir.Graph, ir.Node, str, WeightFormat, ir.Value], ir.Value]

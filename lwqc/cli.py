@@ -27,8 +27,8 @@ def _add_compile(sub) -> None:
     p.add_argument("model", help="Hugging Face model directory, hub id, or .gguf file")
     p.add_argument("-o", "--out", required=True, type=Path, help="artifact directory to write")
     p.add_argument("--policy", default="entropy",
-                   help="entropy | zd | lim | sensitivity | uniform | random | llamacpp | "
-                        "claq (default: entropy)")
+                   help="entropy | fastewq | zd | lim | sensitivity | uniform | random | "
+                        "llamacpp | claq (default: entropy)")
     budget = p.add_argument_group("budget (one of --bits, --ratio, --width; none = the "
                                   "policy's own rule)")
     budget.add_argument("--bits", type=float, help="average physical bits per weight, "

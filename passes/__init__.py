@@ -6,6 +6,7 @@ from lwqc.passes.base import Pass
 from lwqc.passes.calibration import CalibrationPass
 from lwqc.passes.policy_claq import ClaqPolicy
 from lwqc.passes.policy_entropy import EntropyPolicy
+from lwqc.passes.policy_fastewq import FastEwqPolicy
 from lwqc.passes.policy_lim import LimPolicy
 from lwqc.passes.policy_llamacpp import LlamaCppPolicy
 from lwqc.passes.policy_random import RandomPolicy
@@ -18,7 +19,7 @@ __all__ = ["PASSES"]
 
 PASSES: tuple[type[Pass], ...] = (
     *ANALYSES, CalibrationPass,
-    ClaqPolicy, EntropyPolicy, LimPolicy, LlamaCppPolicy, RandomPolicy, SensitivityPolicy,
-    UniformPolicy, ZDPolicy, ApplyPlanPass,
+    ClaqPolicy, EntropyPolicy, FastEwqPolicy, LimPolicy, LlamaCppPolicy, RandomPolicy,
+    SensitivityPolicy, UniformPolicy, ZDPolicy, ApplyPlanPass,
     QuantizePass,
 )

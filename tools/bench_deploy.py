@@ -27,12 +27,14 @@ import dataclasses
 import datetime
 import importlib.util
 import json
+import math
 import os
 import platform
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ SHARED = REPO.parent / "shared"
 BUILDER = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
 LWQC = [sys.executable, "-m", "lwqc.cli", "compile"]
 PREFILL_TOKENS, PROMPT_TOKENS, NEW_TOKENS, REPEATS = 512, 128, 128, 3
+UNIFORM_LABEL = "lwqc uniform int4 b32 sym (level 4)"  # measures lwqc's non-weight bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,12 +102,14 @@ def smollm2_gguf() -> Path:
 
 def run_measured(command: list[str]) -> tuple[float, float]:
     """Run ``command``; its wall seconds and peak RSS (MiB). Exits on failure."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {' '.join(command)}\n{process.stderr.read().decode()[-2000:]}")
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            log.seek(0)
+            sys.exit(f"failed: {' '.join(command)}\n{log.read().decode()[-2000:]}")
     return seconds, usage.ru_maxrss / 1024
 
 
@@ -131,8 +136,7 @@ class Bench:
     def directory(self, artifact: Artifact) -> Path:
         return self.work / artifact.label.replace(" ", "_").replace("/", "-").replace("~", "")
 
-    def build(self, artifact: Artifact, hf_dir: Path, lwqc_input: Path,
-              site_params: int | None) -> dict[str, Any]:
+    def build(self, artifact: Artifact, hf_dir: Path, lwqc_input: Path) -> dict[str, Any]:
         out = self.directory(artifact)
         shutil.rmtree(out, ignore_errors=True)
         if artifact.tool == "builder":
@@ -141,7 +145,9 @@ class Bench:
         else:
             command = [*LWQC, str(lwqc_input), "-o", str(out), "-q", *artifact.options]
             if artifact.size_of is not None:
-                command += ["--bits", f"{self.bits_for(artifact, site_params):.4f}"]
+                plan = json.loads((self.directory(_artifact(UNIFORM_LABEL)) /
+                                   "plan.json").read_text())["totals"]
+                command += ["--bits", f"{self.bits_for(artifact, plan):.4f}"]
         seconds, rss = run_measured(command)
         row = {"label": artifact.label, "tool": artifact.tool, "command": command[2:],
                "build_s": round(seconds, 1), "peak_rss_mib": round(rss), "file_bytes":
@@ -151,14 +157,15 @@ class Bench:
             row["bits_per_weight"] = json.loads(plan.read_text())["totals"]["avg_bits_physical"]
         return row
 
-    def bits_for(self, artifact: Artifact, site_params: int | None) -> float:
-        """The --bits that fill the named builder file: its bytes less what is not a site
-        weight (the fp32 file less 4 bytes per site weight)."""
-        assert artifact.size_of is not None and site_params is not None
+    def bits_for(self, artifact: Artifact, site_plan: dict[str, Any]) -> float:
+        """The --bits that fill the named builder file: its bytes less what an lwqc file
+        holds besides site weights (norms, rotary tables, graph, decision metadata; measured
+        on the uniform artifact), rounded down."""
+        assert artifact.size_of is not None
         target = self.rows[artifact.size_of]["file_bytes"]
-        overhead = self.rows["builder fp32" if "1B" not in artifact.label
-                             else "~1B builder fp32"]["file_bytes"] - 4 * site_params
-        return (target - overhead) * 8 / site_params
+        uniform = self.rows[UNIFORM_LABEL]["file_bytes"]
+        overhead = uniform - site_plan["bytes"]
+        return math.floor((target - overhead) * 8 / site_plan["params"] * 1e4) / 1e4
 
 
 def speed(directory: Path, vocab: int) -> dict[str, float]:
@@ -231,14 +238,10 @@ def large_model(work: Path) -> Path:
 
 def measure(bench: Bench, artifacts: tuple[Artifact, ...], hf_dir: Path, lwqc_input: Path,
             vocab: int) -> None:
-    site_params = None
     for artifact in artifacts:
         if artifact.label in bench.rows:
             continue
-        plans = [bench.directory(a) / "plan.json" for a in artifacts if a.tool == "lwqc"]
-        site_params = next((json.loads(p.read_text())["totals"]["params"] for p in plans
-                            if p.exists()), None)
-        row = bench.build(artifact, hf_dir, lwqc_input, site_params)
+        row = bench.build(artifact, hf_dir, lwqc_input)
         row.update(speed(bench.directory(artifact), vocab))
         bench.save(row)
         print(json.dumps(row), file=sys.stderr)
