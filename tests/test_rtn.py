@@ -43,14 +43,23 @@ def test_asym_range_always_contains_zero_for_all_positive_group():
 def test_sym_4bit_hand_group_scale_codes_and_values():
     w = np.array([[-1.4, 0.26, 0.62, 1.0]])
     packed = quantize_rtn(w, bits=4, group_size=4, scheme="rtn-sym")
-    # scale = max|w| / (2^3 - 1) = 1.4 / 7 = 0.2
-    np.testing.assert_allclose(packed.scales, [[0.2]], rtol=1e-7)
+    # the largest magnitude, -1.4, maps to code -8: scale = -1.4 / -8 = 0.175
+    np.testing.assert_allclose(packed.scales, [[0.175]], rtol=1e-7)
     assert packed.zero_points is None
     assert packed.signed
     assert packed.codes.dtype == np.int8
-    # round([-7, 1.3, 3.1, 5.0])
-    np.testing.assert_array_equal(packed.codes, [[-7, 1, 3, 5]])
-    np.testing.assert_allclose(packed.dequantize(), [[-1.4, 0.2, 0.6, 1.0]], atol=1e-6)
+    # round([-8, 1.486, 3.543, 5.714])
+    np.testing.assert_array_equal(packed.codes, [[-8, 1, 4, 6]])
+    np.testing.assert_allclose(packed.dequantize(), [[-1.4, 0.175, 0.7, 1.05]], atol=1e-6)
+
+
+def test_sym_positive_extreme_gets_a_negative_scale_and_the_most_negative_code():
+    w = np.array([[1.6, -0.5, 0.0, -1.55]])
+    packed = quantize_rtn(w, bits=4, group_size=4, scheme="rtn-sym")
+    # scale = 1.6 / -8 = -0.2; codes round([-8, 2.5, 0, 7.75]) -> [-8, 2, 0, 7] (clipped)
+    np.testing.assert_allclose(packed.scales, [[-0.2]], rtol=1e-7)
+    np.testing.assert_array_equal(packed.codes, [[-8, 2, 0, 7]])
+    np.testing.assert_allclose(packed.dequantize(), [[1.6, -0.4, 0.0, -1.4]], atol=1e-6)
 
 
 @pytest.mark.parametrize("scheme", ["rtn-asym", "rtn-sym"])
@@ -118,10 +127,10 @@ def test_partial_last_group_gets_scale_from_its_real_entries_asym():
 def test_partial_last_group_gets_scale_from_its_real_entries_sym():
     w = np.array([[0.9, -2.0, 0.5, 0.25, 0.3]])
     packed = quantize_rtn(w, bits=3, group_size=4, scheme="rtn-sym")
-    # qmax = 3: scales 2 / 3 and 0.3 / 3 = 0.1
-    np.testing.assert_allclose(packed.scales, [[2.0 / 3, 0.1]], rtol=1e-7)
-    # round([1.35, -3, 0.75, 0.375]) = [1, -3, 1, 0]; round(3) = 3
-    np.testing.assert_array_equal(packed.codes, [[1, -3, 1, 0, 3]])
+    # extremes -2.0 and 0.3 map to code -4: scales 0.5 and -0.075
+    np.testing.assert_allclose(packed.scales, [[0.5, -0.075]], rtol=1e-6)
+    # round([1.8, -4, 1, 0.5]) = [2, -4, 1, 0]; round(-4) = -4
+    np.testing.assert_array_equal(packed.codes, [[2, -4, 1, 0, -4]])
 
 
 @pytest.mark.parametrize("scheme", ["rtn-asym", "rtn-sym"])
@@ -132,9 +141,12 @@ def test_round_to_nearest_error_is_at_most_half_a_step(bits, scheme):
     w[0] = np.abs(w[0])
     w[1] = -np.abs(w[1])
     packed = quantize_rtn(w, bits=bits, group_size=16, scheme=scheme)
-    step = np.repeat(packed.scales, 16, axis=1)[:, :45].astype(np.float64)
+    step = np.abs(np.repeat(packed.scales, 16, axis=1)[:, :45].astype(np.float64))
     error = np.abs(packed.dequantize().astype(np.float64) - w.astype(np.float64))
-    assert np.all(error <= step * (0.5 + 1e-5))
+    # symmetric codes: an entry of the extreme's opposite sign beyond the top code is clipped
+    # to it, at most one step away
+    clipped = packed.codes == 2 ** (bits - 1) - 1 if scheme == "rtn-sym" else False
+    assert np.all(error <= step * np.where(clipped, 1.0 + 1e-5, 0.5 + 1e-5))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -161,8 +173,8 @@ def test_sym_codes_stay_in_signed_range(bits):
     codes = packed.codes.astype(np.int64)
     assert codes.min() >= -(2 ** (bits - 1))
     assert codes.max() <= 2 ** (bits - 1) - 1
-    # the largest magnitude of each group maps to +-(2^(b-1) - 1)
-    assert np.abs(codes).max() == 2 ** (bits - 1) - 1
+    # the largest magnitude of each group maps to -2^(b-1)
+    assert np.all(codes[:, :48].reshape(6, 6, 8).min(axis=2) == -(2 ** (bits - 1)))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
