@@ -140,6 +140,10 @@ def _add_sweep(sub) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds of the random policy (3)")
     p.add_argument("--windows", type=int, default=16, help="WikiText-2 windows per point")
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--executor", default="local",
+                   help="local (default), ray (a Ray cluster on this machine) or ray:ADDRESS "
+                        "(a running cluster); on Ray each point is a task")
+    p.add_argument("--workers", type=int, help="Ray workers (default: the cluster's CPUs)")
 
 
 def _add_passes(sub) -> None:
@@ -265,6 +269,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from lwqc.executors import parse_executor
     from lwqc.plots import plot_pareto
     from lwqc.sweep import Sweeper, sweep_policies
 
@@ -274,9 +279,10 @@ def _sweep(args: argparse.Namespace) -> int:
         raise LwqcError(f"--bits {args.bits!r}: expected comma-separated numbers") from None
     if args.seeds < 1:
         raise LwqcError("--seeds must be at least 1")
+    executor = parse_executor(args.executor, args.workers)
     sweeper = Sweeper(args.model, args.out, windows=args.windows, seq_len=args.seq_len)
     rows = sweep_policies(sweeper, args.policies.split(","), budgets, args.seeds,
-                          args.granularity)
+                          args.granularity, executor)
     plot_pareto(rows, args.out / "pareto.png",
                 f"{Path(sweeper.graph.model_id).name}: ΔPPL vs physical bits "
                 f"({args.windows} WikiText-2 windows)")

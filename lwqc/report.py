@@ -65,6 +65,10 @@ def render(graph: Graph, timings: list[PassTiming]) -> str:
         "- counted: the weights of every matmul site (scales and zero points included); "
         "biases and norms are not counted",
     ]
+    for site in graph:
+        if site.tied is not None:
+            lines.append(f"- `{site.id}` is tied to `{site.tied}`: one quantized array serves "
+                         "the matmul and the embedding lookup, counted once")
     for name, why in graph.excluded:
         lines.append(f"- not counted: `{name}`: {why}")
     for note in plan.notes:

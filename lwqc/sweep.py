@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 
 from lwqc.backends import torch_eager
 from lwqc.evaluate import encoder_metrics, language_model_metrics
+from lwqc.executors import Executor, LocalExecutor
 from lwqc.ir.accounting import totals
 from lwqc.ir.datasets import wikitext2_text
 from lwqc.ir.errors import LwqcError
@@ -45,7 +47,7 @@ ANALYSES = format_pipeline(analysis_passes([cls.name for cls in CALIBRATED_ANALY
 class Sweeper:
     """One analysed model and the evaluation machinery shared by all points of a sweep."""
 
-    def __init__(self, model: str, out: Path, windows: int = 16, seq_len: int = 512,
+    def __init__(self, model: str, out: Path | None, windows: int = 16, seq_len: int = 512,
                  analyses: str = ANALYSES) -> None:
         if windows < 1 or seq_len < 2:
             raise LwqcError("a sweep needs at least one window of at least 2 tokens")
@@ -60,15 +62,25 @@ class Sweeper:
         self.windows, self.seq_len = windows, seq_len
         self._float_outputs: dict[bytes, np.ndarray] = {}
         self._packed: dict[tuple, WeightFormat] = {}
+        self.model = model
         self.out = out
-        out.mkdir(parents=True, exist_ok=True)
-        self.results_path = out / "results.jsonl"
-        self.results = self._load()
+        self.results: dict[str, dict[str, Any]] = {}
+        if out is not None:  # None: a worker that evaluates points and records nothing
+            out.mkdir(parents=True, exist_ok=True)
+            self.results_path = out / "results.jsonl"
+            self.results = self._load()
+
+    def settings(self) -> dict[str, Any]:
+        """What makes two sweeps' points comparable (and lets a worker rebuild this one)."""
+        return {"model": self.model, "windows": self.windows, "seq_len": self.seq_len,
+                "analyses": self.analyses}
 
     def _load(self) -> dict[str, dict[str, Any]]:
         """Earlier results of a sweep with the same settings (a torn last line is dropped)."""
         settings = {"model": self.graph.model_id, "weights_sha256": self.graph.weights_sha256,
-                    "analyses": self.analyses, "windows": self.windows, "seq_len": self.seq_len}
+                    "analyses": self.analyses, "windows": self.windows, "seq_len": self.seq_len,
+                    "sites": sorted(self.graph.sites)}
+        assert self.out is not None
         settings_path = self.out / "sweep.json"
         if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
             raise LwqcError(f"{self.out} holds a sweep with other settings (see sweep.json); "
@@ -133,11 +145,19 @@ class Sweeper:
               **labels: Any) -> dict[str, Any]:
         """The result of point ``name``: from an earlier run, or computed and appended now."""
         if name not in self.results:
-            row = {"point": name, **labels, **compute()}
-            with self.results_path.open("a") as handle:
-                handle.write(json.dumps(row, sort_keys=True) + "\n")
-            self.results[name] = row
+            self.record(name, labels, compute())
         return self.results[name]
+
+    def record(self, name: str, labels: dict[str, Any], result: dict[str, Any]) -> None:
+        """Append point ``name``'s result to the results file."""
+        row = {"point": name, **labels, **result}
+        with self.results_path.open("a") as handle:
+            handle.write(json.dumps(row, sort_keys=True) + "\n")
+        self.results[name] = row
+
+    def evaluate_policy(self, policy: str) -> dict[str, Any]:
+        """Plan with one policy pass (pipeline text) and evaluate the plan."""
+        return self.evaluate(self.plan(policy))
 
     def write_tables(self) -> list[dict[str, Any]]:
         rows = list(self.results.values())
@@ -173,9 +193,17 @@ def identity_blocks(module: torch.nn.Module, names: list[str]) -> Iterator[None]
             handle.remove()
 
 
-def sweep_policies(sweeper: Sweeper, policies: list[str], budgets: list[float], seeds: int,
-                   granularity: str = "matmul") -> list[dict[str, Any]]:
+@dataclasses.dataclass(frozen=True)
+class SweepPoint:
+    name: str
+    policy: str  # the policy pass, as pipeline text
+    labels: dict[str, Any]
+
+
+def sweep_points(policies: list[str], budgets: list[float], seeds: int,
+                 granularity: str = "matmul") -> list[SweepPoint]:
     """Every policy at every ``--bits`` budget (random: ``seeds`` seeds), plus uniform."""
+    points = []
     for budget in budgets:
         for policy in policies:
             for seed in range(seeds if policy == "random" else 1):
@@ -183,10 +211,20 @@ def sweep_policies(sweeper: Sweeper, policies: list[str], budgets: list[float], 
                 text += f",seed={seed}}}" if policy == "random" else "}"
                 name = f"{policy}-{granularity}-b{budget}" + (f"-s{seed}" if policy == "random"
                                                               else "")
-                sweeper.point(name, lambda t=text: sweeper.evaluate(sweeper.plan(t)),
-                              policy=policy, budget=budget, seed=seed, granularity=granularity)
-        uniform = f"policy-uniform{{bits={budget}}}"
-        sweeper.point(f"uniform-b{budget}",
-                      lambda t=uniform: sweeper.evaluate(sweeper.plan(t)),
-                      policy="uniform", budget=budget, seed=0, granularity="matmul")
+                points.append(SweepPoint(name, text, {"policy": policy, "budget": budget,
+                                                      "seed": seed, "granularity": granularity}))
+        points.append(SweepPoint(f"uniform-b{budget}", f"policy-uniform{{bits={budget}}}",
+                                 {"policy": "uniform", "budget": budget, "seed": 0,
+                                  "granularity": "matmul"}))
+    return points
+
+
+def sweep_policies(sweeper: Sweeper, policies: list[str], budgets: list[float], seeds: int,
+                   granularity: str = "matmul", executor: Executor | None = None
+                   ) -> list[dict[str, Any]]:
+    """Evaluate every point of the sweep not in the results file yet, on ``executor`` (here,
+    one after another, by default); returns every row."""
+    pending = [p for p in sweep_points(policies, budgets, seeds, granularity)
+               if p.name not in sweeper.results]
+    (executor or LocalExecutor()).run(sweeper, pending)
     return sweeper.write_tables()

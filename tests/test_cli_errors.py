@@ -222,3 +222,15 @@ def test_generate_chat_without_a_chat_template(capsys, ref_llama_dir, tmp_path):
                           "no chat template")
     _run_and_expect_error(capsys, ["generate", str(out), "--prompt", "hi",
                                    "--max-new-tokens", "0"], None, "at least 1")
+
+
+@pytest.mark.parametrize(("executor", "workers", "match"), [
+    ("spark", None, "choose local, ray or ray:ADDRESS"),
+    ("local", "2", "--workers applies to --executor ray"),
+    ("ray", "0", "--workers must be at least 1"),
+])
+def test_bad_sweep_executor(capsys, tmp_path, executor, workers, match):
+    argv = ["sweep", str(tmp_path / "model"), "-o", str(tmp_path / "out"), "--executor",
+            executor]
+    _run_and_expect_error(capsys, argv + (["--workers", workers] if workers else []), None,
+                          match)

@@ -142,6 +142,20 @@ def test_excluded_tensors_notes_and_overrides_are_listed(report):
     ]
 
 
+def test_a_tied_head_is_said_to_serve_the_embedding():
+    graph = report_graph()
+    graph.sites["lm_head"].tied = "model.embed_tokens.weight"
+    summary = bullet_lines(render(graph, TIMINGS))
+    assert summary[7] == ("`lm_head` is tied to `model.embed_tokens.weight`: one quantized "
+                          "array serves the matmul and the embedding lookup, counted once")
+    assert summary[8:] == [
+        "not counted: `model.embed_tokens`: an embedding, not a matmul",
+        "not counted: `score`: tied to lm_head",
+        "a note for the reader",
+        "overrides: lm_head=16",
+    ]
+
+
 def test_matmul_table_has_each_sites_bytes_spec_and_score(report):
     rows = table(report, "Matmuls")
     assert [r["site"] for r in rows] == [f"`{s}`" for s in SITE_BYTES]

@@ -88,3 +88,24 @@ def test_encoder_sweeps_measure_sts_and_keeping_float_costs_nothing(minilm_dir, 
     assert kept["quality_loss"] == 0.0 and kept["damage"] == pytest.approx(0.0, abs=1e-9)
     two_bit = sweeper.evaluate({s: AsymmetricSpec(2, 128) for s in sweeper.graph.sites})
     assert two_bit["damage"] > 0.01 and two_bit["quality_loss"] > 0
+
+
+def test_ray_workers_give_the_local_numbers(sweeper, ref_llama_dir, tmp_path):
+    pytest.importorskip("ray")
+    from lwqc.executors import RayExecutor
+
+    local = {r["point"]: r for r in sweep_policies(sweeper, ["lim", "random"], [3.0], seeds=1)}
+    remote = Sweeper(str(ref_llama_dir), tmp_path / "ray", windows=2, analyses=ANALYSES)
+    rows = sweep_policies(remote, ["lim", "random"], [3.0], seeds=1,
+                          executor=RayExecutor(workers=2))
+    assert {r["point"] for r in rows} == {"lim-matmul-b3.0", "random-matmul-b3.0-s0",
+                                          "uniform-b3.0"}
+    for row in rows:
+        expected = local[row["point"]]
+        assert row["avg_bits_physical"] == expected["avg_bits_physical"]
+        for key in ("ppl", "kld", "top1_agreement"):
+            assert row[key] == pytest.approx(expected[key], rel=1e-6)
+    # recorded as they came back, and a rerun finds every point there
+    assert len((tmp_path / "ray" / "results.jsonl").read_text().splitlines()) == 3
+    again = Sweeper(str(ref_llama_dir), tmp_path / "ray", windows=2, analyses=ANALYSES)
+    assert set(again.results) == {r["point"] for r in rows}
