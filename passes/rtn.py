@@ -3,12 +3,14 @@
 Groups run along the input dimension of W ``[out, in]`` (the last group may be short; a group
 size of None makes each row one group).
 1. ``rtn-asym``: a range [lo, hi] with lo <= 0 <= hi (zero is always exact) maps onto codes
-   0..2^b-1: scale = (hi - lo) / (2^b - 1), zero point = round(-lo / scale),
-   code = clip(round(w / scale) + zero point).
-2. ``rtn-sym``: the group's entry of largest magnitude m (with its sign) maps onto the most
-   negative code: scale = m / -2^(b-1) (negative when m is), code = clip(round(w / scale),
-   -2^(b-1), 2^(b-1) - 1), so all 2^b codes are in use (ONNX Runtime's blockwise quantizer does
-   the same; a bound |m| / (2^(b-1) - 1) would leave one code unused).
+   0..2^b-1: scale = (hi - lo) / (2^b - 1), zero point = floor(-lo * (1 / scale) + 1/2),
+   code = clip(floor(w * (1 / scale) + zero point + 1/2)), in float32.
+2. ``rtn-sym``: the group's entry of largest magnitude m (with its sign; the negative one on a
+   tie) maps onto the most negative code: scale = m / -2^(b-1) (negative when m is), so all
+   2^b codes are in use (a bound |m| / (2^(b-1) - 1) would leave one unused); code =
+   floor(w * (1 / scale) + 2^(b-1) + 1/2) - 2^(b-1), clipped, in float32.
+   Both are, bit for bit, ONNX Runtime's blockwise quantizer (the GenAI builder's int4, its
+   ``MatMulNBitsQuantizer``): halves round up, as it rounds the code shifted to be positive.
 3. The range is the group's own [min(w_min, 0), max(w_max, 0)] (resp. max |w|), or with a
    search the shrunk range alpha * [lo, hi], alpha in CLIP_GRID, whose dequantized group has
    the least error sum_j c_j (w_j - q_j)^2 under per-input-column weights c (all 1: the
@@ -51,18 +53,20 @@ class Asymmetric:
 
     def __init__(self, groups: np.ndarray, bits: int) -> None:
         self.qmax = 2**bits - 1
-        self.lo = np.minimum(groups.min(axis=2), 0.0)
-        self.hi = np.maximum(groups.max(axis=2), 0.0)
+        self.lo = np.minimum(groups.min(axis=2), 0.0).astype(np.float32)
+        self.hi = np.maximum(groups.max(axis=2), 0.0).astype(np.float32)
 
     def params(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-        scales = (alpha * (self.hi - self.lo) / self.qmax).astype(np.float32)
+        scales = (self.hi - self.lo) / np.float32(self.qmax) * np.float32(alpha)
         scales[scales == 0] = 1.0
-        zeros = np.clip(np.round(-alpha * self.lo / scales), 0, self.qmax)
-        return scales, zeros
+        lo = self.lo * np.float32(alpha)
+        zeros = np.floor(-lo * (np.float32(1.0) / scales) + np.float32(0.5))
+        return scales, np.clip(zeros, 0, self.qmax).astype(np.float64)
 
     def codes(self, groups: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
-        shifted = np.round(groups / scales.astype(np.float64)[..., None]) + zeros[..., None]
-        return np.clip(shifted, 0, self.qmax)
+        reciprocal = (np.float32(1.0) / scales)[..., None]
+        shifted = groups.astype(np.float32) * reciprocal + zeros.astype(np.float32)[..., None]
+        return np.clip(np.floor(shifted + np.float32(0.5)), 0, self.qmax)
 
     @staticmethod
     def dequantize(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
@@ -76,8 +80,8 @@ class Symmetric:
 
     def __init__(self, groups: np.ndarray, bits: int) -> None:
         self.qmax = 2 ** (bits - 1) - 1
-        largest = np.abs(groups).argmax(axis=2)[..., None]
-        self.extreme = np.take_along_axis(groups, largest, axis=2)[..., 0]
+        high, low = groups.max(axis=2), groups.min(axis=2)
+        self.extreme = np.where(np.abs(high) > np.abs(low), high, low)
 
     def params(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
         scales = (alpha * self.extreme / -(self.qmax + 1)).astype(np.float32)
@@ -85,8 +89,10 @@ class Symmetric:
         return scales, np.zeros(scales.shape)
 
     def codes(self, groups: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
-        scaled = np.round(groups / scales.astype(np.float64)[..., None])
-        return np.clip(scaled, -self.qmax - 1, self.qmax)
+        offset = np.float32(self.qmax + 1)
+        reciprocal = (np.float32(1.0) / scales)[..., None]
+        shifted = groups.astype(np.float32) * reciprocal + offset
+        return np.clip(np.floor(shifted + np.float32(0.5)) - offset, -self.qmax - 1, self.qmax)
 
     dequantize = staticmethod(Asymmetric.dequantize)
 

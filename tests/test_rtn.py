@@ -54,12 +54,28 @@ def test_sym_4bit_hand_group_scale_codes_and_values():
 
 
 def test_sym_positive_extreme_gets_a_negative_scale_and_the_most_negative_code():
-    w = np.array([[1.6, -0.5, 0.0, -1.55]])
+    w = np.array([[1.6, -0.46, 0.0, -1.55]])
     packed = quantize_rtn(w, bits=4, group_size=4, scheme="rtn-sym")
-    # scale = 1.6 / -8 = -0.2; codes round([-8, 2.5, 0, 7.75]) -> [-8, 2, 0, 7] (clipped)
+    # scale = 1.6 / -8 = -0.2; codes round([-8, 2.3, 0, 7.75]) -> [-8, 2, 0, 7] (clipped)
     np.testing.assert_allclose(packed.scales, [[-0.2]], rtol=1e-7)
     np.testing.assert_array_equal(packed.codes, [[-8, 2, 0, 7]])
     np.testing.assert_allclose(packed.dequantize(), [[1.6, -0.4, 0.0, -1.4]], atol=1e-6)
+
+
+def test_sym_ties_take_the_negative_extreme_and_halves_round_up():
+    w = np.array([[0.8, -0.8, 0.3, 0.1]])
+    packed = quantize_rtn(w, bits=2, group_size=4, scheme="rtn-sym")
+    # |0.8| ties: -0.8 maps to -2, scale 0.4; 0.8 / 0.4 = 2 -> clipped to 1; 0.3 / 0.4 = 0.75
+    # -> 1; 0.1 / 0.4 = 0.25 -> 0
+    np.testing.assert_allclose(packed.scales, [[0.4]], rtol=1e-7)
+    np.testing.assert_array_equal(packed.codes, [[1, -2, 1, 0]])
+    half = quantize_rtn(np.array([[-1.0, 0.125, -0.375, 0.0]]), bits=4, group_size=4,
+                        scheme="rtn-sym")
+    # scale 0.125: 1.0 and -3.0 exactly; halves: none; then 0.0625 = half a step rounds up
+    np.testing.assert_array_equal(half.codes, [[-8, 1, -3, 0]])
+    up = quantize_rtn(np.array([[-1.0, 0.0625, -0.0625, 0.0]]), bits=4, group_size=4,
+                      scheme="rtn-sym")
+    np.testing.assert_array_equal(up.codes, [[-8, 1, 0, 0]])  # +-0.5 step -> up
 
 
 @pytest.mark.parametrize("scheme", ["rtn-asym", "rtn-sym"])
@@ -129,8 +145,8 @@ def test_partial_last_group_gets_scale_from_its_real_entries_sym():
     packed = quantize_rtn(w, bits=3, group_size=4, scheme="rtn-sym")
     # extremes -2.0 and 0.3 map to code -4: scales 0.5 and -0.075
     np.testing.assert_allclose(packed.scales, [[0.5, -0.075]], rtol=1e-6)
-    # round([1.8, -4, 1, 0.5]) = [2, -4, 1, 0]; round(-4) = -4
-    np.testing.assert_array_equal(packed.codes, [[2, -4, 1, 0, -4]])
+    # [1.8, -4, 1, 0.5] rounded, halves up: [2, -4, 1, 1]; the last group: -4
+    np.testing.assert_array_equal(packed.codes, [[2, -4, 1, 1, -4]])
 
 
 @pytest.mark.parametrize("scheme", ["rtn-asym", "rtn-sym"])
@@ -243,3 +259,27 @@ def test_clip_search_picks_the_least_squares_shrink_of_the_grid():
     searched = quantize_rtn(w, 2, 8, "rtn-asym", clip_search=True)
     assert np.sum((searched.dequantize().astype(np.float64) - w) ** 2) == pytest.approx(best)
     assert best < error(1.0)  # the outlier at 6.0 makes a shrunk range pay
+
+
+@pytest.mark.parametrize("scheme", ["rtn-sym", "rtn-asym"])
+@pytest.mark.parametrize("grid", [False, True])
+def test_4bit_equals_onnx_runtimes_blockwise_quantizer(grid, scheme):
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    from lwqc.backends import matmul_nbits
+
+    rng = np.random.default_rng(7)
+    out_features, in_features, block = 48, 96, 32
+    w = rng.normal(size=(out_features, in_features)).astype(np.float32)
+    if grid:  # values on a coarse grid (Q4_1-style checkpoints): many ties and exact halves
+        w = np.round(w * 4) / 4
+    packed = np.zeros((out_features, in_features // block, block // 2), np.uint8)
+    scales = np.zeros(out_features * in_features // block, np.float32)
+    zero_points = np.zeros(out_features * (in_features // block + 1) // 2, np.uint8)
+    quantize_matmul_4bits(packed, np.ascontiguousarray(w.T), scales, zero_points, block,
+                          out_features, in_features, scheme == "rtn-sym")
+    ours = matmul_nbits.pack(quantize_rtn(w, bits=4, group_size=block, scheme=scheme))
+    np.testing.assert_array_equal(ours["scales"].ravel(), scales)
+    np.testing.assert_array_equal(ours["B"], packed)
+    if scheme == "rtn-asym":
+        np.testing.assert_array_equal(ours["zero_points"].ravel(), zero_points)
