@@ -3,7 +3,7 @@
 Groups run along the input dimension of W ``[out, in]`` (the last group may be short; a group
 size of None makes each row one group).
 1. ``rtn-asym``: a range [lo, hi] with lo <= 0 <= hi (zero is always exact) maps onto codes
-   0..2^b-1: scale = (hi - lo) / (2^b - 1), zero point = floor(-lo * (1 / scale) + 1/2),
+   0..2^b-1: scale = (hi - lo) / (2^b - 1), zero point = floor(-lo / scale + 1/2),
    code = clip(floor(w * (1 / scale) + zero point + 1/2)), in float32.
 2. ``rtn-sym``: the group's entry of largest magnitude m (with its sign; the negative one on a
    tie) maps onto the most negative code: scale = m / -2^(b-1) (negative when m is), so all
@@ -60,7 +60,7 @@ class Asymmetric:
         scales = (self.hi - self.lo) / np.float32(self.qmax) * np.float32(alpha)
         scales[scales == 0] = 1.0
         lo = self.lo * np.float32(alpha)
-        zeros = np.floor(-lo * (np.float32(1.0) / scales) + np.float32(0.5))
+        zeros = np.floor(-lo / scales + np.float32(0.5))
         return scales, np.clip(zeros, 0, self.qmax).astype(np.float64)
 
     def codes(self, groups: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
