@@ -22,6 +22,7 @@ from lwqc.backends import torch_eager
 from lwqc.backends.decoder_session import DecoderSession, is_decoder
 from lwqc.ir.datasets import read_text, stsb_pairs, wikitext2_text
 from lwqc.ir.errors import LwqcError
+from lwqc.ir.formats import WeightFormat
 from lwqc.ir.hf_load import load_model, weights_sha256
 from lwqc.ir.plan_json import read_artifact_plan, specs_from_document
 from lwqc.ir.source import CAUSAL_LM
@@ -56,19 +57,25 @@ def quantized_runner(out: Path, module: torch.nn.Module, output: str, backend: s
                      quantized_sites: set[str]) -> tuple[Runner, str]:
     """The artifact's runner: its ONNX model, or the eager module holding its weights (read
     from model.onnx or packed.safetensors; every site in ``quantized_sites`` must be there)."""
-    onnx_path, packed_path = out / MODEL_FILE, out / PACKED_FILE
+    onnx_path = out / MODEL_FILE
     backend = backend or ("onnx" if onnx_path.exists() else "torch")
     if backend == "onnx":
         if not onnx_path.exists():
             raise LwqcError(f"{out} holds no {MODEL_FILE}; evaluate with --backend torch")
         return _ort_runner(onnx_path, output), backend
-    if onnx_path.exists():
-        packed = ort_backend.read_packed(onnx_path, quantized_sites)
-    elif packed_path.exists():
-        packed = torch_eager.read_packed(packed_path, quantized_sites)
-    else:
-        raise LwqcError(f"{out} holds neither {MODEL_FILE} nor {PACKED_FILE}")
+    packed = artifact_weights(out, quantized_sites)
     return _torch_runner(torch_eager.build(module, packed), output), backend
+
+
+def artifact_weights(out: Path, quantized_sites: set[str]) -> dict[str, WeightFormat]:
+    """The packed weights an artifact holds (``model.onnx``, else ``packed.safetensors``);
+    every site in ``quantized_sites`` must be there."""
+    onnx_path, packed_path = out / MODEL_FILE, out / PACKED_FILE
+    if onnx_path.exists():
+        return ort_backend.read_packed(onnx_path, quantized_sites)
+    if packed_path.exists():
+        return torch_eager.read_packed(packed_path, quantized_sites)
+    raise LwqcError(f"{out} holds neither {MODEL_FILE} nor {PACKED_FILE}")
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from lwqc.artifacts import MODEL_FILE, PACKED_FILE, PLAN_FILE
-from lwqc.backends import onnxruntime as ort_backend
+from lwqc.artifacts import PLAN_FILE
 from lwqc.backends import torch_eager
 from lwqc.backends.decoder_session import DecoderSession, is_decoder
+from lwqc.evaluate import artifact_weights
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.hf_load import load_model
 from lwqc.ir.plan_json import read_artifact_plan, specs_from_document
@@ -94,13 +94,7 @@ def _token_source(request: GenerateRequest, document: dict[str, Any]
     if loaded.kind != CAUSAL_LM:
         raise LwqcError(f"{out} holds an encoder; lwqc generate needs a causal language model")
     quantized = {s for s, spec in specs_from_document(document).items() if not spec.kept}
-    if (out / MODEL_FILE).exists():
-        packed = ort_backend.read_packed(out / MODEL_FILE, quantized)
-    elif (out / PACKED_FILE).exists():
-        packed = torch_eager.read_packed(out / PACKED_FILE, quantized)
-    else:
-        raise LwqcError(f"{out} holds neither {MODEL_FILE} nor {PACKED_FILE}")
-    module = torch_eager.build(loaded.module, packed)
+    module = torch_eager.build(loaded.module, artifact_weights(out, quantized))
     eos = module.generation_config.eos_token_id if module.generation_config else None
 
     def greedy(prompt: list[int], max_new_tokens: int, stop: set[int]) -> Iterator[int]:

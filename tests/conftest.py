@@ -139,6 +139,26 @@ def ort_dequantized(path) -> dict[str, np.ndarray]:
     return {**weights, **nbits_dequantized(model)}
 
 
+def genai_greedy(directory, prompt: list[int], new_tokens: int,
+                 stop_at_eos: bool = True) -> list[int]:
+    """Greedy tokens onnxruntime-genai generates from an artifact directory (at most
+    ``new_tokens``; exactly that many when not ``stop_at_eos``)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(directory))
+    params = og.GeneratorParams(model)
+    total = len(prompt) + new_tokens
+    params.set_search_options(max_length=total, do_sample=False,
+                              **({} if stop_at_eos else {"min_length": total}))
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
 def nbits_dequantized(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """The weight each quantized MatMulNBits node multiplies by, ``[out, in]``: ORT runs the
     node alone (fp32 accuracy) on the identity matrix; fused sites are split by their rows."""

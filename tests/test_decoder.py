@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import nbits_dequantized
+from conftest import genai_greedy, nbits_dequantized
 from lwqc.backends import onnxruntime as ort_backend
 from lwqc.backends import torch_eager
 from lwqc.backends.decoder_session import DecoderSession
@@ -94,18 +94,10 @@ def test_decoder_and_torch_agree_on_logits_and_greedy_tokens(ref_decoder):
 
 
 def test_onnxruntime_genai_loads_the_artifact_and_generates_the_same_tokens(ref_decoder):
-    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai")
     graph, out = ref_decoder
     prompt = [5, 100, 200, 300, 7, 9]
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 10, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
+    tokens = genai_greedy(out, prompt, 10)
     module = torch_eager.build(graph.source.module, graph.packed)
     expected = list(torch_greedy(module, prompt, len(tokens), set()))
     eos = module.generation_config.eos_token_id

@@ -12,6 +12,7 @@ import json
 
 import pytest
 
+from conftest import genai_greedy
 from lwqc.backends.decoder_session import DecoderSession
 from lwqc.cli import main
 
@@ -66,16 +67,6 @@ def test_chat_answers_and_onnxruntime_genai_agrees(int4_b32, capsys):
                  "What is the capital of France?", "--max-new-tokens", "16"]) == 0
     assert "Paris" in capsys.readouterr().out
     # onnxruntime-genai runs the same decoder: the same greedy tokens
-    model = og.Model(str(int4_b32))
-    tokenizer = og.Tokenizer(model)
-    prompt = list(tokenizer.encode("The capital of France is"))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 8, min_length=len(prompt) + 8,
-                              do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
+    prompt = list(og.Tokenizer(og.Model(str(int4_b32))).encode("The capital of France is"))
+    tokens = genai_greedy(int4_b32, prompt, 8, stop_at_eos=False)
     assert tokens == list(DecoderSession(int4_b32).greedy(prompt, 8))
