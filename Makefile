@@ -43,3 +43,4 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	$(BIN)/python tools/bench_compile.py
 	$(BIN)/python tools/bench_quality.py
+	$(BIN)/python tools/bench_deploy.py --large
