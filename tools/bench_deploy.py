@@ -6,7 +6,7 @@ RSS): the builder at fp32, at int4 (its CPU default: RTN, block 32, symmetric, i
 embedding, accuracy level 4) and with ``algo_config=k_quant_mixed``; lwqc uniform int4 in the
 builder's format (block 32, symmetric) and at block 128; lwqc mixed plans (``--policy lim``,
 4 and 8 bits) sized to the builder's two int4 files (never larger: a plan whose file comes out
-larger is rebuilt once with the excess taken off its budget). The builder reads a transformers
+larger is rebuilt with the excess taken off its budget). The builder reads a transformers
 directory written from the GGUF beforehand (not timed); lwqc reads the GGUF itself.
 
 Quality: perplexity and KL(float || artifact) per token on the first N WikiText-2 windows of
@@ -54,6 +54,7 @@ BUILDER = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
 LWQC = [sys.executable, "-m", "lwqc.cli", "compile"]
 PREFILL_TOKENS, PROMPT_TOKENS, NEW_TOKENS, REPEATS = 512, 128, 128, 3
 UNIFORM_LABEL = "lwqc uniform int4 b32 sym (level 4)"  # measures lwqc's non-weight bytes
+SIZE_ATTEMPTS, BITS_STEP = 4, 0.005
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,21 +160,22 @@ class Bench:
 
     def build_to_size(self, artifact: Artifact, command: list[str],
                       out: Path) -> tuple[float, float, list[str]]:
-        """Build with the --bits that fill the named builder file; if the file comes out
-        larger (its decision metadata differs from the uniform artifact's), once more with the
-        excess taken off the budget. Wall time and peak RSS of the build that counts."""
+        """Build with the --bits that fill the named builder file; while the file comes out
+        larger (its decision metadata differs from the uniform artifact's), again with the
+        excess, and at least ``BITS_STEP``, taken off the budget (a plan changes by whole
+        units). Wall time and peak RSS of the build that counts."""
         plan = json.loads((self.directory(_artifact(UNIFORM_LABEL)) /
                            "plan.json").read_text())["totals"]
         bits = self.bits_for(artifact, plan)
-        for _ in range(2):
+        for _ in range(SIZE_ATTEMPTS):
             shutil.rmtree(out, ignore_errors=True)
             attempt = [*command, "--bits", f"{bits:.4f}"]
             seconds, rss = run_measured(attempt)
             excess = model_bytes(out) - self.rows[artifact.size_of]["file_bytes"]
             if excess <= 0:
-                break
-            bits -= math.ceil(excess * 8 / plan["params"] * 1e4) / 1e4
-        return seconds, rss, attempt
+                return seconds, rss, attempt
+            bits -= max(math.ceil(excess * 8 / plan["params"] * 1e4) / 1e4, BITS_STEP)
+        sys.exit(f"{artifact.label}: no plan within {SIZE_ATTEMPTS} tries fits the file size")
 
     def bits_for(self, artifact: Artifact, site_plan: dict[str, Any]) -> float:
         """The --bits that fill the named builder file: its bytes less what an lwqc file
