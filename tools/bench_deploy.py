@@ -12,8 +12,9 @@ directory written from the GGUF beforehand (not timed); lwqc reads the GGUF itse
 Quality: perplexity and KL(float || artifact) per token on the first N WikiText-2 windows of
 512 tokens, each artifact's decoder run through ONNX Runtime against the float torch model
 (computed once per batch). Speed: onnxruntime-genai on the machine's threads; prefill of 512
-tokens (median of 3) and greedy decoding of 128 new tokens after a 128-token prompt (median
-tokens/s of 3). ``--large`` adds the ~1B model (hidden 2048, 16 layers, vocabulary 32000):
+tokens and greedy decoding of 128 new tokens after a 128-token prompt, every artifact of a model
+loaded at once and timed in turn for 3 rounds (medians), so the drifts of a shared machine hit
+them alike. ``--large`` adds the ~1B model (hidden 2048, 16 layers, vocabulary 32000):
 size, compile time and peak RSS, and decode speed against its fp32 decoder.
 
 Each artifact's row is appended to ``bench/deploy/results.jsonl`` when measured; a rerun skips
@@ -103,7 +104,8 @@ def smollm2_gguf() -> Path:
 
 
 def run_measured(command: list[str]) -> tuple[float, float]:
-    """Run ``command``; its wall seconds and peak RSS (MiB). Exits on failure."""
+    """Run ``command``; its wall seconds and the peak RSS (MiB) of its largest process,
+    children included. Exits on failure."""
     with tempfile.TemporaryFile() as log:
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
@@ -188,34 +190,46 @@ class Bench:
         return math.floor((target - overhead) * 8 / site_plan["params"] * 1e4) / 1e4
 
 
-def speed(directory: Path, vocab: int) -> dict[str, float]:
-    """onnxruntime-genai: prefill of 512 tokens (ms) and greedy decode tokens/s."""
+def _prefill_seconds(og, model, ids: np.ndarray) -> float:
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 1, do_sample=False)
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens(ids)
+    return time.perf_counter() - start
+
+
+def _decode_rate(og, model, prompt: np.ndarray) -> float:
+    params = og.GeneratorParams(model)
+    total = len(prompt) + NEW_TOKENS
+    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    start = time.perf_counter()
+    for _ in range(NEW_TOKENS):
+        generator.generate_next_token()
+    return NEW_TOKENS / (time.perf_counter() - start)
+
+
+def speeds(directories: dict[str, Path], vocab: int) -> dict[str, dict[str, float]]:
+    """onnxruntime-genai, every artifact loaded at once and measured in turn, ``REPEATS``
+    rounds (so drifts of a shared machine hit all alike): median prefill of 512 tokens (ms)
+    and median greedy decode rate (tokens/s)."""
     import onnxruntime_genai as og
 
-    model = og.Model(str(directory))
+    models = {label: og.Model(str(directory)) for label, directory in directories.items()}
     rng = np.random.default_rng(0)
-    prefill = []
+    prefill: dict[str, list[float]] = {label: [] for label in models}
+    rates: dict[str, list[float]] = {label: [] for label in models}
     for _ in range(REPEATS):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=PREFILL_TOKENS + 1, do_sample=False)
-        generator = og.Generator(model, params)
         ids = rng.integers(10, vocab, PREFILL_TOKENS).astype(np.int32)
-        start = time.perf_counter()
-        generator.append_tokens(ids)
-        prefill.append(time.perf_counter() - start)
-    rates = []
-    for _ in range(REPEATS):
-        params = og.GeneratorParams(model)
-        total = PROMPT_TOKENS + NEW_TOKENS
-        params.set_search_options(max_length=total, min_length=total, do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(rng.integers(10, vocab, PROMPT_TOKENS).astype(np.int32))
-        start = time.perf_counter()
-        for _ in range(NEW_TOKENS):
-            generator.generate_next_token()
-        rates.append(NEW_TOKENS / (time.perf_counter() - start))
-    return {"prefill_512_ms": round(1000 * statistics.median(prefill), 1),
-            "decode_tok_s": round(statistics.median(rates), 1)}
+        prompt = rng.integers(10, vocab, PROMPT_TOKENS).astype(np.int32)
+        for label, model in models.items():
+            prefill[label].append(_prefill_seconds(og, model, ids))
+            rates[label].append(_decode_rate(og, model, prompt))
+    return {label: {"prefill_512_ms": round(1000 * statistics.median(prefill[label]), 1),
+                    "decode_tok_s": round(statistics.median(rates[label]), 1)}
+            for label in models}
 
 
 def quality(bench: Bench, gguf: Path, labels: list[str]) -> dict[str, dict[str, Any]]:
@@ -258,13 +272,14 @@ def large_model(work: Path) -> Path:
 
 def measure(bench: Bench, artifacts: tuple[Artifact, ...], hf_dir: Path, lwqc_input: Path,
             vocab: int) -> None:
+    """Build what is not built yet, then time every artifact of the model side by side."""
     for artifact in artifacts:
-        if artifact.label in bench.rows:
-            continue
-        row = bench.build(artifact, hf_dir, lwqc_input)
-        row.update(speed(bench.directory(artifact), vocab))
-        bench.save(row)
-        print(json.dumps(row), file=sys.stderr)
+        if artifact.label not in bench.rows:
+            bench.save(bench.build(artifact, hf_dir, lwqc_input))
+    directories = {a.label: bench.directory(a) for a in artifacts}
+    for label, timing in speeds(directories, vocab).items():
+        bench.save({**bench.rows[label], **timing})
+        print(json.dumps(bench.rows[label]), file=sys.stderr)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -276,7 +291,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"onnxruntime {meta['onnxruntime']}, onnxruntime-genai {meta['onnxruntime_genai']}. "
         f"Quality: first {meta['windows']} WikiText-2 windows of 512 tokens against the float "
         "model (float32 from the GGUF); speed: onnxruntime-genai, prefill of 512 tokens, "
-        "greedy decode of 128 tokens after a 128-token prompt, medians of 3. Written by "
+        "greedy decode of 128 tokens after a 128-token prompt, the artifacts of a model timed "
+        "in turn for 3 rounds, medians. Peak RSS: the largest process of the build (lwqc runs "
+        "the builder as a child for its float decoder). Written by "
         "`python tools/bench_deploy.py`.",
         "",
         "| artifact | build s | peak RSS MiB | file MB | bits/weight | ppl | ΔPPL | KLD "
@@ -284,13 +301,14 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
-        q = row.get("quality", {})
+        q = row.get("quality")
         bits = row.get("bits_per_weight")
+        quality_cells = ("| | |" if q is None else
+                         f"{q['ppl']:.3f} | {100 * q['delta_ppl']:+.2f} % | {q['kld']:.4f} |")
         lines.append(
             f"| {row['label']} | {row['build_s']} | {row['peak_rss_mib']} | "
             f"{row['file_bytes'] / 1e6:.1f} | {'' if bits is None else f'{bits:.3f}'} | "
-            f"{q.get('ppl', float('nan')):.3f} | {100 * q.get('delta_ppl', float('nan')):+.2f} % | "
-            f"{q.get('kld', float('nan')):.4f} | {row['prefill_512_ms']} | {row['decode_tok_s']} |")
+            f"{quality_cells} {row['prefill_512_ms']} | {row['decode_tok_s']} |")
     return "\n".join(lines) + "\n"
 
 
