@@ -126,17 +126,41 @@ def ort_dequantized(path) -> dict[str, np.ndarray]:
         names[site] = node.input[1]
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
         transposed[site] = not (node.op_type == "Gemm" and trans_b)
-        model.graph.output.append(
-            onnx.helper.make_tensor_value_info(node.input[1], onnx.TensorProto.FLOAT, None)
-        )
+    if not names:  # every quantized site is a MatMulNBits node
+        return nbits_dequantized(model)
+    weights_only = _initializer_slice(model, list(names.values()))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options,
+    session = ort.InferenceSession(weights_only.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
-    feeds = {i.name: np.ones((1, 8), np.int64) for i in session.get_inputs()}
-    outputs = session.run(list(names.values()), feeds)
+    outputs = session.run(list(names.values()), {})
     weights = {s: w.T if transposed[s] else w for s, w in zip(names, outputs, strict=True)}
     return {**weights, **nbits_dequantized(model)}
+
+
+def _initializer_slice(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """The nodes (and initializers) that compute ``outputs`` from initializers alone."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    needed, pending, used = [], list(outputs), set()
+    while pending:
+        name = pending.pop()
+        if name in used or not name:
+            continue
+        used.add(name)
+        if name in producer:
+            node = producer[name]
+            if node not in needed:
+                needed.append(node)
+            pending.extend(node.input)
+    order = [n for n in model.graph.node if n in needed]
+    graph = onnx.helper.make_graph(
+        order, "weights", [],
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+         for name in outputs],
+        [inits[name] for name in used if name in inits])
+    return onnx.helper.make_model(graph, opset_imports=model.opset_import,
+                                  ir_version=model.ir_version)
 
 
 def genai_greedy(directory, prompt: list[int], new_tokens: int,
