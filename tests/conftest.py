@@ -114,8 +114,9 @@ def save_tiny_model(arch: str, directory: Path, seed: int = 0) -> Path:
 
 
 def ort_dequantized(path) -> dict[str, np.ndarray]:
-    """Run ORT with the weight input of every quantized site's MatMul/Gemm exposed, oriented
-    back to [out, in]: the weight ORT actually multiplies by."""
+    """The weight ORT multiplies by for every quantized site, ``[out, in]``: ORT runs the nodes
+    that compute each MatMul/Gemm's weight input (from initializers alone), and each
+    MatMulNBits node alone (``nbits_dequantized``)."""
     model = onnx.load(path)
     names, transposed = {}, {}
     for node in model.graph.node:
