@@ -31,27 +31,26 @@ class DecoderSession:
         self.kv_heads, self.head_size = decoder["num_key_value_heads"], decoder["head_size"]
         layers = range(decoder["num_hidden_layers"])
         names, outputs = decoder["inputs"], decoder["outputs"]
-        self.past = [(names["past_key_names"] % i, names["past_value_names"] % i)
-                     for i in layers]
-        self.present = [(outputs["present_key_names"] % i, outputs["present_value_names"] % i)
-                        for i in layers]
+        # cache names, key and value of each layer in turn; outputs in the same order
+        self.past = [name % i for i in layers
+                     for name in (names["past_key_names"], names["past_value_names"])]
+        self.outputs = ["logits", *(name % i for i in layers for name in (
+            outputs["present_key_names"], outputs["present_value_names"]))]
         self.session = session(directory / decoder["filename"], threads=threads)
         self.inputs = {i.name for i in self.session.get_inputs()}
 
     def _empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         empty = np.zeros((batch, self.kv_heads, 0, self.head_size), np.float32)
-        return {name: empty for pair in self.past for name in pair}
+        return dict.fromkeys(self.past, empty)
 
     def run(self, input_ids: np.ndarray, cache: dict[str, np.ndarray],
             attention_mask: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Logits of the new tokens and the cache holding past and new ones."""
         feeds = {"input_ids": input_ids.astype(np.int64),
                  "attention_mask": attention_mask.astype(np.int64), **cache}
-        names = ["logits", *(name for pair in self.present for name in pair)]
-        logits, *present = self.session.run(names, {k: v for k, v in feeds.items()
-                                                    if k in self.inputs})
-        flat_past = [name for pair in self.past for name in pair]
-        return logits, dict(zip(flat_past, present, strict=True))
+        logits, *present = self.session.run(self.outputs, {k: v for k, v in feeds.items()
+                                                           if k in self.inputs})
+        return logits, dict(zip(self.past, present, strict=True))
 
     def prefill(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits of every position of ``[batch, seq]`` ids, from an empty cache."""

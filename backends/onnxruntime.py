@@ -52,7 +52,7 @@ _DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy
 GRAPHS = ("auto", "kv-cache", "export")
 ACCURACY_LEVELS = (1, 2, 3, 4)
 DEFAULT_ACCURACY_LEVEL = 4
-DECODER_FILES = "onnx.files"  # graph.lowered key: the decoder's config and tokenizer files
+SIDE_FILES_KEY = "onnx.files"  # graph.lowered key: the decoder's config and tokenizer files
 CAPABILITIES = Capabilities(
     backend="onnx",
     widths={name: PACKED_STORAGE.widths[name] for name in FORMAT_LOWERINGS},
@@ -334,7 +334,7 @@ class LowerOnnxPass(Pass):
         if self._decoder(graph):
             model, files = lower_decoder(graph, self.values["accuracy_level"])
             graph.lowered["onnx"] = model
-            graph.lowered[DECODER_FILES] = files
+            graph.lowered[SIDE_FILES_KEY] = files
         else:
             graph.lowered["onnx"] = lower(graph, graph.source.float_onnx(),
                                           self.values["accuracy_level"])

@@ -100,7 +100,7 @@ def write_artifacts(graph: Graph, directory: Path, timings: list[PassTiming]) ->
     write_plan(directory / PLAN_FILE, plan_document(graph))
     if "onnx" in graph.lowered:
         ort_backend.save(graph.lowered["onnx"], directory / MODEL_FILE)
-        for name, content in graph.lowered.get(ort_backend.DECODER_FILES, {}).items():
+        for name, content in graph.lowered.get(ort_backend.SIDE_FILES_KEY, {}).items():
             if name not in DECODER_FILES:
                 raise LwqcError(f"the decoder builder wrote an unexpected file {name}")
             (directory / name).write_bytes(content)
