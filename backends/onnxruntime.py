@@ -1,8 +1,9 @@
 """Lower to ONNX Runtime: start from the source's float ONNX graph, rewrite each quantized
 site's weight with its format's standard-op lowering (``backends/onnx_formats.py``).
 
-1. Find each site's MatMul (or Gemm) by the module path the exporter records in the node's
-   ``pkg.torch.onnx.name_scopes`` metadata; its constant B input is the float weight.
+1. Find each site's MatMul (or Gemm): the node the source names (``lwqc.site``, an ONNX
+   file's own graph), else the one whose ``pkg.torch.onnx.name_scopes`` metadata holds the
+   site's module path (torch's export); its constant B input is the float weight.
 2. Replace B by the lowered weight (DequantizeLinear for affine groups, ...); 2-bit codes
    raise the opset to 25 (IR version 13).
 3. Write the site's decision (spec fields, scores) into the nodes' ``metadata_props``.
@@ -37,6 +38,7 @@ from lwqc.ir.capabilities import PACKED_STORAGE, Capabilities
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.formats import AffineWeight, WeightFormat, load_weight
 from lwqc.ir.graph import Graph
+from lwqc.ir.onnx_source import SCOPES, SITE_KEY
 from lwqc.ir.plan_json import SCHEMA
 from lwqc.ir.source import CAUSAL_LM
 from lwqc.ir.spec import SPECS, GroupSpec, QuantSpec, spec_from_json
@@ -45,7 +47,6 @@ from lwqc.passes.base import Option, Pass, PassContext, PassKind, choice
 OPSET_INT2 = 25
 IR_VERSION_INT2 = 13  # int2/uint2 tensors arrived with IR version 13 (opset 25)
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
-_SCOPES = "pkg.torch.onnx.name_scopes"
 SPEC_FIELDS = {"scheme", *(name for cls in SPECS.values() for name in cls.field_names())}
 _DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy",
                    "pkg.torch.onnx.fx_node", "namespace")
@@ -68,10 +69,14 @@ def site_matmuls(model: ir.Model, site_ids: list[str]) -> dict[str, ir.Node]:
     for node in model.graph:
         if node.op_type not in ("MatMul", "Gemm") or node.inputs[1] is None:
             continue
-        if node.inputs[1].const_value is None or _SCOPES not in node.metadata_props:
+        if node.inputs[1].const_value is None:
             continue
-        scopes = ast.literal_eval(node.metadata_props[_SCOPES])
-        hits = wanted.intersection(scopes)
+        if SITE_KEY in node.metadata_props:
+            hits = wanted.intersection([node.metadata_props[SITE_KEY]])
+        elif SCOPES in node.metadata_props:
+            hits = wanted.intersection(ast.literal_eval(node.metadata_props[SCOPES]))
+        else:
+            continue
         if len(hits) == 1:
             site = hits.pop()
             if site in found:
@@ -159,7 +164,7 @@ def lower(graph: Graph, model: ir.Model,
             int2_codes |= weight.spec.bits == 2
             table = _dequantized_rows(dequantized, transposed)
         if tied:
-            _share_table(model.graph, site_id, graph.weight(site_id), weight, table)
+            _share_table(model.graph, site_id, old, graph.weight(site_id), weight, table)
         if not old.uses() and old.name in model.graph.initializers:
             model.graph.initializers.pop(old.name)
     for node in model.graph.all_nodes():
@@ -203,19 +208,32 @@ def _dequantized_rows(dequantized: ir.Value, transposed: bool) -> TableLookup:
     return lookup
 
 
-def _share_table(graph: ir.Graph, site_id: str, float_weight: np.ndarray, weight: WeightFormat,
-                 lookup: TableLookup) -> None:
-    """Replace the Gathers that read a tied head's float table (``[out, in]``; the export
-    keeps it as an initializer of its own) by ``lookup`` of the head's quantized weight."""
-    gathers = [node for node in graph if node.op_type == "Gather"
-               and node.inputs[0] is not None and node.inputs[0].const_value is not None
-               and node.inputs[0].const_value.shape == float_weight.shape]
-    for gather in gathers:
+def _reads_table(gather: ir.Node, old: ir.Value, float_weight: np.ndarray) -> bool:
+    """Whether a Gather's table is a tied head's float weight: ``Transpose`` of the head's
+    own B (the GenAI builder), or an initializer of its own holding ``[out, in]`` (torch's
+    export)."""
+    table = gather.inputs[0]
+    if table is None:
+        return False
+    producer = table.producer()
+    if producer is not None and producer.op_type == "Transpose" and producer.inputs[0] is old:
+        return True
+    return table.const_value is not None and table.const_value.shape == float_weight.shape \
+        and np.array_equal(table.const_value.numpy(), float_weight)
+
+
+def _share_table(graph: ir.Graph, site_id: str, old: ir.Value, float_weight: np.ndarray,
+                 weight: WeightFormat, lookup: TableLookup) -> None:
+    """Replace the Gathers that read a tied head's float table by ``lookup`` of the head's
+    quantized weight; drop the float table."""
+    for gather in [node for node in graph if node.op_type == "Gather"
+                   and _reads_table(node, old, float_weight)]:
         table = gather.inputs[0]
-        if not np.array_equal(table.const_value.numpy(), float_weight):
-            continue
         replace_node(graph, gather, lookup(graph, gather, site_id, weight, gather.inputs[1]))
-        if not table.uses() and table.name in graph.initializers:
+        producer = table.producer()
+        if producer is not None and not table.uses():
+            graph.remove(producer, safe=True)
+        elif not table.uses() and table.name in graph.initializers:
             graph.initializers.pop(table.name)
         graph.sort()  # the table is now computed after the Gather's old position
 
@@ -331,7 +349,12 @@ class LowerOnnxPass(Pass):
         return fits
 
     def run(self, graph: Graph, context: PassContext) -> None:
-        if self._decoder(graph):
+        files = graph.source.decoder_files()
+        if files:  # the source's own graph is a KV-cache decoder
+            graph.lowered["onnx"] = lower(graph, graph.source.float_onnx(),
+                                          self.values["accuracy_level"])
+            graph.lowered[SIDE_FILES_KEY] = files
+        elif self._decoder(graph):
             model, files = lower_decoder(graph, self.values["accuracy_level"])
             graph.lowered["onnx"] = model
             graph.lowered[SIDE_FILES_KEY] = files

@@ -9,7 +9,6 @@ output reaches without crossing another site.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import networkx as nx
@@ -19,6 +18,7 @@ from lwqc.ir.errors import ModelLoadError
 from lwqc.ir.graph import Block, MatmulSite
 from lwqc.ir.roles import role_of
 from lwqc.ir.source import ENCODER
+from lwqc.ir.structure import assign_fusion_groups, blocks_under, site_dataflow
 
 # FX targets that multiply by a weight; value = (index of the weight arg, index of the input,
 # whether the weight is stored [in, out]).
@@ -136,8 +136,9 @@ def lift(module: torch.nn.Module, ep: torch.export.ExportedProgram, model_id: st
                 tied_sites and not any(name.removesuffix(".weight") == e for e, _ in excluded):
             excluded.append((name, "not a matmul weight (embedding or table); stays float"))
     blocks = _group_blocks(module, sites)
-    _assign_fusion_groups(sites, inputs_of)
-    return Lifted(sites, blocks, _dataflow(ep.graph, site_nodes), excluded, layouts)
+    assign_fusion_groups(sites, inputs_of)
+    dataflow = site_dataflow(ep.graph.nodes, lambda node: node.all_input_nodes, site_nodes)
+    return Lifted(sites, blocks, dataflow, excluded, layouts)
 
 
 def _group_blocks(module: torch.nn.Module, sites: dict[str, MatmulSite]) -> list[Block]:
@@ -148,48 +149,4 @@ def _group_blocks(module: torch.nn.Module, sites: dict[str, MatmulSite]) -> list
             count = sum(1 for s in sites if s.startswith(name + "."))
             if count > best_count:
                 best, best_count = name, count
-    if not best:
-        return []
-    module_of: dict[str, str] = {}
-    for site_id in sites:
-        if site_id.startswith(best + "."):
-            index = site_id[len(best) + 1 :].split(".", 1)[0]
-            module_of[site_id] = f"{best}.{index}"
-    modules = list(dict.fromkeys(module_of[s] for s in sites if s in module_of))
-    blocks = [Block(index=i, module=m, sites=[]) for i, m in enumerate(modules)]
-    by_module = {b.module: b for b in blocks}
-    for site_id, site in sites.items():
-        if site_id in module_of:
-            block = by_module[module_of[site_id]]
-            site.block = block.index
-            block.sites.append(site_id)
-    return blocks
-
-
-def _assign_fusion_groups(sites: dict[str, MatmulSite], inputs_of: dict) -> None:
-    """Sites reading the same activation form one group, named ``prefix:role+role``."""
-    members: dict[torch.fx.Node, list[str]] = {}
-    for site_id, node in inputs_of.items():
-        members.setdefault(node, []).append(site_id)
-    for group in members.values():
-        if len(group) == 1:
-            continue
-        prefix = os.path.commonprefix([s.split(".") for s in group])
-        name = ".".join(prefix) + ":" + "+".join(sites[s].role for s in group)
-        for site_id in group:
-            sites[site_id].fusion_group = name
-
-
-def _dataflow(graph: torch.fx.Graph, site_nodes: dict[torch.fx.Node, str]) -> nx.DiGraph:
-    """Edges from each site to the sites whose input it reaches without crossing another site."""
-    flow = nx.DiGraph()
-    flow.add_nodes_from(site_nodes.values())
-    upstream: dict[torch.fx.Node, frozenset[str]] = {}
-    for node in graph.nodes:
-        reach: set[str] = set()
-        for parent in node.all_input_nodes:
-            reach |= {site_nodes[parent]} if parent in site_nodes else upstream.get(parent, set())
-        if node in site_nodes:
-            flow.add_edges_from((u, site_nodes[node]) for u in sorted(reach))
-        upstream[node] = frozenset(reach)
-    return flow
+    return blocks_under(best, sites)

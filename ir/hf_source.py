@@ -131,6 +131,10 @@ class HFSource:
         return scratch
 
 
+    def decoder_files(self) -> dict[str, bytes]:
+        return {}
+
+
 def _first_tensor(value: Any) -> torch.Tensor:
     if torch.is_tensor(value):
         return value

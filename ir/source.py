@@ -1,6 +1,6 @@
 """What passes and backends may ask of a model: the ``ModelSource`` protocol.
 
-Every frontend (an HF directory or hub id, a GGUF file, later an ONNX file) implements it;
+Every frontend (an HF directory or hub id, a GGUF file, an ONNX file) implements it;
 nothing in lwqc reaches into a frontend's own objects.
 1. ``weight(site_id)``: the float weight of a site, ``[out, in]`` float32.
 2. ``tokenize(text)``: token ids with the model's own tokenizer (calibration, evaluation);
@@ -11,7 +11,11 @@ nothing in lwqc reaches into a frontend's own objects.
 4. ``substituted(weights)``: a context in which ``run`` uses other site weights.
 5. ``float_onnx()`` / ``eager_module()``: the float graphs the lowerings start from;
    ``transformers_directory(scratch)``: the float model as a transformers directory (its own,
-   or one written into ``scratch``), for tools that read one (the GenAI model builder).
+   or one written into ``scratch``), for tools that read one (the GenAI model builder);
+   ``decoder_files()``: when the float ONNX graph is a KV-cache decoder already (an ONNX file
+   the GenAI builder wrote), its ``genai_config.json`` and tokenizer files, else nothing.
+   Each site's node in ``float_onnx()`` names its site: ``lwqc.site`` metadata, or torch's
+   ``pkg.torch.onnx.name_scopes`` holding the site id.
 """
 
 from __future__ import annotations
@@ -55,3 +59,5 @@ class ModelSource(Protocol):
     def eager_module(self) -> torch.nn.Module: ...
 
     def transformers_directory(self, scratch: Path) -> Path: ...
+
+    def decoder_files(self) -> dict[str, bytes]: ...

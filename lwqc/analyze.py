@@ -16,8 +16,8 @@ from typing import Any, TextIO
 
 from lwqc.artifacts import atomic_directory
 from lwqc.ir.errors import LwqcError
+from lwqc.ir.frontends import import_model
 from lwqc.ir.graph import Graph
-from lwqc.ir.hf_source import import_model
 from lwqc.ir.spec import AsymmetricSpec
 from lwqc.passes.analyses import CALIBRATED_ANALYSES, analysis_passes
 from lwqc.passes.manager import PassManager

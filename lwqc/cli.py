@@ -309,7 +309,7 @@ def _passes(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     from lwqc.artifacts import PLAN_FILE
-    from lwqc.ir.hf_source import import_model
+    from lwqc.ir.frontends import import_model
     from lwqc.ir.plan_json import graph_from_document, read_artifact_plan
     from lwqc.ir.text import print_ir
 

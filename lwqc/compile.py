@@ -19,8 +19,8 @@ from lwqc.backends import onnxruntime as ort_backend
 from lwqc.backends import torch_eager
 from lwqc.ir.accounting import totals
 from lwqc.ir.errors import LwqcError, PipelineError
+from lwqc.ir.frontends import import_model
 from lwqc.ir.graph import Graph
-from lwqc.ir.hf_source import import_model
 from lwqc.ir.plan_json import plan_document, write_plan
 from lwqc.passes.analyses import analysis_passes, calibrated
 from lwqc.passes.apply_plan import ApplyPlanPass

@@ -24,6 +24,7 @@ from lwqc.ir.datasets import read_text, stsb_pairs, wikitext2_text
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.formats import WeightFormat
 from lwqc.ir.hf_load import load_model, weights_sha256
+from lwqc.ir.onnx_source import is_onnx_file, open_onnx
 from lwqc.ir.plan_json import read_artifact_plan, specs_from_document
 from lwqc.ir.source import CAUSAL_LM
 
@@ -53,16 +54,20 @@ def _ort_runner(path: Path, output: str) -> Runner:
     return run
 
 
-def quantized_runner(out: Path, module: torch.nn.Module, output: str, backend: str | None,
-                     quantized_sites: set[str]) -> tuple[Runner, str]:
+def quantized_runner(out: Path, module: torch.nn.Module | None, output: str,
+                     backend: str | None, quantized_sites: set[str]) -> tuple[Runner, str]:
     """The artifact's runner: its ONNX model, or the eager module holding its weights (read
-    from model.onnx or packed.safetensors; every site in ``quantized_sites`` must be there)."""
+    from model.onnx or packed.safetensors; every site in ``quantized_sites`` must be there).
+    ``module`` None: the float model is an ONNX file, so only ONNX Runtime runs it."""
     onnx_path = out / MODEL_FILE
     backend = backend or ("onnx" if onnx_path.exists() else "torch")
     if backend == "onnx":
         if not onnx_path.exists():
             raise LwqcError(f"{out} holds no {MODEL_FILE}; evaluate with --backend torch")
         return _ort_runner(onnx_path, output), backend
+    if module is None:
+        raise LwqcError(f"{out} was compiled from an ONNX file: it runs in ONNX Runtime only "
+                        "(--backend onnx)")
     packed = artifact_weights(out, quantized_sites)
     return _torch_runner(torch_eager.build(module, packed), output), backend
 
@@ -169,18 +174,24 @@ def evaluate(out: Path, data: str | None = None, seq_len: int = 512, windows: in
     if windows is not None and windows < 1:
         raise LwqcError("--windows must be at least 1")
     document = read_artifact_plan(out / PLAN_FILE)
-    loaded = load_model(document["model"]["id"])
-    module, kind, model_id = loaded.module, loaded.kind, loaded.model_id
-    context = loaded.context_length
+    model_id = document["model"]["id"]
+    if is_onnx_file(model_id):
+        source = open_onnx(model_id)
+        module, kind, context, digest = None, source.kind, None, source.weights_sha256
+        tokenizer = source.tokenizer()
+    else:
+        loaded = load_model(model_id)
+        module, kind, context = loaded.module, loaded.kind, loaded.context_length
+        digest, tokenizer = weights_sha256(module), loaded.tokenizer()
     if context is not None and seq_len > context:
         raise LwqcError(f"--seq-len {seq_len} exceeds the model's context of {context} tokens")
-    if weights_sha256(module) != document["model"]["weights_sha256"]:
+    if digest != document["model"]["weights_sha256"]:
         raise LwqcError(f"the float model at {model_id} changed since this artifact was compiled")
-    tokenizer = loaded.tokenizer()
     output = "logits" if kind == CAUSAL_LM else "last_hidden_state"
     quantized = {s for s, spec in specs_from_document(document).items() if not spec.kept}
     quant_run, used = quantized_runner(out, module, output, backend, quantized)
-    float_run = _torch_runner(module, output)
+    float_run = (_ort_runner(Path(model_id), output) if module is None
+                 else _torch_runner(module, output))
     result: dict[str, Any] = {
         "model": model_id, "backend": used, "policy": document["policy"],
         "avg_bits_physical": document["totals"]["avg_bits_physical"],

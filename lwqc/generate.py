@@ -22,6 +22,7 @@ from lwqc.backends.decoder_session import DecoderSession, is_decoder
 from lwqc.evaluate import artifact_weights
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.hf_load import load_model
+from lwqc.ir.onnx_source import is_onnx_file, tokenizer_beside
 from lwqc.ir.plan_json import read_artifact_plan, specs_from_document
 from lwqc.ir.source import CAUSAL_LM
 
@@ -40,6 +41,8 @@ def _tokenizer(out: Path, model_id: str) -> Any:
 
     if (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(str(out))
+    if is_onnx_file(model_id):
+        return tokenizer_beside(Path(model_id))
     return load_model(model_id).tokenizer()
 
 
@@ -90,6 +93,9 @@ def _token_source(request: GenerateRequest, document: dict[str, Any]
                             "export, or the architecture has none); use --backend torch")
         decoder = DecoderSession(out)
         return decoder.greedy, decoder.eos
+    if is_onnx_file(document["model"]["id"]):
+        raise LwqcError(f"{out} was compiled from an ONNX file without a KV cache: generate "
+                        "needs the GenAI builder's decoder as input, or the transformers model")
     loaded = load_model(document["model"]["id"])
     if loaded.kind != CAUSAL_LM:
         raise LwqcError(f"{out} holds an encoder; lwqc generate needs a causal language model")

@@ -31,6 +31,7 @@ from lwqc.ir.datasets import wikitext2_text
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.formats import WeightFormat
 from lwqc.ir.hf_source import import_model
+from lwqc.ir.onnx_source import is_onnx_file
 from lwqc.ir.source import CAUSAL_LM
 from lwqc.ir.spec import QuantSpec
 from lwqc.passes.analyses import CALIBRATED_ANALYSES, analysis_passes
@@ -51,6 +52,9 @@ class Sweeper:
                  analyses: str = ANALYSES) -> None:
         if windows < 1 or seq_len < 2:
             raise LwqcError("a sweep needs at least one window of at least 2 tokens")
+        if is_onnx_file(model):
+            raise LwqcError("lwqc sweep evaluates its points in torch: give it the transformers "
+                            "model or GGUF file, not an ONNX export")
         self.graph = import_model(model)
         self.causal = self.graph.source.kind == CAUSAL_LM
         PassManager(parse(analyses)).run(self.graph)

@@ -26,7 +26,7 @@ import numpy as np
 from bench_quality import smollm2_gguf  # noqa: I001  (a sibling tool)
 from scipy.stats import spearmanr
 
-from lwqc.ir.hf_source import import_model
+from lwqc.ir.frontends import import_model
 from lwqc.passes.analyses import analysis_passes
 from lwqc.passes.manager import PassManager
 from lwqc.passes.pipeline import format_pipeline
