@@ -314,6 +314,8 @@ def _block_probes(graph: ir.Graph, blocks: list[Block], site_nodes: dict[ir.Node
                   order: dict[str, int]) -> dict[str, tuple[_Probe, _Probe]]:
     """Each block's residual-stream input and output (module docstring, step 2); blocks
     whose stream is not found are left out."""
+    if not blocks:
+        return {}
     reach = _Reach(graph, site_nodes)
     masks = [sum(1 << order[s] for s in block.sites) for block in blocks]
     later = [sum(masks[i + 1 :]) for i in range(len(blocks))]
@@ -338,15 +340,17 @@ def _block_probes(graph: ir.Graph, blocks: list[Block], site_nodes: dict[ir.Node
                     found = _Probe(value=value)
                     break
         else:
-            for node in adds:
-                bits = [reach(v) for v in node.inputs[:2]]
-                if len(bits) == 2 and any(x & masks[b] == masks[b] for x in bits) \
+            for node in adds:  # branch + skip: both activations (a bias add is no residual)
+                pair = node.inputs[:2]
+                bits = [reach(v) for v in pair]
+                if len(pair) == 2 and all(v is not None and v.const_value is None for v in pair) \
+                        and any(x & masks[b] == masks[b] for x in bits) \
                         and not all(x & masks[b] == masks[b] for x in bits):
                     found = _residual_value(node)
                     break
             found = _follow_normalization(found, outputs)
         outputs.append(found)
-    first = next((value for value, bits in reach.of.items() if bits == 0 and blocks
+    first = next((value for value, bits in reach.of.items() if bits == 0
                   and not value.is_initializer() and value.const_value is None
                   and enters_add_of(value, 0) and feeds_all(value, 0)), None)
     inputs = [_Probe(value=first) if first is not None else None, *outputs[:-1]]

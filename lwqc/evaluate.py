@@ -178,11 +178,11 @@ def evaluate(out: Path, data: str | None = None, seq_len: int = 512, windows: in
     if is_onnx_file(model_id):
         source = open_onnx(model_id)
         module, kind, context, digest = None, source.kind, None, source.weights_sha256
-        tokenizer = source.tokenizer()
+        tokenizers = source.tokenizer
     else:
         loaded = load_model(model_id)
         module, kind, context = loaded.module, loaded.kind, loaded.context_length
-        digest, tokenizer = weights_sha256(module), loaded.tokenizer()
+        digest, tokenizers = weights_sha256(module), loaded.tokenizer
     if context is not None and seq_len > context:
         raise LwqcError(f"--seq-len {seq_len} exceeds the model's context of {context} tokens")
     if digest != document["model"]["weights_sha256"]:
@@ -192,6 +192,7 @@ def evaluate(out: Path, data: str | None = None, seq_len: int = 512, windows: in
     quant_run, used = quantized_runner(out, module, output, backend, quantized)
     float_run = (_ort_runner(Path(model_id), output) if module is None
                  else _torch_runner(module, output))
+    tokenizer = tokenizers()
     result: dict[str, Any] = {
         "model": model_id, "backend": used, "policy": document["policy"],
         "avg_bits_physical": document["totals"]["avg_bits_physical"],

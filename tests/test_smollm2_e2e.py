@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import onnx_ir as ir
 import pytest
 
 from conftest import genai_greedy
@@ -70,3 +72,33 @@ def test_chat_answers_and_onnxruntime_genai_agrees(int4_b32, capsys):
     prompt = list(og.Tokenizer(og.Model(str(int4_b32))).encode("The capital of France is"))
     tokens = genai_greedy(int4_b32, prompt, 8, stop_at_eos=False)
     assert tokens == list(DecoderSession(int4_b32).greedy(prompt, 8))
+
+
+def test_the_builders_onnx_export_compiles_to_the_same_arrays(int4_b32, smollm2_gguf,
+                                                              tmp_path):
+    """``lwqc compile model.onnx`` on the GenAI builder's float SmolLM2: one fused q/k/v site
+    per layer holding the GGUF route's q, k, v arrays, the tied table served by the head's own
+    arrays, and the same perplexity."""
+    from lwqc.backends.genai_decoder import run_builder
+    from lwqc.evaluate import artifact_weights, evaluate
+    from lwqc.ir.hf_source import import_model
+
+    hf_dir = import_model(str(smollm2_gguf)).source.transformers_directory(tmp_path / "hf")
+    run_builder(hf_dir, tmp_path / "builder")
+    out = tmp_path / "from-onnx"
+    assert main(["compile", str(tmp_path / "builder" / "model.onnx"), "--policy", "uniform",
+                 "--width", "4", "--group-size", "32", "--scheme", "rtn-sym", "-o", str(out),
+                 "-q"]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert len(plan["sites"]) == 30 * 5 + 1 and plan["sites"]["lm_head"]["tied"]
+    packed, expected = artifact_weights(out, set()), artifact_weights(int4_b32, set())
+    for site_id, weight in packed.items():
+        parts = [site_id.replace(".attn.", ".self_attn.")]
+        if "qkv_proj" in site_id:
+            parts = [parts[0].replace("qkv_proj", f"{p}_proj") for p in "qkv"]
+        rows = np.concatenate([expected[p].dequantize() for p in parts])
+        assert np.array_equal(weight.dequantize(), rows), site_id
+    ops = [node.op_type for node in ir.load(out / "model.onnx").graph]
+    assert "GatherBlockQuantized" in ops and "Transpose" not in ops
+    results = [evaluate(d, windows=1) for d in (out, int4_b32)]
+    assert results[0]["ppl"] == pytest.approx(results[1]["ppl"], rel=1e-6)
