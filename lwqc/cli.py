@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_compile(sub) -> None:
     p = sub.add_parser("compile", help="quantize a model under a budget and lower it")
-    p.add_argument("model", help="Hugging Face model directory, hub id, or .gguf file")
+    p.add_argument("model", help="Hugging Face model directory, hub id, .gguf or .onnx file")
     p.add_argument("-o", "--out", required=True, type=Path, help="artifact directory to write")
     p.add_argument("--policy", default="entropy",
                    help="entropy | fastewq | zd | lim | sensitivity | uniform | random | "
@@ -117,7 +117,7 @@ def _add_generate(sub) -> None:
 
 def _add_analyze(sub) -> None:
     p = sub.add_parser("analyze", help="every score per block and matmul (CSV, PNG)")
-    p.add_argument("model", help="Hugging Face model directory, hub id, or .gguf file")
+    p.add_argument("model", help="Hugging Face model directory, hub id, .gguf or .onnx file")
     p.add_argument("-o", "--out", type=Path, help="directory for the CSVs and the chart "
                    "(default: analysis-<model name>)")
     p.add_argument("--validate", action="store_true",
