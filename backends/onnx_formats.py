@@ -16,6 +16,11 @@ for Gemm with transB), initializers named ``<site>.weight_<array>``:
    BitwiseAnd 7, Reshape, Slice, Cast.
 5. Outliers of any format: ``ScatterElements(reduction=add)`` of the float16 residuals at
    their int32 positions (re-indexed to B's orientation) into the flattened weight.
+6. ``bytes_only`` (for compilers that read no sub-byte tensors or blocked ``DequantizeLinear``,
+   e.g. IREE): 2- and 4-bit codes are packed four or two to a uint8 (signed codes offset by
+   2^(bits-1)) and unpacked with ``BitShift`` and ``BitwiseAnd``; 3-bit codes as in 4;
+   dequantization is ``Cast``, ``Sub`` of the zero points and ``Mul`` by the scales, each
+   repeated over its group as float offsets are. The weights are the same floats.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class SiteRewrite:
     transposed: bool  # B is [in, out]
     code_bits: Callable[[int], int]  # code width -> stored bits
     metadata: dict[str, str]
+    bytes_only: bool = False  # no sub-byte tensors, no blocked DequantizeLinear (step 6)
     nodes: int = 0
 
     @property
@@ -102,7 +108,13 @@ class SiteRewrite:
             values = array.astype(np.int32) + (SIGNED_OFFSET if signed else 0)
             packed = self.initializer(f"{self.site_id}.weight_{name}",
                                       pack3(values.astype(np.uint8)))
-            return self.unpack3(packed, name, array.shape, signed)
+            unpack = self.unpack3_bytewise if self.bytes_only else self.unpack3
+            return unpack(packed, name, array.shape, signed)
+        if name in CODE_ARRAYS and self.bytes_only and width < 8:
+            values = array.astype(np.int32) + (1 << (width - 1) if signed else 0)
+            packed = self.initializer(f"{self.site_id}.weight_{name}",
+                                      pack_bytes(values.astype(np.uint8), width))
+            return self.unpack_bytes(packed, name, array.shape, width, signed)
         if name in CODE_ARRAYS:
             array = array.astype(CODE_TYPES[(width, signed)])
         return self.initializer(f"{self.site_id}.weight_{name}", array)
@@ -131,9 +143,71 @@ class SiteRewrite:
         value = self.node("Sub", [value, constant("offset", [SIGNED_OFFSET], np.int32)])
         return self.node("Cast", [value], {"to": ir.DataType.INT8})
 
+    def unpack3_bytewise(self, packed: ir.Value, name: str, shape: tuple[int, ...],
+                         signed: bool) -> ir.Value:
+        """``unpack3`` in uint8 ops: code ``i`` of a byte triple is ``byte[lo_i] >> s_i``, or'd
+        with ``byte[hi_i] << (8 - s_i)`` where it spans two bytes (else with a zero byte)."""
+        def constant(label: str, values: list, dtype=np.int64) -> ir.Value:
+            return self.initializer(f"{self.site_id}.lowering_{name}_{label}",
+                                    np.asarray(values, dtype))
+
+        starts = [3 * i for i in range(8)]
+        low = [start // 8 for start in starts]
+        low_shift = [start % 8 for start in starts]
+        spans = [start % 8 > 8 - PACKED_BITS for start in starts]
+        high = [lo + 1 if span else 3 for lo, span in zip(low, spans, strict=True)]
+        high_shift = [8 - s if span else 0 for s, span in zip(low_shift, spans, strict=True)]
+        triples = self.node("Reshape", [packed, constant("triples", [-1, 3])])
+        padded = self.node("Pad", [triples, constant("zero_byte", [0, 0, 0, 1])])
+        lows = self.node("Gather", [padded, constant("low", low)], {"axis": 1})
+        lows = self.node("BitShift", [lows, constant("low_shifts", [low_shift], np.uint8)],
+                         {"direction": "RIGHT"})
+        highs = self.node("Gather", [padded, constant("high", high)], {"axis": 1})
+        highs = self.node("BitShift", [highs, constant("high_shifts", [high_shift], np.uint8)],
+                          {"direction": "LEFT"})
+        value = self.node("BitwiseOr", [lows, highs])
+        value = self.node("BitwiseAnd", [value, constant("mask", [7], np.uint8)])
+        return self._codes(value, name, shape, signed, SIGNED_OFFSET)
+
+    def _codes(self, value: ir.Value, name: str, shape: tuple[int, ...], signed: bool,
+               offset: int) -> ir.Value:
+        """Unpacked uint8 codes, flattened and padded, cut to ``shape`` (signed: less
+        ``offset``, as int8)."""
+        def constant(label: str, values: list, dtype=np.int64) -> ir.Value:
+            return self.initializer(f"{self.site_id}.lowering_{name}_{label}",
+                                    np.asarray(values, dtype))
+
+        value = self.node("Reshape", [value, constant("flat", [-1])])
+        count = int(np.prod(shape))
+        value = self.node("Slice", [value, constant("start", [0]), constant("end", [count])])
+        value = self.node("Reshape", [value, constant("shape", list(shape))])
+        if not signed:
+            return value
+        value = self.node("Cast", [value], {"to": ir.DataType.INT32})
+        value = self.node("Sub", [value, constant("offset", [offset], np.int32)])
+        return self.node("Cast", [value], {"to": ir.DataType.INT8})
+
+    def unpack_bytes(self, packed: ir.Value, name: str, shape: tuple[int, ...], width: int,
+                     signed: bool) -> ir.Value:
+        per_byte = 8 // width
+
+        def constant(label: str, values: list, dtype=np.int64) -> ir.Value:
+            return self.initializer(f"{self.site_id}.lowering_{name}_{label}",
+                                    np.asarray(values, dtype))
+
+        value = self.node("Reshape", [packed, constant("column", [-1, 1])])
+        shifts = [[width * i for i in range(per_byte)]]
+        value = self.node("BitShift", [value, constant("byte_shifts", shifts, np.uint8)],
+                          {"direction": "RIGHT"})
+        value = self.node("BitwiseAnd", [value, constant("mask", [(1 << width) - 1], np.uint8)])
+        return self._codes(value, name, shape, signed, 1 << (width - 1))
 
     def constant(self, name: str, values: list[int]) -> ir.Value:
-        return self.initializer(f"{self.site_id}.lowering_{name}", np.asarray(values, np.int64))
+        """An int64 constant of this site's lowering (one initializer per name)."""
+        full = f"{self.site_id}.lowering_{name}"
+        if full in self.graph.initializers:
+            return self.graph.initializers[full]
+        return self.initializer(full, np.asarray(values, np.int64))
 
     def node(self, op: str, inputs: list[ir.Value], attributes: dict | None = None,
              output: str | None = None, domain: str = "") -> ir.Value:
@@ -157,6 +231,22 @@ def pack3(values: np.ndarray) -> np.ndarray:
     return triples.astype(np.uint8).reshape(-1)
 
 
+def pack_bytes(values: np.ndarray, width: int) -> np.ndarray:
+    """Codes below ``2^width`` (width 2 or 4) packed ``8 // width`` to a byte, lowest first."""
+    per_byte = 8 // width
+    flat = values.reshape(-1).astype(np.uint8)
+    flat = np.pad(flat, (0, -len(flat) % per_byte)).reshape(-1, per_byte)
+    shifts = (width * np.arange(per_byte)).astype(np.uint8)
+    return np.bitwise_or.reduce(flat << shifts, axis=1).astype(np.uint8)
+
+
+def unpack_bytes(packed: np.ndarray, count: int, width: int) -> np.ndarray:
+    """Inverse of ``pack_bytes``: the first ``count`` codes, uint8."""
+    shifts = (width * np.arange(8 // width)).astype(np.uint8)
+    codes = (packed[:, None] >> shifts) & ((1 << width) - 1)
+    return codes.reshape(-1)[:count].astype(np.uint8)
+
+
 def unpack3(packed: np.ndarray, count: int) -> np.ndarray:
     """Inverse of ``pack3``: the first ``count`` codes, uint8."""
     triples = packed.reshape(-1, 3).astype(np.uint32)
@@ -169,6 +259,13 @@ def _dequantize_linear(rewrite: SiteRewrite, weight: WeightFormat, inputs: list[
                        name: str) -> ir.Value:
     spec = weight.spec
     assert isinstance(spec, GroupSpec)
+    if rewrite.bytes_only:  # (code - zero point) * scale, spelled out
+        codes = rewrite.node("Cast", [inputs[0]], {"to": ir.DataType.FLOAT})
+        if len(inputs) > 2:
+            zero_points = rewrite.node("Cast", [inputs[2]], {"to": ir.DataType.FLOAT})
+            codes = rewrite.node("Sub", [codes, _repeat_groups(rewrite, zero_points, weight)])
+        scales = _repeat_groups(rewrite, inputs[1], weight)
+        return rewrite.node("Mul", [codes, scales], output=name)
     block = spec.block(weight.shape[1])
     node = ir.node("DequantizeLinear", inputs,
                    attributes={"axis": rewrite.axis, "block_size": block},
@@ -308,7 +405,13 @@ def stored_arrays(initializers: dict[str, np.ndarray], site_id: str, transposed:
             continue
         key = name.removeprefix(prefix)
         packed_shape = initializers.get(f"{site_id}.lowering_{key}_shape")
-        if key in CODE_ARRAYS and packed_shape is not None:
+        byte_shifts = initializers.get(f"{site_id}.lowering_{key}_byte_shifts")
+        if key in CODE_ARRAYS and byte_shifts is not None:
+            width = 8 // byte_shifts.size
+            array = unpack_bytes(array, int(np.prod(packed_shape)), width).reshape(packed_shape)
+            if signed:
+                array = array.astype(np.int32) - (1 << (width - 1))
+        elif key in CODE_ARRAYS and packed_shape is not None:
             array = unpack3(array, int(np.prod(packed_shape))).reshape(packed_shape)
             if signed:
                 array = array.astype(np.int32) - SIGNED_OFFSET

@@ -128,11 +128,12 @@ def _decision_metadata(graph: Graph, site_id: str) -> dict[str, str]:
     }
 
 
-def lower(graph: Graph, model: ir.Model,
-          accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> ir.Model:
+def lower(graph: Graph, model: ir.Model, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+          bytes_only: bool = False) -> ir.Model:
     """Rewrite the float ONNX ``model`` with the graph's plan and packed weights: MatMulNBits
     where it holds the weight (and GatherBlockQuantized the tied table, if any), else the
-    format's standard-op lowering feeding the site's MatMul/Gemm."""
+    format's standard-op lowering feeding the site's MatMul/Gemm. ``bytes_only``: standard
+    ops on byte tensors only (``onnx_formats`` step 6), for compilers other than ORT."""
     matmuls = site_matmuls(model, list(graph.sites))
     int2_codes = False
     for site_id, node in matmuls.items():
@@ -147,8 +148,8 @@ def lower(graph: Graph, model: ir.Model,
         if old.const_value.numpy().shape != tuple(expected):
             raise LoweringError(f"site {site_id}: exported weight has shape {old.shape}")
         tied = graph.sites[site_id].tied is not None
-        if _nbits_fits(node) and (matmul_nbits.gathers(weight) if tied
-                                  else matmul_nbits.supported(weight)):
+        if not bytes_only and _nbits_fits(node) and (
+                matmul_nbits.gathers(weight) if tied else matmul_nbits.supported(weight)):
             assert isinstance(weight, AffineWeight)
             bias = node.inputs[2] if len(node.inputs) > 2 else None
             new = matmul_nbits.matmul(model.graph, node, site_id, node.inputs[0], [weight],
@@ -158,10 +159,11 @@ def lower(graph: Graph, model: ir.Model,
             table = matmul_nbits.gather
         else:
             rewrite = SiteRewrite(model.graph, site_id, node, transposed,
-                                  CAPABILITIES.code_bits, dict(node.metadata_props))
+                                  CAPABILITIES.code_bits, dict(node.metadata_props),
+                                  bytes_only=bytes_only)
             dequantized = lower_weight(rewrite, weight)
             node.replace_input_with(1, dequantized)
-            int2_codes |= weight.spec.bits == 2
+            int2_codes |= weight.spec.bits == 2 and not bytes_only
             table = _dequantized_rows(dequantized, transposed)
         if tied:
             _share_table(model.graph, site_id, old, graph.weight(site_id), weight, table)

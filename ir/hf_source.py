@@ -23,6 +23,7 @@ from lwqc.ir.errors import ModelLoadError, NonFiniteWeightError
 from lwqc.ir.fx_lift import example_inputs, export, lift
 from lwqc.ir.graph import Graph
 from lwqc.ir.hf_load import LoadedModel, load_model, weights_sha256
+from lwqc.ir.onnx_source import fold_weight_transposes
 from lwqc.ir.source import ENCODER, Tap
 
 ONNX_OPSET = 21
@@ -100,7 +101,8 @@ class HFSource:
                 self.module.get_parameter(name).data.copy_(value)
 
     def float_onnx(self) -> onnx_ir.Model:
-        """The float model as ONNX (dynamic batch and sequence), from the same trace."""
+        """The float model as ONNX (dynamic batch and sequence), from the same trace; weight
+        transposes the exporter left unfolded are folded."""
         inputs = example_inputs(self.kind, self.module.config.vocab_size)
         tensors = {k: v for k, v in inputs.items() if torch.is_tensor(v)}
         with torch.no_grad():
@@ -113,6 +115,7 @@ class HFSource:
                 self.exported, (), kwargs=tensors, dynamo=True, opset_version=ONNX_OPSET,
                 input_names=list(tensors), output_names=names, verbose=False,
             )
+        fold_weight_transposes(program.model.graph)
         return program.model
 
     def eager_module(self) -> torch.nn.Module:

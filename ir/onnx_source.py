@@ -1,10 +1,11 @@
 """The ModelSource of an ONNX file: ``lwqc compile model.onnx`` (external data too).
 
 1. Sites are the MatMul nodes, and the Gemm nodes without ``transA`` or ``alpha``, whose
-   weight is a float32 2-D initializer. A site's id is the module path the torch exporter
-   recorded (``pkg.torch.onnx.name_scopes``), else the node's name read as a path
-   (``/model/layers.0/attn/qkv_proj/MatMul`` -> ``model.layers.0.attn.qkv_proj``), else the
-   initializer's name; its role comes from that id (``ir/roles.py``).
+   weight is a float32 2-D initializer (a ``Transpose`` of one is folded first). A site's id
+   is the module path the torch exporter recorded (``pkg.torch.onnx.name_scopes``), else the
+   node's name read as a path (``/model/layers.0/attn/qkv_proj/MatMul`` ->
+   ``model.layers.0.attn.qkv_proj``), else the initializer's name; its role comes from that
+   id (``ir/roles.py``).
 2. Blocks are the ``<prefix>.<index>`` groups of site ids under the prefix naming the most
    sites. Their residual stream is found in the graph: a block's output is the tensor that
    covers every site of the block, no site of a later one, and enters a residual add (``Add``
@@ -406,6 +407,29 @@ def _tied_tables(graph: ir.Graph, weight: ir.Value, float_weight: np.ndarray) ->
     return tables
 
 
+def fold_weight_transposes(graph: ir.Graph) -> None:
+    """Give each MatMul/Gemm whose weight is ``Transpose(2-D initializer)`` (exporters leave
+    large ones unfolded, e.g. a tied head's) the transposed weight as an initializer."""
+    for node in list(graph):
+        source = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
+        if source is None or not source.is_initializer() or source.const_value is None \
+                or len(source.const_value.shape) != 2 \
+                or list(node.attributes.get_ints("perm", [1, 0])) != [1, 0]:
+            continue
+        out = node.outputs[0]
+        if not out.uses() or not all(use.op_type in ("MatMul", "Gemm") and index == 1
+                                     for use, index in out.uses()):
+            continue
+        name = f"{source.name}.transposed"
+        folded = ir.Value(name=name, const_value=ir.tensor(
+            np.ascontiguousarray(source.const_value.numpy().T), name=name))
+        folded.type = ir.TensorType(folded.const_value.dtype)
+        folded.shape = ir.Shape(folded.const_value.shape)
+        graph.register_initializer(folded)
+        ir.convenience.replace_all_uses_with(out, folded)
+        graph.remove(node, safe=True)
+
+
 def _load(path: Path) -> ir.Model:
     if not path.is_file():
         raise ModelLoadError(f"model path {path} does not exist; check the path")
@@ -421,6 +445,7 @@ def _load(path: Path) -> ir.Model:
                              f"({type(exc).__name__})") from None
     if "lwqc.schema" in model.metadata_props:
         raise ModelLoadError(f"{path} is an lwqc artifact; compile its float model instead")
+    fold_weight_transposes(model.graph)
     return model
 
 

@@ -1,4 +1,5 @@
-"""The ``lwqc`` command line: compile, eval, generate, analyze, sweep, passes, show."""
+"""The ``lwqc`` command line: compile, eval, generate, analyze, sweep, check-iree, passes,
+show."""
 
 from __future__ import annotations
 
@@ -76,13 +77,16 @@ def _add_compile(sub) -> None:
                        help="LIM: drop token position 0 (attention sink)")
     calib.add_argument("--measure", action="store_true",
                        help="sensitivity: measure delta-KL per site and width (slow, cached)")
+    _add_executor(calib, "each measured (site, width)")
     p.add_argument("--plan", type=Path, help="recompile from an (edited) plan.json")
     p.add_argument("--pipeline", help="full pipeline text, e.g. "
                    "'zd,entropy,policy-entropy{bits=4.5},quantize,lower-onnx'")
     p.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
                    help="print the IR after PASS (repeatable, or 'all')")
-    p.add_argument("--backend", choices=("onnx", "torch"), default="onnx",
-                   help="onnx: model.onnx; torch: packed.safetensors for the eager module")
+    p.add_argument("--backend", choices=("onnx", "iree", "torch"), default="onnx",
+                   help="onnx: model.onnx; iree: model.onnx in standard ops on byte tensors "
+                        "(IREE reads it; check it with lwqc check-iree); torch: "
+                        "packed.safetensors for the eager module")
     p.add_argument("--onnx-graph", choices=("auto", "kv-cache", "export"),
                    help="causal LMs: kv-cache = the ONNX Runtime GenAI decoder (default where "
                         "the architecture has one), export = the plain export, no cache")
@@ -140,10 +144,24 @@ def _add_sweep(sub) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds of the random policy (3)")
     p.add_argument("--windows", type=int, default=16, help="WikiText-2 windows per point")
     p.add_argument("--seq-len", type=int, default=512)
+    _add_executor(p, "each point")
+
+
+def _add_executor(p, task: str) -> None:
     p.add_argument("--executor", default="local",
                    help="local (default), ray (a Ray cluster on this machine) or ray:ADDRESS "
-                        "(a running cluster); on Ray each point is a task")
+                        f"(a running cluster); on Ray {task} is a task")
     p.add_argument("--workers", type=int, help="Ray workers (default: the cluster's CPUs)")
+
+
+def _add_check_iree(sub) -> None:
+    p = sub.add_parser("check-iree", help="compile an artifact with IREE (llvm-cpu), compare "
+                       "its output with ONNX Runtime's, keep model.vmfb")
+    p.add_argument("out", type=Path, help="artifact directory written by lwqc compile "
+                   "--backend iree")
+    p.add_argument("--tokens", type=int, default=64, help="seeded token ids to run (64)")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="largest |IREE - ONNX Runtime| accepted (1e-3); above it exit 1")
 
 
 def _add_passes(sub) -> None:
@@ -166,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_analyze(sub)
     _add_sweep(sub)
+    _add_check_iree(sub)
     _add_passes(sub)
     _add_show(sub)
     return parser
@@ -173,8 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _compile(args: argparse.Namespace) -> int:
     from lwqc.compile import CompileRequest, compile_model, default_passes, plan_passes, policy_pass
+    from lwqc.executors import parse_pool
     from lwqc.passes.analyses import calibrated
     from lwqc.passes.quantize import QuantizePass
+    from lwqc.passes.sensitivity import SensitivityPass
     from lwqc.registry import parse
 
     if args.pipeline and args.plan:
@@ -222,10 +243,15 @@ def _compile(args: argparse.Namespace) -> int:
         }
         pass_list = default_passes(policy, args.backend, calibration, analyses, quantize,
                                    lowering)
+    pool = parse_pool(args.executor, args.workers)
+    if pool is not None and not any(isinstance(p, SensitivityPass) and p.measures
+                                    for p in pass_list):
+        raise LwqcError("--executor applies to measured sensitivity (--measure, or "
+                        "sensitivity{metric=delta-kl|kl-scaled} in --pipeline)")
     request = CompileRequest(
         model=args.model, out=args.out, passes=pass_list,
         print_ir_after=tuple(args.print_ir_after), trust_remote_code=args.trust_remote_code,
-        show_progress=not args.quiet and sys.stderr.isatty(),
+        show_progress=not args.quiet and sys.stderr.isatty(), pool=pool,
     )
     compile_model(request, log=None if args.quiet else sys.stderr)
     return 0
@@ -251,6 +277,19 @@ def _generate(args: argparse.Namespace) -> int:
                              max_new_tokens=args.max_new_tokens, backend=args.backend), write)
     sys.stdout.write("\n")
     return 0
+
+
+def _check_iree(args: argparse.Namespace) -> int:
+    from lwqc.backends import iree
+
+    result = iree.check(args.out, tokens=args.tokens)
+    within = result.max_abs_diff <= args.tolerance
+    print(f"IREE llvm-cpu vs ONNX Runtime on {result.tokens} tokens: max |diff| "
+          f"{result.max_abs_diff:.3g} (largest output {result.max_abs_output:.3g}; tolerance "
+          f"{args.tolerance:g}: {'within' if within else 'EXCEEDED'}); import "
+          f"{result.import_s:.1f} s, compile {result.compile_s:.1f} s; wrote "
+          f"{args.out / iree.VMFB_FILE} ({result.vmfb_bytes:,} bytes)")
+    return 0 if within else 1
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -324,7 +363,7 @@ def _show(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "compile": _compile, "eval": _eval, "generate": _generate, "analyze": _analyze,
-    "sweep": _sweep, "passes": _passes, "show": _show,
+    "sweep": _sweep, "check-iree": _check_iree, "passes": _passes, "show": _show,
 }
 
 

@@ -24,7 +24,7 @@ from lwqc.ir.graph import Graph
 from lwqc.ir.plan_json import plan_document, write_plan
 from lwqc.passes.analyses import analysis_passes, calibrated
 from lwqc.passes.apply_plan import ApplyPlanPass
-from lwqc.passes.base import Pass, PassKind
+from lwqc.passes.base import Pass, PassKind, TaskPool
 from lwqc.passes.manager import PassManager, PassTiming
 from lwqc.passes.quantize import QuantizePass
 from lwqc.registry import LOWERINGS, REGISTRY, policies
@@ -83,6 +83,7 @@ class CompileRequest:
     print_ir_after: tuple[str, ...] = ()
     trust_remote_code: bool = False
     show_progress: bool = False
+    pool: TaskPool | None = None  # where measured sensitivities run (None: here)
 
 
 def _check_pipeline(request: CompileRequest) -> None:
@@ -116,7 +117,7 @@ def compile_model(request: CompileRequest, log: TextIO | None = sys.stderr) -> G
         graph = import_model(request.model, request.trust_remote_code)
         manager = PassManager(
             request.passes, print_ir_after=request.print_ir_after,
-            show_progress=request.show_progress, log=log,
+            show_progress=request.show_progress, log=log, pool=request.pool,
         )
         manager.run(graph)
         write_artifacts(graph, staging, manager.timings)

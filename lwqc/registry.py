@@ -10,7 +10,7 @@ from lwqc.passes.base import Pass, registry_of
 from lwqc.passes.pipeline import parse_pipeline
 
 REGISTRY: dict[str, type[Pass]] = registry_of((*passes.PASSES, *backends.PASSES))
-LOWERINGS = {"onnx": "lower-onnx", "torch": "lower-torch"}
+LOWERINGS = {"onnx": "lower-onnx", "iree": "lower-iree", "torch": "lower-torch"}
 
 
 def parse(text: str) -> list[Pass]:

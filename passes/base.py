@@ -15,7 +15,7 @@ import abc
 import dataclasses
 import enum
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from lwqc.ir.capabilities import Capabilities
 from lwqc.ir.errors import PipelineError
@@ -98,11 +98,24 @@ class Option:
     multiple: bool = False
 
 
-class PassContext:
-    """What the manager lends a running pass: progress reporting."""
+class TaskPool(Protocol):
+    """Workers elsewhere (a Ray cluster) that a pass may hand independent tasks to.
 
-    def __init__(self, show_progress: bool = False) -> None:
+    ``map`` builds ``worker(*setup)`` once on each worker, calls ``getattr(worker,
+    method)(*task)`` for every task (tasks are drawn lazily as workers free up) and yields the
+    results in completion order."""
+
+    def map(self, worker: Callable[..., Any], setup: tuple, method: str,
+            tasks: Iterable[tuple]) -> Iterator[Any]: ...
+
+
+class PassContext:
+    """What the manager lends a running pass: progress reporting, and the driver's task pool
+    (``None``: everything runs in this process)."""
+
+    def __init__(self, show_progress: bool = False, pool: TaskPool | None = None) -> None:
         self.show_progress = show_progress
+        self.pool = pool
 
     def progress(self, items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
         if not self.show_progress:

@@ -22,6 +22,7 @@ from lwqc.passes.base import (
     PassContext,
     PassContractError,
     PassKind,
+    TaskPool,
 )
 from lwqc.passes.pipeline import format_pass, format_pipeline
 
@@ -46,10 +47,11 @@ class PassManager:
         show_progress: bool = False,
         log: TextIO | None = None,
         ir_stream: TextIO | None = None,
+        pool: TaskPool | None = None,
     ) -> None:
         self.passes = passes
         self.print_ir_after = set(print_ir_after)
-        self.context = PassContext(show_progress=show_progress)
+        self.context = PassContext(show_progress=show_progress, pool=pool)
         self.log = log
         self.ir_stream = ir_stream or sys.stdout
         self.timings: list[PassTiming] = []

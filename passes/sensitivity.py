@@ -7,6 +7,8 @@
    KL(float || quantized) of the next-token distribution over the calibration tokens
    (encoders: mean 1 - cosine of the last hidden states). Results are cached on disk per
    weights hash, calibration windows and quantizer settings, so sweeps do not recompute.
+   With the driver's task pool (``--executor ray``) each (site, width) is one task on a
+   worker holding the float model (``DamageWorker``); the numbers are the same.
 3. ``metric=kl-scaled`` (one measurement per site): the output errors of 1., each site's
    scaled so that its 4-bit value equals that site's measured delta-KL of 2. at 4 bits. The
    output error ranks widths within a site; the measurement says how much a site's output
@@ -109,6 +111,11 @@ class SensitivityPass(Pass):
             total = np.sum([errors[s] for s in block.sites], axis=0).tolist()
             graph.annotate_block(block.index, SensitivityStat(self.name, metric, *total))
 
+    @property
+    def measures(self) -> bool:
+        """Whether the pass runs the model per site (delta-kl, kl-scaled)."""
+        return self.values["metric"] != "output-error"
+
     def required(self) -> tuple[str, ...]:
         if self.values["metric"] != "delta-kl" or self.values["clip"] == "output":
             return (*self.requires, "grams")
@@ -141,16 +148,43 @@ class SensitivityPass(Pass):
             cached = json.loads(path.read_text())
             if set(cached) == set(graph.sites):
                 return cached
-        reference = Damage(graph)
-        errors = {
-            site.id: [reference.of({site.id: self.quantized(graph, site.id, b)}) for b in widths]
-            for site in context.progress(graph, total=len(graph.sites), desc=self.name)
-        }
+        if context.pool is None:
+            reference = Damage(graph)
+            errors = {
+                site.id: [reference.of({site.id: self.quantized(graph, site.id, b)})
+                          for b in widths]
+                for site in context.progress(graph, total=len(graph.sites), desc=self.name)
+            }
+        else:  # one task per (site, width); the pool's workers hold the float model
+            tasks = ((site.id, b, self.quantized(graph, site.id, b))
+                     for site in graph for b in widths)
+            found: dict[tuple[str, int], float] = {}
+            setup = (graph.model_id, graph.calibration)
+            for site_id, bits, value in context.progress(
+                    context.pool.map(DamageWorker, setup, "measure", tasks),
+                    total=len(graph.sites) * len(widths), desc=self.name):
+                found[site_id, bits] = value
+            errors = {site.id: [found[site.id, b] for b in widths] for site in graph}
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(errors))
         temporary.replace(path)
         return errors
+
+
+class DamageWorker:
+    """A remote worker's state for measured sensitivity: the float model, read again from
+    its id, and its outputs on the calibration windows."""
+
+    def __init__(self, model_id: str, windows: np.ndarray) -> None:
+        from lwqc.ir.frontends import import_model
+
+        graph = import_model(model_id)
+        graph.calibration = windows
+        self.damage = Damage(graph)
+
+    def measure(self, site_id: str, bits: int, weight: np.ndarray) -> tuple[str, int, float]:
+        return site_id, bits, self.damage.of({site_id: weight})
 
 
 class Damage:

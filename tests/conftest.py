@@ -13,6 +13,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from lwqc.ir.plan import Plan
+from lwqc.ir.spec import AsymmetricSpec, CodebookSpec, FloatOffsetSpec, KeepSpec, SymmetricSpec
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
@@ -230,3 +233,18 @@ def single_thread():
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+def mixed_plan(graph, group_size: int) -> Plan:
+    """Every width, scheme and format across the sites (outliers on some), one site kept."""
+    choices = [
+        AsymmetricSpec(2, group_size), AsymmetricSpec(3, group_size),
+        SymmetricSpec(4, group_size), FloatOffsetSpec(4, group_size, outliers=0.01),
+        CodebookSpec(3), AsymmetricSpec(8, group_size), AsymmetricSpec(4, None, outliers=0.02),
+        FloatOffsetSpec(2, group_size), SymmetricSpec(2, group_size), KeepSpec(),
+        CodebookSpec(2, outliers=0.01), SymmetricSpec(3, group_size),
+        SymmetricSpec(8, group_size), FloatOffsetSpec(3, None),
+        CodebookSpec(2, high_bits=4, high_share=0.1), CodebookSpec(3, 0.01, 4, 0.25),
+    ]
+    specs = {s: choices[i % len(choices)] for i, s in enumerate(graph.sites)}
+    return Plan(specs=specs, policy="test", budget={})

@@ -7,40 +7,17 @@ import onnx
 import pytest
 import torch
 
-from conftest import ort_dequantized, save_tiny_model
+from conftest import mixed_plan, ort_dequantized, save_tiny_model
 from lwqc.backends import onnxruntime as ort_backend
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.fx_lift import example_inputs
 from lwqc.ir.hf_source import import_model
-from lwqc.ir.plan import Plan
-from lwqc.ir.spec import (
-    AsymmetricSpec,
-    CodebookSpec,
-    FloatOffsetSpec,
-    KeepSpec,
-    SymmetricSpec,
-)
 from lwqc.passes.manager import PassManager
 from lwqc.registry import parse
 
 
-def _mixed_plan(graph, group_size: int) -> Plan:
-    """Every width, scheme and format across the sites (outliers on some), one site kept."""
-    choices = [
-        AsymmetricSpec(2, group_size), AsymmetricSpec(3, group_size),
-        SymmetricSpec(4, group_size), FloatOffsetSpec(4, group_size, outliers=0.01),
-        CodebookSpec(3), AsymmetricSpec(8, group_size), AsymmetricSpec(4, None, outliers=0.02),
-        FloatOffsetSpec(2, group_size), SymmetricSpec(2, group_size), KeepSpec(),
-        CodebookSpec(2, outliers=0.01), SymmetricSpec(3, group_size),
-        SymmetricSpec(8, group_size), FloatOffsetSpec(3, None),
-        CodebookSpec(2, high_bits=4, high_share=0.1), CodebookSpec(3, 0.01, 4, 0.25),
-    ]
-    specs = {s: choices[i % len(choices)] for i, s in enumerate(graph.sites)}
-    return Plan(specs=specs, policy="test", budget={})
-
-
 def _lower(graph, group_size: int):
-    graph.plan = _mixed_plan(graph, group_size)
+    graph.plan = mixed_plan(graph, group_size)
     graph.available.add("plan")
     PassManager(parse("quantize,lower-onnx{accuracy_level=1},lower-torch")).run(graph)
     return graph

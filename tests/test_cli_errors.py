@@ -234,3 +234,10 @@ def test_bad_sweep_executor(capsys, tmp_path, executor, workers, match):
             executor]
     _run_and_expect_error(capsys, argv + (["--workers", workers] if workers else []), None,
                           match)
+
+
+def test_executor_without_measured_sensitivity(capsys, tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    _run_and_expect_error(capsys, ["compile", str(tiny_llama_dir), "--policy", "uniform",
+                                   "--width", "4", "--executor", "ray", "-o", str(out)], out,
+                          "--executor applies to measured sensitivity")

@@ -241,6 +241,29 @@ def check_delta_kl_cache(tiny, tmp_path) -> None:
     assert tiny.sites["lm_head"].stats["sensitivity"].err4 != 123.5
 
 
+def test_ray_workers_measure_the_local_numbers(tiny, monkeypatch, tmp_path):
+    """Each (site, width) a task on a 2-worker local Ray cluster whose workers read the model
+    again from its id: the local measurements, cached the same way."""
+    pytest.importorskip("ray")
+    from lwqc.executors import RayPool
+
+    try:
+        monkeypatch.setenv("LWQC_CACHE", str(tmp_path / "local"))
+        run(tiny, "sensitivity{metric=delta-kl}")
+        local = {s.id: s.stats["sensitivity"] for s in tiny}
+        monkeypatch.setenv("LWQC_CACHE", str(tmp_path / "ray"))
+        PassManager(parse("sensitivity{metric=delta-kl}"), pool=RayPool(workers=2)).run(tiny)
+        for site in tiny:
+            remote = site.stats["sensitivity"]
+            for bits in WIDTHS:
+                assert remote.error(bits) == pytest.approx(local[site.id].error(bits),
+                                                           rel=1e-6, abs=1e-12), site.id
+        cached = [json.loads(p.read_text()) for p in (tmp_path / "ray").glob("*.json")]
+        assert len(cached) == 1 and set(cached[0]) == set(tiny.sites)
+    finally:
+        run(tiny, "gram,sensitivity")  # leave the output-error annotations for later tests
+
+
 def test_kl_scaled_keeps_output_error_ratios_and_the_measured_4_bit_damage(
         tiny, monkeypatch, tmp_path):
     monkeypatch.setenv("LWQC_CACHE", str(tmp_path))

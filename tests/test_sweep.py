@@ -92,12 +92,12 @@ def test_encoder_sweeps_measure_sts_and_keeping_float_costs_nothing(minilm_dir, 
 
 def test_ray_workers_give_the_local_numbers(sweeper, ref_llama_dir, tmp_path):
     pytest.importorskip("ray")
-    from lwqc.executors import RayExecutor
+    from lwqc.executors import parse_executor
 
     local = {r["point"]: r for r in sweep_policies(sweeper, ["lim", "random"], [3.0], seeds=1)}
     remote = Sweeper(str(ref_llama_dir), tmp_path / "ray", windows=2, analyses=ANALYSES)
     rows = sweep_policies(remote, ["lim", "random"], [3.0], seeds=1,
-                          executor=RayExecutor(workers=2))
+                          executor=parse_executor("ray", workers=2))
     assert {r["point"] for r in rows} == {"lim-matmul-b3.0", "random-matmul-b3.0-s0",
                                           "uniform-b3.0"}
     for row in rows:
