@@ -177,12 +177,11 @@ class OnnxSource:
         """The ONNX file read afresh (weights in memory), each site's node naming its site
         (``lwqc.site``)."""
         model = _load(self.path)
+        site_of = {name: site_id for site_id, (name, _) in self.layouts.items()}
         for node in model.graph:
             weight = _site_weight(node)
-            if weight is not None:
-                site_id = _site_ids_by_weight(self.layouts).get(weight.name)
-                if site_id is not None:
-                    node.metadata_props[SITE_KEY] = site_id
+            if weight is not None and weight.name in site_of:
+                node.metadata_props[SITE_KEY] = site_of[weight.name]
         return model
 
     def eager_module(self) -> torch.nn.Module:
@@ -218,10 +217,6 @@ def tokenizer_beside(path: Path) -> Any:
         raise ModelLoadError(f"{path.parent} holds no tokenizer beside {path.name}; this step "
                              "needs one (save the model's tokenizer files next to the ONNX "
                              "file)") from None
-
-
-def _site_ids_by_weight(layouts: dict[str, tuple[str, bool]]) -> dict[str, str]:
-    return {name: site_id for site_id, (name, _) in layouts.items()}
 
 
 def _session(model: ir.Model, extra: list[ir.Value]) -> Any:

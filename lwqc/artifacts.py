@@ -12,16 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lwqc.ir.errors import LwqcError
+from lwqc.ir.onnx_source import DECODER_SIDE_FILES
 
 PLAN_FILE = "plan.json"
 MODEL_FILE = "model.onnx"
 PACKED_FILE = "packed.safetensors"
 REPORT_FILE = "report.md"
 # What the GenAI model builder writes beside a decoder (its config and the tokenizer's files).
-DECODER_FILES = frozenset({"genai_config.json", "tokenizer.json", "tokenizer_config.json",
-                           "chat_template.jinja", "special_tokens_map.json", "vocab.json",
-                           "merges.txt", "tokenizer.model", "added_tokens.json",
-                           "generation_config.json"})
+DECODER_FILES = frozenset(DECODER_SIDE_FILES)
 # Everything lwqc writes into an output directory (compile and analyze); only a directory
 # holding nothing else may be replaced.
 OWN_FILES = frozenset({PLAN_FILE, MODEL_FILE, f"{MODEL_FILE}.data", PACKED_FILE, REPORT_FILE,
