@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lwqc.backends.onnxruntime import session
+from lwqc.backends.onnx_rewrite import session
 
 CONFIG_FILE = "genai_config.json"
 

@@ -27,13 +27,12 @@ import numpy as np
 import onnx_ir as ir
 
 from lwqc.backends.onnx_formats import LoweringError
-from lwqc.backends.onnxruntime import lower, session
+from lwqc.backends.onnx_rewrite import lower, session
 from lwqc.ir.capabilities import PACKED_STORAGE, Capabilities
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.graph import Graph
 from lwqc.passes.base import Pass, PassContext, PassKind
 
-VMFB_FILE = "model.vmfb"
 IREE_PACKAGES = ("iree.compiler", "iree.runtime")
 COMPILE_FLAGS = ("--iree-llvmcpu-target-cpu=host", "--iree-input-demote-i64-to-i32=false")
 ID_RANGE = 100  # token ids of the check: below any real vocabulary's size
@@ -42,8 +41,9 @@ CAPABILITIES = Capabilities(backend="iree", widths=PACKED_STORAGE.widths,
 
 
 class LowerIreePass(Pass):
-    """Write the ONNX model IREE reads: the float export, every quantized site's weight
-    rebuilt by standard ops on byte tensors."""
+    """Write the ONNX model IREE reads (the float export, weights from byte tensors).
+
+    Every quantized site's weight is rebuilt by standard ops on byte tensors."""
 
     name = "lower-iree"
     kind = PassKind.TRANSFORM
@@ -57,7 +57,8 @@ class LowerIreePass(Pass):
             raise LoweringError("the GenAI builder's decoder uses ONNX Runtime's contrib ops, "
                                 "which IREE does not read; give --backend iree torch's export "
                                 "or the transformers model")
-        model = lower(graph, graph.source.float_onnx(), bytes_only=True)
+        model = lower(graph, graph.source.float_onnx(), bytes_only=True,
+                      capabilities=CAPABILITIES)
         foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.all_nodes()
                           if n.domain not in ("", "ai.onnx")})
         if foreign:
@@ -118,38 +119,34 @@ def _run_iree(module: bytes, function: str, feeds: list[np.ndarray]) -> np.ndarr
     return np.asarray(first.to_host())
 
 
-def check(out: Path, tokens: int = 64) -> IreeCheck:
-    """Compile ``out/model.onnx`` with IREE, run it and ONNX Runtime on the same ids, and
-    write the module to ``out/model.vmfb``."""
-    from lwqc.artifacts import MODEL_FILE
-
+def check(model_path: Path, tokens: int = 64) -> IreeCheck:
+    """Compile an artifact's ``model.onnx`` (written by ``lower-iree``) with IREE, run it and
+    ONNX Runtime on the same ids, and write the module beside it (``model.vmfb``)."""
     _require_iree()
-    model_path = out / MODEL_FILE
     if not model_path.exists():
-        raise LwqcError(f"{out} holds no {MODEL_FILE}; compile it with --backend iree first")
+        raise LwqcError(f"{model_path.parent} holds no {model_path.name}; compile it with "
+                        "--backend iree first")
     if tokens < 1:
         raise LwqcError("--tokens must be at least 1")
     model = ir.load(model_path)
-    contrib = sorted({n.op_type for n in model.graph.all_nodes()
-                      if n.domain not in ("", "ai.onnx")})
-    if contrib:
-        raise LwqcError(f"{model_path} uses ONNX Runtime's {contrib[0]}, which IREE does not "
-                        "read; compile it with --backend iree")
-    module, import_s, compile_s = _compile(model_path)
+    if LowerIreePass.name not in model.metadata_props.get("lwqc.pipeline", ""):
+        raise LwqcError(f"{model_path} was not lowered for IREE (its codes and ops are ONNX "
+                        "Runtime's); compile it with --backend iree")
     ids = np.random.default_rng(0).integers(0, ID_RANGE, (1, tokens)).astype(np.int64)
-    reference = session(model_path)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
              "token_type_ids": np.zeros_like(ids)}
-    names = [i.name for i in reference.get_inputs()]
+    names = [value.name for value in model.graph.inputs]
     unknown = [name for name in names if name not in feeds]
     if unknown:
         raise LwqcError(f"{model_path} takes {unknown[0]}; the check feeds "
                         f"{', '.join(feeds)} only")
-    expected = reference.run(None, {name: feeds[name] for name in names})[0]
+    module, import_s, compile_s = _compile(model_path)
+    expected = session(model_path).run(None, {name: feeds[name] for name in names})[0]
     got = _run_iree(module, model.graph.name or "main_graph", [feeds[name] for name in names])
-    staging = out / f".{VMFB_FILE}.tmp"
+    vmfb = model_path.with_suffix(".vmfb")
+    staging = vmfb.with_name(f".{vmfb.name}.tmp")
     staging.write_bytes(module)
-    os.replace(staging, out / VMFB_FILE)
+    os.replace(staging, vmfb)
     return IreeCheck(max_abs_diff=float(np.abs(got.reshape(expected.shape) - expected).max()),
                      max_abs_output=float(np.abs(expected).max()), tokens=tokens,
                      import_s=import_s, compile_s=compile_s, vmfb_bytes=len(module))

@@ -55,8 +55,10 @@ SCOPES = "pkg.torch.onnx.name_scopes"
 SITE_KEY = "lwqc.site"  # metadata naming a node's site in the float graph handed to lowerings
 RESIDUAL_ADDS = ("Add", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
 _SKIP_SUM_OUTPUT = 3  # Skip*Normalization's optional output: input + skip (+ bias)
+_SKIP_BIAS_INPUT = {"SkipLayerNormalization": 4, "SkipSimplifiedLayerNormalization": 3}
 _OUTPUT_KINDS = {"logits": CAUSAL_LM, "last_hidden_state": ENCODER}
 _SESSION_BYTES_LIMIT = 1_800_000_000  # larger graphs go to ONNX Runtime as files
+MIN_OPSET = 21  # blocked DequantizeLinear and int4 tensors, which the lowerings write
 
 
 def is_onnx_file(model: str) -> bool:
@@ -65,10 +67,10 @@ def is_onnx_file(model: str) -> bool:
 
 @dataclasses.dataclass
 class _Probe:
-    """Where a tap reads: an existing value, or the sum of two (a fused residual add's)."""
+    """Where a tap reads: an existing value, or a sum (a fused residual add's terms)."""
 
     value: ir.Value | None = None
-    summands: tuple[ir.Value, ir.Value] | None = None
+    summands: tuple[ir.Value, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -81,6 +83,7 @@ class OnnxSource:
     weights_sha256: str
     output: str
     layouts: dict[str, tuple[str, bool]] = dataclasses.field(default_factory=dict)
+    tables: dict[str, str] = dataclasses.field(default_factory=dict)  # tied head -> its table
     probes: dict[str, tuple[_Probe, _Probe]] = dataclasses.field(default_factory=dict)
     cache_shape: tuple[int, int] | None = None  # (kv heads, head size) of an empty KV cache
     _sessions: dict[tuple[str, ...], Any] = dataclasses.field(default_factory=dict, repr=False)
@@ -100,24 +103,6 @@ class OnnxSource:
     def tokenize(self, text: str) -> np.ndarray:
         ids = self.tokenizer()(text, add_special_tokens=False)["input_ids"]
         return np.asarray(ids, np.int64)
-
-    def _feeds(self, session: Any, ids: np.ndarray) -> dict[str, np.ndarray]:
-        batch, seq = ids.shape
-        feeds: dict[str, np.ndarray] = {}
-        for spec in session.get_inputs():
-            name = spec.name
-            if name == "input_ids":
-                feeds[name] = ids
-            elif name == "attention_mask":
-                feeds[name] = np.ones_like(ids)
-            elif name == "position_ids":
-                feeds[name] = np.broadcast_to(np.arange(seq, dtype=np.int64), ids.shape).copy()
-            elif name == "token_type_ids":
-                feeds[name] = np.zeros_like(ids)
-            else:  # a past key or value (checked at load)
-                heads, size = self.cache_shape
-                feeds[name] = np.zeros((batch, heads, 0, size), np.float32)
-        return feeds
 
     def _session(self, extra: list[ir.Value]) -> Any:
         key = tuple(v.name for v in extra)
@@ -142,12 +127,12 @@ class OnnxSource:
                         wanted.append(value)
         session = self._session(wanted)
         names = [self.output, *(v.name for v in wanted)]
-        results = dict(zip(names, session.run(names, self._feeds(session, ids)), strict=True))
+        feeds = session_feeds(session, ids, cache_shape=self.cache_shape)
+        results = dict(zip(names, session.run(names, feeds), strict=True))
 
         def read(probe: _Probe) -> torch.Tensor:
             if probe.summands is not None:
-                first, second = probe.summands
-                return torch.from_numpy(results[first.name] + results[second.name]).float()
+                return torch.from_numpy(sum(results[v.name] for v in probe.summands)).float()
             return torch.from_numpy(results[probe.value.name]).float()
 
         for name, callback in taps.items():
@@ -157,14 +142,19 @@ class OnnxSource:
 
     @contextlib.contextmanager
     def substituted(self, weights: dict[str, np.ndarray]) -> Iterator[None]:
-        """Temporarily replace site weights (``[out, in]`` arrays) in the float graph."""
+        """Temporarily replace site weights (``[out, in]`` arrays) in the float graph (a tied
+        head's: in its embedding table too, as one array serves both)."""
         initializers = self.model.graph.initializers
         saved = {}
         for site_id, weight in weights.items():
             name, transposed = self.layouts[site_id]
-            saved[name] = initializers[name].const_value
-            array = np.ascontiguousarray(weight.T if transposed else weight, np.float32)
-            initializers[name].const_value = ir.tensor(array, name=name)
+            stored = {name: weight.T if transposed else weight}
+            if site_id in self.tables:  # a tied head's embedding table reads the same weight
+                stored[self.tables[site_id]] = weight
+            for key, array in stored.items():
+                saved[key] = initializers[key].const_value
+                initializers[key].const_value = ir.tensor(
+                    np.ascontiguousarray(array, np.float32), name=key)
         self._sessions.clear()
         try:
             yield
@@ -178,10 +168,10 @@ class OnnxSource:
         (``lwqc.site``)."""
         model = _load(self.path)
         site_of = {name: site_id for site_id, (name, _) in self.layouts.items()}
-        for node in model.graph:
+        for node in model.graph:  # the first node reading a weight holds the site
             weight = _site_weight(node)
             if weight is not None and weight.name in site_of:
-                node.metadata_props[SITE_KEY] = site_of[weight.name]
+                node.metadata_props[SITE_KEY] = site_of.pop(weight.name)
         return model
 
     def eager_module(self) -> torch.nn.Module:
@@ -205,6 +195,28 @@ class OnnxSource:
                  if name != GENAI_CONFIG and (self.path.parent / name).is_file()}
         files[GENAI_CONFIG] = json.dumps(config, indent=4).encode()
         return files
+
+
+def session_feeds(session: Any, ids: np.ndarray, given: dict[str, np.ndarray] | None = None,
+                  cache_shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Every input of an ONNX Runtime session over ``[batch, seq]`` ids: ``given`` arrays,
+    else all-ones attention, positions 0..seq-1, token type 0, and an empty KV cache
+    (``cache_shape`` (heads, head size), else the input's own static dimensions)."""
+    batch, seq = ids.shape
+    positions = np.arange(seq, dtype=np.int64)
+    defaults = {"input_ids": lambda: ids, "attention_mask": lambda: np.ones_like(ids),
+                "position_ids": lambda: np.broadcast_to(positions, ids.shape).copy(),
+                "token_type_ids": lambda: np.zeros_like(ids)}
+    feeds = {}
+    for spec in session.get_inputs():
+        if given and spec.name in given:
+            feeds[spec.name] = given[spec.name]
+        elif spec.name in defaults:
+            feeds[spec.name] = defaults[spec.name]()
+        else:  # a past key or value, checked at load
+            heads, size = cache_shape or (spec.shape[1], spec.shape[3])
+            feeds[spec.name] = np.zeros((batch, heads, 0, size), np.float32)
+    return feeds
 
 
 def tokenizer_beside(path: Path) -> Any:
@@ -297,13 +309,22 @@ class _Reach:
         return 0 if value is None else self.of.get(value, 0)
 
 
+def _is_constant(value: ir.Value | None) -> bool:
+    producer = value.producer() if value is not None else None
+    return value is None or value.const_value is not None \
+        or (producer is not None and producer.op_type == "Constant")
+
+
 def _residual_value(node: ir.Node) -> _Probe:
     """The residual sum a residual add computes."""
     if node.op_type == "Add":
         return _Probe(value=node.outputs[0])
     if len(node.outputs) > _SKIP_SUM_OUTPUT and node.outputs[_SKIP_SUM_OUTPUT].name:
         return _Probe(value=node.outputs[_SKIP_SUM_OUTPUT])
-    return _Probe(summands=(node.inputs[0], node.inputs[1]))
+    index = _SKIP_BIAS_INPUT[node.op_type]
+    bias = node.inputs[index] if len(node.inputs) > index else None
+    return _Probe(summands=tuple(v for v in (node.inputs[0], node.inputs[1], bias)
+                                 if v is not None))
 
 
 def _block_probes(graph: ir.Graph, blocks: list[Block], site_nodes: dict[ir.Node, int],
@@ -339,7 +360,7 @@ def _block_probes(graph: ir.Graph, blocks: list[Block], site_nodes: dict[ir.Node
             for node in adds:  # branch + skip: both activations (a bias add is no residual)
                 pair = node.inputs[:2]
                 bits = [reach(v) for v in pair]
-                if len(pair) == 2 and all(v is not None and v.const_value is None for v in pair) \
+                if len(pair) == 2 and not any(_is_constant(v) for v in pair) \
                         and any(x & masks[b] == masks[b] for x in bits) \
                         and not all(x & masks[b] == masks[b] for x in bits):
                     found = _residual_value(node)
@@ -347,7 +368,7 @@ def _block_probes(graph: ir.Graph, blocks: list[Block], site_nodes: dict[ir.Node
             found = _follow_normalization(found, outputs)
         outputs.append(found)
     first = next((value for value, bits in reach.of.items() if bits == 0
-                  and not value.is_initializer() and value.const_value is None
+                  and not value.is_initializer() and not _is_constant(value)
                   and enters_add_of(value, 0) and feeds_all(value, 0)), None)
     inputs = [_Probe(value=first) if first is not None else None, *outputs[:-1]]
     return {block.module: (into, out) for block, into, out in zip(blocks, inputs, outputs,
@@ -384,22 +405,22 @@ def _descendants(value: ir.Value) -> set[ir.Node]:
     return seen
 
 
-def _tied_tables(graph: ir.Graph, weight: ir.Value, float_weight: np.ndarray) -> list[str]:
-    """Embedding tables holding a head's weight: the initializer itself, transposed, or an
-    equal table of its own."""
-    tables = []
-    for node in graph:
-        if node.op_type != "Gather" or node.inputs[0] is None:
-            continue
-        table = node.inputs[0]
-        producer = table.producer()
-        if producer is not None and producer.op_type == "Transpose" \
-                and producer.inputs[0] is weight:
-            tables.append(table.name)
-        elif table.const_value is not None and table.const_value.shape == float_weight.shape \
-                and np.array_equal(table.const_value.numpy(), float_weight):
-            tables.append(table.name)
-    return tables
+def weight_is_transposed(node: ir.Node) -> bool:
+    """Whether B is stored [in, out] (MatMul, Gemm without transB) rather than [out, in]."""
+    return not (node.op_type == "Gemm" and node.attributes.get_int("transB", 0))
+
+
+def reads_table(gather: ir.Node, weight: ir.Value, float_weight: np.ndarray) -> bool:
+    """Whether a Gather's table is a head's weight: ``Transpose`` of the head's own B (the
+    GenAI builder), or an initializer of its own holding ``[out, in]`` (torch's export)."""
+    table = gather.inputs[0] if gather.op_type == "Gather" else None
+    if table is None:
+        return False
+    producer = table.producer()
+    if producer is not None and producer.op_type == "Transpose" and producer.inputs[0] is weight:
+        return True
+    return table.const_value is not None and table.const_value.shape == float_weight.shape \
+        and np.array_equal(table.const_value.numpy(), float_weight)
 
 
 def fold_weight_transposes(graph: ir.Graph) -> None:
@@ -416,13 +437,17 @@ def fold_weight_transposes(graph: ir.Graph) -> None:
                                      for use, index in out.uses()):
             continue
         name = f"{source.name}.transposed"
-        folded = ir.Value(name=name, const_value=ir.tensor(
-            np.ascontiguousarray(source.const_value.numpy().T), name=name))
-        folded.type = ir.TensorType(folded.const_value.dtype)
-        folded.shape = ir.Shape(folded.const_value.shape)
-        graph.register_initializer(folded)
+        folded = graph.initializers.get(name)
+        if folded is None:
+            folded = ir.Value(name=name, const_value=ir.tensor(
+                np.ascontiguousarray(source.const_value.numpy().T), name=name))
+            folded.type = ir.TensorType(folded.const_value.dtype)
+            folded.shape = ir.Shape(folded.const_value.shape)
+            graph.register_initializer(folded)
         ir.convenience.replace_all_uses_with(out, folded)
         graph.remove(node, safe=True)
+        if not source.uses() and source.name not in {v.name for v in graph.outputs}:
+            graph.initializers.pop(source.name)
 
 
 def _load(path: Path) -> ir.Model:
@@ -441,7 +466,21 @@ def _load(path: Path) -> ir.Model:
     if "lwqc.schema" in model.metadata_props:
         raise ModelLoadError(f"{path} is an lwqc artifact; compile its float model instead")
     fold_weight_transposes(model.graph)
-    return model
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", MIN_OPSET))
+    return model if opset >= MIN_OPSET else _converted(model, opset, path)
+
+
+def _converted(model: ir.Model, opset: int, path: Path) -> ir.Model:
+    """``model`` at ``MIN_OPSET`` through ONNX's version converter."""
+    import onnx.version_converter
+
+    try:
+        proto = onnx.version_converter.convert_version(ir.to_proto(model), MIN_OPSET)
+    except Exception as exc:  # the converter raises RuntimeError and C++ errors of its own
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelLoadError(f"{path.name} is opset {opset}; lwqc writes opset {MIN_OPSET} "
+                             f"and ONNX's version converter failed: {first}") from None
+    return ir.from_proto(proto)
 
 
 def _weights_sha256(model: ir.Model) -> str:
@@ -527,7 +566,7 @@ def import_onnx(model: str) -> Graph:
         if weight.name in owners:
             continue  # one initializer, two matmuls: quantized once, for the first
         owners[weight.name] = site_id
-        transposed = not (node.op_type == "Gemm" and node.attributes.get_int("transB", 0))
+        transposed = weight_is_transposed(node)
         source.layouts[site_id] = (weight.name, transposed)
         rows, cols = weight.const_value.shape
         shape = (cols, rows) if transposed else (rows, cols)
@@ -543,9 +582,13 @@ def import_onnx(model: str) -> Graph:
             raise NonFiniteWeightError(f"weight of {site_id} holds {bad} NaN/Inf values: the "
                                        "model is corrupt; re-export it")
         if site.role == "lm_head":
-            tables = _tied_tables(graph, graph.initializers[source.layouts[site_id][0]],
-                                  float_weight)
-            site.tied = tables[0] if tables else None
+            weight = graph.initializers[source.layouts[site_id][0]]
+            table = next((node.inputs[0] for node in graph
+                          if reads_table(node, weight, float_weight)), None)
+            if table is not None:
+                site.tied = table.name
+                if table.is_initializer():  # its own copy: substituted with the head
+                    source.tables[site_id] = table.name
     used = {name for name, _ in source.layouts.values()}
     tied = {site.tied for site in sites.values() if site.tied}
     for name, value in graph.initializers.items():

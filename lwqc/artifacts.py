@@ -22,8 +22,9 @@ REPORT_FILE = "report.md"
 DECODER_FILES = frozenset(DECODER_SIDE_FILES)
 # Everything lwqc writes into an output directory (compile and analyze); only a directory
 # holding nothing else may be replaced.
-OWN_FILES = frozenset({PLAN_FILE, MODEL_FILE, f"{MODEL_FILE}.data", PACKED_FILE, REPORT_FILE,
-                       "blocks.csv", "sites.csv", "validate.csv", "scores.png", *DECODER_FILES})
+OWN_FILES = frozenset({PLAN_FILE, MODEL_FILE, f"{MODEL_FILE}.data", "model.vmfb", PACKED_FILE,
+                       REPORT_FILE, "blocks.csv", "sites.csv", "validate.csv", "scores.png",
+                       *DECODER_FILES})
 
 
 def check_output(out: Path) -> None:

@@ -280,15 +280,17 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _check_iree(args: argparse.Namespace) -> int:
+    from lwqc.artifacts import MODEL_FILE
     from lwqc.backends import iree
 
-    result = iree.check(args.out, tokens=args.tokens)
+    model = args.out / MODEL_FILE
+    result = iree.check(model, tokens=args.tokens)
     within = result.max_abs_diff <= args.tolerance
     print(f"IREE llvm-cpu vs ONNX Runtime on {result.tokens} tokens: max |diff| "
           f"{result.max_abs_diff:.3g} (largest output {result.max_abs_output:.3g}; tolerance "
           f"{args.tolerance:g}: {'within' if within else 'EXCEEDED'}); import "
           f"{result.import_s:.1f} s, compile {result.compile_s:.1f} s; wrote "
-          f"{args.out / iree.VMFB_FILE} ({result.vmfb_bytes:,} bytes)")
+          f"{model.with_suffix('.vmfb')} ({result.vmfb_bytes:,} bytes)")
     return 0 if within else 1
 
 

@@ -15,8 +15,8 @@ from lwqc.artifacts import (
     REPORT_FILE,
     atomic_directory,
 )
-from lwqc.backends import onnxruntime as ort_backend
-from lwqc.backends import torch_eager
+from lwqc.backends import onnx_rewrite, torch_eager
+from lwqc.backends.onnxruntime import SIDE_FILES_KEY
 from lwqc.ir.accounting import totals
 from lwqc.ir.errors import LwqcError, PipelineError
 from lwqc.ir.frontends import import_model
@@ -100,8 +100,8 @@ def _check_pipeline(request: CompileRequest) -> None:
 def write_artifacts(graph: Graph, directory: Path, timings: list[PassTiming]) -> None:
     write_plan(directory / PLAN_FILE, plan_document(graph))
     if "onnx" in graph.lowered:
-        ort_backend.save(graph.lowered["onnx"], directory / MODEL_FILE)
-        for name, content in graph.lowered.get(ort_backend.SIDE_FILES_KEY, {}).items():
+        onnx_rewrite.save(graph.lowered["onnx"], directory / MODEL_FILE)
+        for name, content in graph.lowered.get(SIDE_FILES_KEY, {}).items():
             if name not in DECODER_FILES:
                 raise LwqcError(f"the decoder builder wrote an unexpected file {name}")
             (directory / name).write_bytes(content)

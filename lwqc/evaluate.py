@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 from lwqc.artifacts import MODEL_FILE, PACKED_FILE, PLAN_FILE
-from lwqc.backends import onnxruntime as ort_backend
+from lwqc.backends import onnx_rewrite as ort_backend
 from lwqc.backends import torch_eager
 from lwqc.backends.decoder_session import DecoderSession, is_decoder
 from lwqc.ir.datasets import read_text, stsb_pairs, wikitext2_text
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.formats import WeightFormat
 from lwqc.ir.hf_load import load_model, weights_sha256
-from lwqc.ir.onnx_source import is_onnx_file, open_onnx
+from lwqc.ir.onnx_source import is_onnx_file, open_onnx, session_feeds
 from lwqc.ir.plan_json import read_artifact_plan, specs_from_document
 from lwqc.ir.source import CAUSAL_LM
 
@@ -46,10 +46,9 @@ def _ort_runner(path: Path, output: str) -> Runner:
         decoder = DecoderSession(path.parent)
         return lambda inputs: decoder.prefill(inputs["input_ids"])
     session = ort_backend.session(path)
-    names = {i.name for i in session.get_inputs()}
 
     def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return session.run([output], {k: v for k, v in inputs.items() if k in names})[0]
+        return session.run([output], session_feeds(session, inputs["input_ids"], inputs))[0]
 
     return run
 

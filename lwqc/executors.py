@@ -15,8 +15,9 @@ Workers run torch on one thread each; the numbers equal the local ones to float 
 
 from __future__ import annotations
 
+import itertools
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tqdm import tqdm
@@ -85,23 +86,42 @@ class RayPool:
             from ray.util import ActorPool
         except ImportError:
             raise LwqcError("--executor ray needs Ray: pip install 'lwqc[ray]'") from None
-        tasks = list(tasks)
-        if not tasks:
+        pending = iter(tasks)
+        first = next(pending, None)
+        if first is None:
             return
         started = not ray.is_initialized()
         if started:
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
+        actors = []
         try:
-            cpus = int(ray.cluster_resources().get("CPU", 1))
+            count = self.workers or int(ray.cluster_resources().get("CPU", 1))
+            if isinstance(tasks, Sized):
+                count = min(count, len(tasks))
             actor = ray.remote(num_cpus=1)(_Actor)
-            actors = [actor.remote(worker, setup)
-                      for _ in range(min(self.workers or cpus, len(tasks)))]
-            yield from ActorPool(actors).map_unordered(
-                lambda a, task: a.call.remote(method, task), tasks)
+            actors = [actor.remote(worker, setup) for _ in range(count)]
+            pool = ActorPool(actors)
+
+            def submit(task: tuple) -> None:
+                pool.submit(lambda a, t: a.call.remote(method, t), task)
+
+            submit(first)
+            for task in itertools.islice(pending, count - 1):
+                submit(task)
+            while pool.has_next():  # one task in flight per worker, the next drawn on return
+                result = pool.get_next_unordered()
+                task = next(pending, None)
+                if task is not None:
+                    submit(task)
+                yield result
+        except ray.exceptions.RayError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[-1]
+            raise LwqcError(f"a Ray worker failed: {first_line[:300]}") from None
+        finally:
             for each in actors:
                 ray.kill(each)
-        finally:
             if started:
                 ray.shutdown()
 
@@ -113,7 +133,7 @@ class RayExecutor:
     def run(self, sweeper: Sweeper, points: list[SweepPoint]) -> None:
         labels = {p.name: p.labels for p in points}
         results = self.pool.map(SweepWorker, (sweeper.settings(),), "evaluate",
-                                ((p.name, p.policy) for p in points))
+                                [(p.name, p.policy) for p in points])
         with _progress(len(points)) as bar:
             for name, result in results:
                 sweeper.record(name, labels[name], result)

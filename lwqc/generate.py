@@ -94,8 +94,9 @@ def _token_source(request: GenerateRequest, document: dict[str, Any]
         decoder = DecoderSession(out)
         return decoder.greedy, decoder.eos
     if is_onnx_file(document["model"]["id"]):
-        raise LwqcError(f"{out} was compiled from an ONNX file without a KV cache: generate "
-                        "needs the GenAI builder's decoder as input, or the transformers model")
+        raise LwqcError(f"{out} was compiled from an ONNX file, which torch cannot run: "
+                        "generate runs a KV-cache decoder (compile the GenAI builder's decoder, "
+                        "or the transformers model)")
     loaded = load_model(document["model"]["id"])
     if loaded.kind != CAUSAL_LM:
         raise LwqcError(f"{out} holds an encoder; lwqc generate needs a causal language model")

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from lwqc.ir.annotations import Annotation
+from lwqc.ir.errors import LwqcError
 from lwqc.ir.graph import Graph
 from lwqc.ir.source import CAUSAL_LM
 from lwqc.ir.spec import QUANT_WIDTHS, SCHEMES, make_spec
@@ -159,7 +160,7 @@ class SensitivityPass(Pass):
             tasks = ((site.id, b, self.quantized(graph, site.id, b))
                      for site in graph for b in widths)
             found: dict[tuple[str, int], float] = {}
-            setup = (graph.model_id, graph.calibration)
+            setup = (graph.model_id, graph.weights_sha256, graph.calibration)
             for site_id, bits, value in context.progress(
                     context.pool.map(DamageWorker, setup, "measure", tasks),
                     total=len(graph.sites) * len(widths), desc=self.name):
@@ -176,10 +177,13 @@ class DamageWorker:
     """A remote worker's state for measured sensitivity: the float model, read again from
     its id, and its outputs on the calibration windows."""
 
-    def __init__(self, model_id: str, windows: np.ndarray) -> None:
+    def __init__(self, model_id: str, weights_sha256: str, windows: np.ndarray) -> None:
         from lwqc.ir.frontends import import_model
 
         graph = import_model(model_id)
+        if graph.weights_sha256 != weights_sha256:
+            raise LwqcError(f"the model at {model_id} on this worker is not the one being "
+                            "compiled (its weights differ)")
         graph.calibration = windows
         self.damage = Damage(graph)
 

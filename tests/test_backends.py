@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import mixed_plan, ort_dequantized, save_tiny_model
-from lwqc.backends import onnxruntime as ort_backend
+from lwqc.backends import onnx_rewrite as ort_backend
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.fx_lift import example_inputs
 from lwqc.ir.hf_source import import_model

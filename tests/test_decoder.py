@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import genai_greedy, nbits_dequantized
-from lwqc.backends import onnxruntime as ort_backend
+from lwqc.backends import onnx_rewrite as ort_backend
 from lwqc.backends import torch_eager
 from lwqc.backends.decoder_session import DecoderSession
 from lwqc.cli import main

@@ -18,11 +18,12 @@ import pytest
 
 from conftest import genai_greedy, save_tiny_model
 from lwqc.backends.decoder_session import DecoderSession
-from lwqc.backends.onnxruntime import save, session
+from lwqc.backends.onnx_rewrite import save, session
 from lwqc.cli import main
 from lwqc.evaluate import artifact_weights, evaluate
 from lwqc.ir.frontends import import_model
 from lwqc.ir.hf_source import import_model as import_hf
+from lwqc.ir.onnx_source import fold_weight_transposes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 WEIGHT_ONLY = ["--no-gptq", "--clip", "minmax"]
@@ -147,9 +148,8 @@ def test_builder_decoder_keeps_its_cache_and_packs_fused_qkv_as_the_hf_sites(
         assert np.array_equal(weight.dequantize(), expected), site_id
     results = [evaluate(d, windows=2, seq_len=128) for d in (from_onnx, from_hf)]
     assert results[0]["ppl"] == pytest.approx(results[1]["ppl"], rel=1e-6)
-    prompt = DecoderSession(from_onnx).eos, [1, 2, 3, 4]
-    tokens = list(DecoderSession(from_onnx).greedy(prompt[1], 8))
-    assert genai_greedy(from_onnx, prompt[1], 8, stop_at_eos=False) == tokens
+    tokens = list(DecoderSession(from_onnx).greedy([1, 2, 3, 4], 8))
+    assert genai_greedy(from_onnx, [1, 2, 3, 4], 8, stop_at_eos=False) == tokens
 
 
 def test_gemm_sites_are_quantized_and_the_tied_table_is_shared(tmp_path):
@@ -248,6 +248,55 @@ def test_onnx_artifacts_refuse_torch_steps(tmp_path, capsys):
     assert main(["eval", str(out), "--backend", "torch"]) == 2
     assert "runs in ONNX Runtime only" in capsys.readouterr().err
     assert main(["generate", str(out), "--prompt", "hi"]) == 2
-    assert "without a KV cache" in capsys.readouterr().err
+    assert "which torch cannot run" in capsys.readouterr().err
     assert main(["sweep", str(model), "-o", str(tmp_path / "sweep")]) == 2
     assert "not an ONNX export" in capsys.readouterr().err
+
+
+def test_weight_transposes_are_folded_and_an_unused_source_dropped():
+    rng = np.random.default_rng(0)
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape(["n", 4]))
+    ids = ir.val("ids", ir.DataType.INT64, ir.Shape(["n"]))
+    w = ir.val("w", const_value=ir.tensor(rng.standard_normal((3, 4)).astype(np.float32)))
+    shared = ir.val("shared", const_value=ir.tensor(rng.standard_normal((5, 4)).astype(np.float32)))
+    nodes = [ir.node("Transpose", [w], attributes={"perm": [1, 0]}),
+             ir.node("Transpose", [shared], attributes={"perm": [1, 0]}),
+             ir.node("Gather", [shared, ids])]
+    nodes += [ir.node("MatMul", [x, nodes[0].outputs[0]]),
+              ir.node("MatMul", [x, nodes[1].outputs[0]])]
+    graph = ir.Graph([x, ids], [nodes[3].outputs[0], nodes[4].outputs[0], nodes[2].outputs[0]],
+                     nodes=nodes, initializers=[w, shared], opset_imports={"": 21})
+    fold_weight_transposes(graph)
+    assert [n.op_type for n in graph] == ["Gather", "MatMul", "MatMul"]
+    assert sorted(graph.initializers) == ["shared", "shared.transposed", "w.transposed"]
+    np.testing.assert_array_equal(graph.initializers["w.transposed"].const_value.numpy(),
+                                  w.const_value.numpy().T)
+    assert list(graph)[1].inputs[1].name == "w.transposed"
+
+
+def test_an_older_opset_is_converted_to_the_one_the_lowering_writes(tmp_path):
+    model = ir.load(_one_matmul(tmp_path))
+    model.opset_imports[""] = 17
+    ir.save(model, tmp_path / "m" / "model.onnx")
+    out = _compile(tmp_path / "m" / "model.onnx", tmp_path / "out", "--policy", "uniform",
+                   "--width", "3", "--group-size", "16")
+    lowered = ir.load(out / "model.onnx")
+    assert lowered.opset_imports[""] == 21
+    ids = np.array([[1, 2, 3]])
+    logits = session(out / "model.onnx").run(["logits"], {"input_ids": ids})[0]
+    expected = session(tmp_path / "m" / "model.onnx").run(["logits"], {"input_ids": ids})[0]
+    assert np.corrcoef(logits.ravel(), expected.ravel())[0, 1] > 0.95
+
+
+def test_a_tied_heads_table_is_substituted_with_it(tmp_path):
+    """torch's export keeps the tied table as an initializer of its own: measuring the head
+    at another weight must change the table too, as one array serves both."""
+    graph = import_model(str(_export(save_tiny_model("gpt2", tmp_path / "hf"), tmp_path / "x")))
+    source = graph.source
+    table = source.tables["lm_head"]
+    changed = graph.weight("lm_head") * 0.5
+    with source.substituted({"lm_head": changed}):
+        np.testing.assert_array_equal(source.model.graph.initializers[table].const_value.numpy(),
+                                      changed)
+        np.testing.assert_array_equal(graph.weight("lm_head"), changed)
+    np.testing.assert_array_equal(graph.weight("lm_head"), changed * 2)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from bench_quality import smollm2_gguf  # noqa: I001  (a sibling tool)
 
-from lwqc.backends.onnxruntime import save
+from lwqc.backends.onnx_rewrite import save
 from lwqc.cli import main as lwqc
 from lwqc.evaluate import artifact_weights, evaluate
 from lwqc.ir.hf_source import import_model

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench")
     args = parser.parse_args(argv)
+    if args.sample < 2 or args.workers < 1:
+        parser.error("--sample needs at least 2 sites and --workers at least 1")
     graph = import_model(args.model or smollm2_gguf())
     PassManager([CalibrationPass()]).run(graph)
     sensitivity = SensitivityPass(metric="delta-kl", clip="minmax")
@@ -59,16 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     first = None
     remote = {}
-    setup = (graph.model_id, graph.calibration)
+    setup = (graph.model_id, graph.weights_sha256, graph.calibration)
     for site_id, _, value in pool.map(DamageWorker, setup, "measure",
                                       ((s, BITS, weights[s]) for s in sites)):
         first = first or time.perf_counter()
         remote[site_id] = value
     ray_s = time.perf_counter() - start
-    worst = max(abs(remote[s] - local[s]) / abs(local[s]) for s in sites)
+    worst = max(abs(remote[s] - local[s]) / max(abs(local[s]), 1e-30) for s in sites)
     per_site_local = local_s / len(sites)
     start_up = first - start
-    per_site_ray = (ray_s - start_up) / (len(sites) - 1)  # after the first result
+    # the pool's throughput once the workers are up: seconds per measurement, all workers
+    per_site_ray = (ray_s - start_up) / (len(sites) - 1)
     result = {
         "model": graph.model_id, "date": datetime.date.today().isoformat(),
         "cpus": os.cpu_count(), "workers": args.workers, "bits": BITS,
@@ -92,16 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['calibration'][0]} windows x {result['calibration'][1]} tokens; each site "
         f"alone at {BITS} bits (group 128, min/max).",
         "",
-        "| executor | wall time (s) | per site (s) |",
+        "| executor | wall time (s) | s per measurement (throughput) |",
         "|---|---:|---:|",
         f"| local (one process, torch on {result['cpus']} threads) | {local_s:.1f} | "
         f"{per_site_local:.1f} |",
         f"| Ray, {args.workers} workers (1 thread each), incl. start-up | {ray_s:.1f} | "
-        f"{per_site_ray:.1f} after the first result |",
+        f"{per_site_ray:.1f} once the workers are up |",
         "",
         f"Largest relative difference of the {len(sites)} measurements, Ray vs local: "
         f"{worst:.2e}. First Ray result after {start_up:.1f} s (each worker reads the model "
-        "and computes its reference outputs first).",
+        "and computes its reference outputs, then measures its first site).",
         "",
         f"Every site of the model ({len(graph.sites)}), extrapolated: here "
         f"{result['kl_scaled_local_h']:.2f} h once (`metric=kl-scaled`) and "
