@@ -26,6 +26,7 @@ for Gemm with transB), initializers named ``<site>.weight_<array>``:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import ml_dtypes
@@ -121,10 +122,8 @@ class SiteRewrite:
 
     def unpack3(self, packed: ir.Value, name: str, shape: tuple[int, ...],
                 signed: bool) -> ir.Value:
-        def constant(label: str, values: list[int], dtype=np.int64) -> ir.Value:
-            return self.initializer(f"{self.site_id}.lowering_{name}_{label}",
-                                    np.asarray(values, dtype))
-
+        """3-bit codes from byte triples read as 24-bit words (step 4)."""
+        constant = functools.partial(self.array_constant, name)
         triples = self.node("Reshape", [packed, constant("triples", [-1, 3])])
         value = self.node("Cast", [triples], {"to": ir.DataType.INT32})
         value = self.node("Mul", [value, constant("byte_weights", [[1, 256, 65536]], np.int32)])
@@ -133,24 +132,14 @@ class SiteRewrite:
         value = self.node("BitShift", [value, constant("shifts", [list(range(0, 24, 3))],
                                                        np.uint32)], {"direction": "RIGHT"})
         value = self.node("BitwiseAnd", [value, constant("mask", [7], np.uint32)])
-        value = self.node("Reshape", [value, constant("flat", [-1])])
-        count = int(np.prod(shape))
-        value = self.node("Slice", [value, constant("start", [0]), constant("end", [count])])
-        value = self.node("Reshape", [value, constant("shape", list(shape))])
-        if not signed:
-            return self.node("Cast", [value], {"to": ir.DataType.UINT8})
-        value = self.node("Cast", [value], {"to": ir.DataType.INT32})
-        value = self.node("Sub", [value, constant("offset", [SIGNED_OFFSET], np.int32)])
-        return self.node("Cast", [value], {"to": ir.DataType.INT8})
+        value = self.node("Cast", [value], {"to": ir.DataType.UINT8})
+        return self._codes(value, name, shape, signed, SIGNED_OFFSET)
 
     def unpack3_bytewise(self, packed: ir.Value, name: str, shape: tuple[int, ...],
                          signed: bool) -> ir.Value:
         """``unpack3`` in uint8 ops: code ``i`` of a byte triple is ``byte[lo_i] >> s_i``, or'd
         with ``byte[hi_i] << (8 - s_i)`` where it spans two bytes (else with a zero byte)."""
-        def constant(label: str, values: list, dtype=np.int64) -> ir.Value:
-            return self.initializer(f"{self.site_id}.lowering_{name}_{label}",
-                                    np.asarray(values, dtype))
-
+        constant = functools.partial(self.array_constant, name)
         starts = [3 * i for i in range(8)]
         low = [start // 8 for start in starts]
         low_shift = [start % 8 for start in starts]
@@ -173,10 +162,7 @@ class SiteRewrite:
                offset: int) -> ir.Value:
         """Unpacked uint8 codes, flattened and padded, cut to ``shape`` (signed: less
         ``offset``, as int8)."""
-        def constant(label: str, values: list, dtype=np.int64) -> ir.Value:
-            return self.initializer(f"{self.site_id}.lowering_{name}_{label}",
-                                    np.asarray(values, dtype))
-
+        constant = functools.partial(self.array_constant, name)
         value = self.node("Reshape", [value, constant("flat", [-1])])
         count = int(np.prod(shape))
         value = self.node("Slice", [value, constant("start", [0]), constant("end", [count])])
@@ -189,18 +175,21 @@ class SiteRewrite:
 
     def unpack_bytes(self, packed: ir.Value, name: str, shape: tuple[int, ...], width: int,
                      signed: bool) -> ir.Value:
+        """2- or 4-bit codes packed ``8 // width`` to a byte, lowest first (step 6)."""
+        constant = functools.partial(self.array_constant, name)
         per_byte = 8 // width
-
-        def constant(label: str, values: list, dtype=np.int64) -> ir.Value:
-            return self.initializer(f"{self.site_id}.lowering_{name}_{label}",
-                                    np.asarray(values, dtype))
-
         value = self.node("Reshape", [packed, constant("column", [-1, 1])])
         shifts = [[width * i for i in range(per_byte)]]
         value = self.node("BitShift", [value, constant("byte_shifts", shifts, np.uint8)],
                           {"direction": "RIGHT"})
         value = self.node("BitwiseAnd", [value, constant("mask", [(1 << width) - 1], np.uint8)])
         return self._codes(value, name, shape, signed, 1 << (width - 1))
+
+    def array_constant(self, name: str, label: str, values: list,
+                       dtype: type = np.int64) -> ir.Value:
+        """A constant of the lowering of the format's array ``name``."""
+        return self.initializer(f"{self.site_id}.lowering_{name}_{label}",
+                                np.asarray(values, dtype))
 
     def constant(self, name: str, values: list[int]) -> ir.Value:
         """An int64 constant of this site's lowering (one initializer per name)."""
