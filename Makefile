@@ -44,3 +44,5 @@ bench: $(STAMP)
 	$(BIN)/python tools/bench_compile.py
 	$(BIN)/python tools/bench_quality.py
 	$(BIN)/python tools/bench_deploy.py --large
+	$(BIN)/python tools/bench_onnx_frontend.py
+	$(BIN)/python tools/bench_ray_sensitivity.py
