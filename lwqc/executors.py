@@ -116,9 +116,9 @@ class RayPool:
                     submit(task)
                 yield result
         except ray.exceptions.RayError as exc:
-            cause = getattr(exc, "cause", None) or exc
-            first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[-1]
-            raise LwqcError(f"a Ray worker failed: {first_line[:300]}") from None
+            cause = getattr(exc, "cause", None) or exc  # a traceback ends with its message
+            message = (str(cause).strip().splitlines() or [type(cause).__name__])[-1]
+            raise LwqcError(f"a Ray worker failed: {message[:300]}") from None
         finally:
             for each in actors:
                 ray.kill(each)
