@@ -10,15 +10,20 @@ for Gemm with transB), initializers named ``<site>.weight_<array>``:
    along the input dimension (Unsqueeze, Expand, Reshape, Slice).
 3. ``codebook``: ``Cast(GatherElements(codebooks, Cast(codes -> int64)) -> float)``; codebooks
    stay ``[in, 2^bits]`` float16 (transposed in the graph for Gemm).
-4. 3-bit codes and zero points of any format are packed eight to three bytes (little-endian
-   24-bit words, signed codes offset by 4) and unpacked with standard ops: Reshape to byte
-   triples, Cast, Mul by (1, 256, 65536), ReduceSum, BitShift right by 0, 3, ..., 21,
-   BitwiseAnd 7, Reshape, Slice, Cast.
-5. Outliers of any format: ``ScatterElements(reduction=add)`` of the float16 residuals at
+4. ``float-offset-dq``: the scales and offset magnitudes are computed first, ``Cast(codes)
+   * Cast(float16 steps)`` with the steps repeated over their super-groups; then
+   ``DequantizeLinear(codes, scales) - magnitudes`` repeated along the input dimension.
+5. 3- and 6-bit codes (and zero points, and 6-bit parameter codes) are packed in little-endian
+   24-bit words, eight resp. four to three bytes (signed codes offset by 2^(bits-1)), and
+   unpacked with standard ops: Reshape to byte triples, Cast, Mul by (1, 256, 65536),
+   ReduceSum, BitShift right by 0, bits, 2 bits, ..., BitwiseAnd 2^bits - 1, Reshape, Slice,
+   Cast.
+6. Outliers of any format: ``ScatterElements(reduction=add)`` of the float16 residuals at
    their int32 positions (re-indexed to B's orientation) into the flattened weight.
-6. ``bytes_only`` (for compilers that read no sub-byte tensors or blocked ``DequantizeLinear``,
+7. ``bytes_only`` (for compilers that read no sub-byte tensors or blocked ``DequantizeLinear``,
    e.g. IREE): 2- and 4-bit codes are packed four or two to a uint8 (signed codes offset by
-   2^(bits-1)) and unpacked with ``BitShift`` and ``BitwiseAnd``; 3-bit codes as in 4;
+   2^(bits-1)) and unpacked with ``BitShift`` and ``BitwiseAnd``; 3- and 6-bit codes as in 5
+   (unpacked in uint8 ops);
    dequantization is ``Cast``, ``Sub`` of the zero points and ``Mul`` by the scales, each
    repeated over its group as float offsets are. The weights are the same floats.
 """
@@ -34,16 +39,18 @@ import numpy as np
 import onnx_ir as ir
 
 from lwqc.ir.errors import LwqcError
-from lwqc.ir.formats import CodebookWeight, SparseOutliers, WeightFormat
+from lwqc.ir.formats import CodebookWeight, FloatOffsetDqWeight, SparseOutliers, WeightFormat
+from lwqc.ir.formats.float_offset_dq import PARAM_BITS, SUPER_GROUPS
 from lwqc.ir.spec import GroupSpec
 
 CODE_TYPES = {
     (8, False): np.uint8, (4, False): ml_dtypes.uint4, (2, False): ml_dtypes.uint2,
     (8, True): np.int8, (4, True): ml_dtypes.int4, (2, True): ml_dtypes.int2,
 }
-CODE_ARRAYS = ("codes", "zero_points", "codes_high")  # stored in the code container type
-PACKED_BITS = 3  # the width stored packed, eight codes to three bytes
-SIGNED_OFFSET = 4  # signed 3-bit codes are stored as code + 4
+# stored in the code container type
+CODE_ARRAYS = ("codes", "zero_points", "codes_high", "scale_codes", "offset_codes")
+WORD_BITS = 24  # 3- and 6-bit codes are packed in 24-bit words of three bytes
+WORD_PACKED = (3, 6)
 UNORIENTED = ("codebooks", "codebooks_high", "column_slots",  # not laid out as [out, x]
               *SparseOutliers.ARRAYS)
 
@@ -94,7 +101,7 @@ class SiteRewrite:
         return add_initializer(self.graph, name, array)
 
     def array(self, weight: WeightFormat, name: str, signed: bool = False) -> ir.Value:
-        """The format's array ``name`` as an initializer in B's orientation (3-bit codes:
+        """The format's array ``name`` as an initializer in B's orientation (3- and 6-bit codes:
         packed, and the value returned is their unpacked uint8/int8 tensor)."""
         return self.stored(weight.arrays(), name, weight.spec.bits, signed)
 
@@ -105,12 +112,12 @@ class SiteRewrite:
         if name not in UNORIENTED:
             array = self.orient(array)
         width = self.code_bits(bits)
-        if name in CODE_ARRAYS and width == PACKED_BITS:
-            values = array.astype(np.int32) + (SIGNED_OFFSET if signed else 0)
+        if name in CODE_ARRAYS and width in WORD_PACKED:
+            values = array.astype(np.int32) + (1 << (width - 1) if signed else 0)
             packed = self.initializer(f"{self.site_id}.weight_{name}",
-                                      pack3(values.astype(np.uint8)))
-            unpack = self.unpack3_bytewise if self.bytes_only else self.unpack3
-            return unpack(packed, name, array.shape, signed)
+                                      pack_words(values.astype(np.uint8), width))
+            unpack = self.unpack_words_bytewise if self.bytes_only else self.unpack_words
+            return unpack(packed, name, array.shape, width, signed)
         if name in CODE_ARRAYS and self.bytes_only and width < 8:
             values = array.astype(np.int32) + (1 << (width - 1) if signed else 0)
             packed = self.initializer(f"{self.site_id}.weight_{name}",
@@ -120,30 +127,33 @@ class SiteRewrite:
             array = array.astype(CODE_TYPES[(width, signed)])
         return self.initializer(f"{self.site_id}.weight_{name}", array)
 
-    def unpack3(self, packed: ir.Value, name: str, shape: tuple[int, ...],
-                signed: bool) -> ir.Value:
-        """3-bit codes from byte triples read as 24-bit words (step 4)."""
+    def unpack_words(self, packed: ir.Value, name: str, shape: tuple[int, ...], width: int,
+                     signed: bool) -> ir.Value:
+        """3- or 6-bit codes from byte triples read as 24-bit words (step 5)."""
         constant = functools.partial(self.array_constant, name)
         triples = self.node("Reshape", [packed, constant("triples", [-1, 3])])
         value = self.node("Cast", [triples], {"to": ir.DataType.INT32})
         value = self.node("Mul", [value, constant("byte_weights", [[1, 256, 65536]], np.int32)])
         value = self.node("ReduceSum", [value, constant("sum_axis", [1])], {"keepdims": 1})
         value = self.node("Cast", [value], {"to": ir.DataType.UINT32})
-        value = self.node("BitShift", [value, constant("shifts", [list(range(0, 24, 3))],
-                                                       np.uint32)], {"direction": "RIGHT"})
-        value = self.node("BitwiseAnd", [value, constant("mask", [7], np.uint32)])
+        shifts = [list(range(0, WORD_BITS, width))]
+        value = self.node("BitShift", [value, constant("shifts", shifts, np.uint32)],
+                          {"direction": "RIGHT"})
+        value = self.node("BitwiseAnd", [value, constant("mask", [(1 << width) - 1],
+                                                         np.uint32)])
         value = self.node("Cast", [value], {"to": ir.DataType.UINT8})
-        return self._codes(value, name, shape, signed, SIGNED_OFFSET)
+        return self._codes(value, name, shape, signed, 1 << (width - 1))
 
-    def unpack3_bytewise(self, packed: ir.Value, name: str, shape: tuple[int, ...],
-                         signed: bool) -> ir.Value:
-        """``unpack3`` in uint8 ops: code ``i`` of a byte triple is ``byte[lo_i] >> s_i``, or'd
-        with ``byte[hi_i] << (8 - s_i)`` where it spans two bytes (else with a zero byte)."""
+    def unpack_words_bytewise(self, packed: ir.Value, name: str, shape: tuple[int, ...],
+                              width: int, signed: bool) -> ir.Value:
+        """``unpack_words`` in uint8 ops: code ``i`` of a byte triple is ``byte[lo_i] >> s_i``,
+        or'd with ``byte[hi_i] << (8 - s_i)`` where it spans two bytes (else with a zero
+        byte)."""
         constant = functools.partial(self.array_constant, name)
-        starts = [3 * i for i in range(8)]
+        starts = list(range(0, WORD_BITS, width))
         low = [start // 8 for start in starts]
         low_shift = [start % 8 for start in starts]
-        spans = [start % 8 > 8 - PACKED_BITS for start in starts]
+        spans = [start % 8 > 8 - width for start in starts]
         high = [lo + 1 if span else 3 for lo, span in zip(low, spans, strict=True)]
         high_shift = [8 - s if span else 0 for s, span in zip(low_shift, spans, strict=True)]
         triples = self.node("Reshape", [packed, constant("triples", [-1, 3])])
@@ -155,8 +165,8 @@ class SiteRewrite:
         highs = self.node("BitShift", [highs, constant("high_shifts", [high_shift], np.uint8)],
                           {"direction": "LEFT"})
         value = self.node("BitwiseOr", [lows, highs])
-        value = self.node("BitwiseAnd", [value, constant("mask", [7], np.uint8)])
-        return self._codes(value, name, shape, signed, SIGNED_OFFSET)
+        value = self.node("BitwiseAnd", [value, constant("mask", [(1 << width) - 1], np.uint8)])
+        return self._codes(value, name, shape, signed, 1 << (width - 1))
 
     def _codes(self, value: ir.Value, name: str, shape: tuple[int, ...], signed: bool,
                offset: int) -> ir.Value:
@@ -211,11 +221,14 @@ class SiteRewrite:
         return node.outputs[0]
 
 
-def pack3(values: np.ndarray) -> np.ndarray:
-    """Codes 0..7 (any shape, row-major) packed eight to three bytes, the last word padded."""
+def pack_words(values: np.ndarray, width: int) -> np.ndarray:
+    """Codes below ``2^width`` (width 3 or 6; any shape, row-major) packed ``24 // width`` to
+    three bytes, the last word padded."""
+    per_word = WORD_BITS // width
     flat = values.reshape(-1).astype(np.uint32)
-    flat = np.pad(flat, (0, -len(flat) % 8)).reshape(-1, 8)
-    words = (flat << (3 * np.arange(8, dtype=np.uint32))).sum(axis=1, dtype=np.uint32)
+    flat = np.pad(flat, (0, -len(flat) % per_word)).reshape(-1, per_word)
+    shifts = width * np.arange(per_word, dtype=np.uint32)
+    words = (flat << shifts).sum(axis=1, dtype=np.uint32)
     triples = np.stack([words & 255, (words >> 8) & 255, (words >> 16) & 255], axis=1)
     return triples.astype(np.uint8).reshape(-1)
 
@@ -236,11 +249,12 @@ def unpack_bytes(packed: np.ndarray, count: int, width: int) -> np.ndarray:
     return codes.reshape(-1)[:count].astype(np.uint8)
 
 
-def unpack3(packed: np.ndarray, count: int) -> np.ndarray:
-    """Inverse of ``pack3``: the first ``count`` codes, uint8."""
+def unpack_words(packed: np.ndarray, count: int, width: int) -> np.ndarray:
+    """Inverse of ``pack_words``: the first ``count`` codes, uint8."""
     triples = packed.reshape(-1, 3).astype(np.uint32)
     words = triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)
-    codes = (words[:, None] >> (3 * np.arange(8, dtype=np.uint32))) & 7
+    shifts = width * np.arange(WORD_BITS // width, dtype=np.uint32)
+    codes = (words[:, None] >> shifts) & ((1 << width) - 1)
     return codes.reshape(-1)[:count].astype(np.uint8)
 
 
@@ -279,17 +293,28 @@ def _repeat_groups(rewrite: SiteRewrite, per_group: ir.Value, weight: WeightForm
     """A ``[groups, out]`` (or ``[out, groups]``) tensor repeated to B's shape."""
     spec = weight.spec
     assert isinstance(spec, GroupSpec)
-    out_features, in_features = weight.shape
-    groups, block = spec.groups(in_features), spec.block(in_features)
+    return _repeat(rewrite, per_group, weight.shape, spec.block(weight.shape[1]))
+
+
+def _repeat(rewrite: SiteRewrite, value: ir.Value, shape: tuple[int, int], block: int,
+            prefix: str = "") -> ir.Value:
+    """A tensor of one entry per ``block`` inputs (B's orientation) repeated to the ``[out,
+    in]`` ``shape`` (oriented), the last block cut short."""
+    out_features, in_features = shape
+    blocks = -(-in_features // block)
     axis = rewrite.axis
-    stretched = [groups, block, out_features] if axis == 0 else [out_features, groups, block]
-    flat = [groups * block, out_features] if axis == 0 else [out_features, groups * block]
-    value = rewrite.node("Unsqueeze", [per_group, rewrite.constant("unsqueeze_axes", [axis + 1])])
-    value = rewrite.node("Expand", [value, rewrite.constant("expand_shape", stretched)])
-    value = rewrite.node("Reshape", [value, rewrite.constant("repeat_shape", flat)])
-    return rewrite.node("Slice", [value, rewrite.constant("slice_start", [0]),
-                                  rewrite.constant("slice_end", [in_features]),
-                                  rewrite.constant("slice_axis", [axis])])
+    stretched = [blocks, block, out_features] if axis == 0 else [out_features, blocks, block]
+    flat = [blocks * block, out_features] if axis == 0 else [out_features, blocks * block]
+
+    def constant(name: str, values: list[int]) -> ir.Value:
+        return rewrite.constant(prefix + name, values)
+
+    value = rewrite.node("Unsqueeze", [value, constant("unsqueeze_axes", [axis + 1])])
+    value = rewrite.node("Expand", [value, constant("expand_shape", stretched)])
+    value = rewrite.node("Reshape", [value, constant("repeat_shape", flat)])
+    return rewrite.node("Slice", [value, constant("slice_start", [0]),
+                                  constant("slice_end", [in_features]),
+                                  constant("slice_axis", [axis])])
 
 
 def lower_float_offset(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
@@ -298,6 +323,29 @@ def lower_float_offset(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
         "weight_scaled")
     offsets = _repeat_groups(rewrite, rewrite.array(weight, "offsets"), weight)
     return rewrite.node("Add", [scaled, offsets], output="weight_dequantized")
+
+
+def _dq_parameter(rewrite: SiteRewrite, weight: WeightFormat, kind: str) -> ir.Value:
+    """Per-group ``scale`` (``kind`` "scale") or offset magnitude ("offset") of a
+    float-offset-dq weight, float32 in the orientation of its groups."""
+    spec = weight.spec
+    assert isinstance(weight, FloatOffsetDqWeight) and isinstance(spec, GroupSpec)
+    arrays = weight.arrays()
+    codes = rewrite.node("Cast", [rewrite.stored(arrays, f"{kind}_codes", PARAM_BITS)],
+                         {"to": ir.DataType.FLOAT})
+    steps = rewrite.node("Cast", [rewrite.array(weight, f"{kind}_steps")],
+                         {"to": ir.DataType.FLOAT})
+    groups = spec.groups(weight.shape[1])
+    steps = _repeat(rewrite, steps, (weight.shape[0], groups), SUPER_GROUPS, "super_")
+    return rewrite.node("Mul", [codes, steps])
+
+
+def lower_float_offset_dq(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
+    scales, magnitudes = (_dq_parameter(rewrite, weight, kind) for kind in ("scale", "offset"))
+    scaled = _dequantize_linear(rewrite, weight, [rewrite.array(weight, "codes"), scales],
+                                "weight_scaled")
+    return rewrite.node("Sub", [scaled, _repeat_groups(rewrite, magnitudes, weight)],
+                        output="weight_dequantized")
 
 
 def _gather_codebook(rewrite: SiteRewrite, codes: ir.Value, table: ir.Value) -> ir.Value:
@@ -367,6 +415,7 @@ def add_outliers(rewrite: SiteRewrite, weight: WeightFormat, base: ir.Value) -> 
 FORMAT_LOWERINGS: dict[str, Callable[[SiteRewrite, WeightFormat], ir.Value]] = {
     "affine": lower_affine,
     "float-offset": lower_float_offset,
+    "float-offset-dq": lower_float_offset_dq,
     "codebook": lower_codebook,
 }
 
@@ -384,7 +433,7 @@ def lower_weight(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
 def stored_arrays(initializers: dict[str, np.ndarray], site_id: str, transposed: bool,
                   signed: bool) -> dict[str, np.ndarray]:
     """A site's format arrays read back from its initializers, in ``[out, in]`` orientation
-    (empty if the site has none); packed 3-bit arrays are unpacked."""
+    (empty if the site has none); packed arrays are unpacked."""
     prefix = f"{site_id}.weight_"
     if f"{prefix}codes" not in initializers:
         return {}
@@ -395,15 +444,13 @@ def stored_arrays(initializers: dict[str, np.ndarray], site_id: str, transposed:
         key = name.removeprefix(prefix)
         packed_shape = initializers.get(f"{site_id}.lowering_{key}_shape")
         byte_shifts = initializers.get(f"{site_id}.lowering_{key}_byte_shifts")
-        if key in CODE_ARRAYS and byte_shifts is not None:
-            width = 8 // byte_shifts.size
-            array = unpack_bytes(array, int(np.prod(packed_shape)), width).reshape(packed_shape)
+        mask = initializers.get(f"{site_id}.lowering_{key}_mask")
+        if key in CODE_ARRAYS and packed_shape is not None:
+            width = int(mask.reshape(-1)[0]).bit_length()
+            unpack = unpack_bytes if byte_shifts is not None else unpack_words
+            array = unpack(array, int(np.prod(packed_shape)), width).reshape(packed_shape)
             if signed:
                 array = array.astype(np.int32) - (1 << (width - 1))
-        elif key in CODE_ARRAYS and packed_shape is not None:
-            array = unpack3(array, int(np.prod(packed_shape))).reshape(packed_shape)
-            if signed:
-                array = array.astype(np.int32) - SIGNED_OFFSET
         stored[key] = array
     codes = stored["codes"]
     shape = codes.shape[::-1] if transposed else codes.shape

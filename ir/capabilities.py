@@ -63,10 +63,11 @@ class Capabilities:
         return format_class(spec).physical_bytes(shape, spec, self.code_bits)
 
 
-# Codes stored at their width: 2/4/8-bit in ONNX's int2/int4/int8 containers, 3-bit codes
-# packed eight to three bytes.
+# Codes stored at their width: 2/4/8-bit in ONNX's int2/int4/int8 containers, 3- and 6-bit
+# codes (6: float-offset-dq's parameter codes) packed eight resp. four to three bytes.
 PACKED_STORAGE = Capabilities(
     backend="any",
-    widths={"affine": QUANT_WIDTHS, "float-offset": QUANT_WIDTHS, "codebook": QUANT_WIDTHS},
-    containers={2: 2, 3: 3, 4: 4, 8: 8},
+    widths={name: QUANT_WIDTHS
+            for name in ("affine", "float-offset", "float-offset-dq", "codebook")},
+    containers={2: 2, 3: 3, 4: 4, 6: 6, 8: 8},
 )

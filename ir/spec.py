@@ -6,7 +6,9 @@ its class and is the one list of schemes (and ``WIDTHS`` the one list of widths)
 2. ``rtn-asym`` / ``rtn-sym``: affine groups with integer zero points (asym) or none (sym);
    ``group_size`` along the input dimension, ``None`` = one group per output row.
 3. ``float-offset``: affine groups with a float scale and a float offset per group (GGUF Q4_1,
-   HQQ); same group fields.
+   HQQ); same group fields. ``float-offset-dq``: the same groups with their scales and offsets
+   quantized in turn (double quantization, the parameter layout of llama.cpp's K-quants):
+   6-bit codes against two float16 steps shared by a super-group of 8 groups.
 4. ``codebook``: one codebook of 2^bits float centroids per input column (CLAQ's K-means).
 Every quantized spec may reserve a fraction ``outliers`` of its weights, stored sparsely in
 full precision and added to the dequantized base (0 = none).
@@ -140,6 +142,21 @@ class FloatOffsetSpec(GroupSpec):
 
 
 @dataclasses.dataclass(frozen=True)
+class FloatOffsetDqSpec(GroupSpec):
+    """Float-offset groups whose scales and offsets are stored as codes of a coarser grid (see
+    ``ir/formats/float_offset_dq.py``); needs a group size (super-groups are runs of groups)."""
+
+    scheme: ClassVar[str] = "float-offset-dq"
+    format: ClassVar[str] = "float-offset-dq"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.group_size is None:
+            raise PlanError("float-offset-dq needs a group size (its parameters are quantized "
+                            "over runs of groups)")
+
+
+@dataclasses.dataclass(frozen=True)
 class CodebookSpec(_Quantized):
     """A codebook of 2^bits float centroids per input column; with ``high_share`` > 0, that
     share of the columns (those holding the most outliers) gets 2^high_bits centroids
@@ -179,7 +196,8 @@ class CodebookSpec(_Quantized):
 
 SPECS: dict[str, type[QuantSpec]] = {
     cls.scheme: cls
-    for cls in (KeepSpec, AsymmetricSpec, SymmetricSpec, FloatOffsetSpec, CodebookSpec)
+    for cls in (KeepSpec, AsymmetricSpec, SymmetricSpec, FloatOffsetSpec, FloatOffsetDqSpec,
+                CodebookSpec)
 }
 SCHEMES = tuple(name for name in SPECS if name != "keep")
 

@@ -8,14 +8,25 @@ Groups run along the input dimension of W ``[out, in]``.
    (alpha = 1 is in the grid, so it never does worse than min/max).
 3. A constant group gets scale 1 and offset = its value: dequantizes exactly.
 Scales and offsets are float32 and codes are computed against the float32 values stored.
+
+``float-offset-dq`` (``ir/formats/float_offset_dq.py``) quantizes the parameters in turn:
+4. A group's range reaches down to zero at least (lo = min(w_min, 0)), so its offset is never
+   positive. Each super-group's steps are its largest scale and largest offset magnitude of the
+   full ranges over 2^PARAM_BITS - 1, rounded up to float16 (so no code needs more).
+5. A group's scale and offset magnitude (from its range, shrunk as in 2) snap to the nearest
+   step multiple, 0 .. 2^PARAM_BITS - 1 (a nonzero scale to at least one step); codes are
+   computed against the snapped float32 values. A group whose scale snaps to zero holds its
+   offset only.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from lwqc.ir.formats import FloatOffsetWeight
-from lwqc.ir.spec import GroupSpec
+from lwqc.ir.errors import PlanError
+from lwqc.ir.formats import FloatOffsetDqWeight, FloatOffsetWeight
+from lwqc.ir.formats.float_offset_dq import PARAM_BITS, SUPER_GROUPS
+from lwqc.ir.spec import FloatOffsetDqSpec, GroupSpec
 from lwqc.passes.rtn import grouped, grouped_weights, search
 
 
@@ -60,3 +71,100 @@ def quantize_float_offset(weights: np.ndarray, spec: GroupSpec,
                              grouped_weights(column_weights, spec, weights.shape[1]))
     codes = rule.codes(groups, scales, offsets).reshape(weights.shape[0], -1)
     return pack_float_offset(spec, codes[:, : weights.shape[1]], scales, offsets)
+
+
+PARAM_TOP = 2**PARAM_BITS - 1
+
+
+def _steps_up(values: np.ndarray) -> np.ndarray:
+    """``values`` / PARAM_TOP as float16, rounded up (a step never makes a code exceed the top)."""
+    exact = values / PARAM_TOP
+    steps = exact.astype(np.float16)
+    low = steps.astype(np.float64) < exact
+    steps[low] = np.nextafter(steps[low], np.float16(np.inf))
+    if not np.all(np.isfinite(steps)):
+        raise PlanError("float-offset-dq: a group's range exceeds what float16 steps can hold; "
+                        "use float-offset")
+    return steps
+
+
+def _snap(values: np.ndarray, steps: np.ndarray, least: int) -> np.ndarray:
+    """Codes of ``values`` in multiples of ``steps`` (0 where the step is 0), ``least`` at least
+    for a positive value."""
+    safe = np.where(steps > 0, steps, 1.0)
+    codes = np.clip(np.round(values / safe), 0, PARAM_TOP)
+    codes = np.where(values > 0, np.maximum(codes, least), codes)
+    return np.where(steps > 0, codes, 0.0)
+
+
+class SnappedFloatOffset(FloatOffset):
+    """Float-offset groups whose scale and offset snap to codes of per-group steps."""
+
+    def __init__(self, groups: np.ndarray, bits: int, scale_steps: np.ndarray,
+                 offset_steps: np.ndarray) -> None:
+        super().__init__(groups, bits)
+        self.lo = np.minimum(self.lo, 0.0)
+        self.scale_steps = scale_steps.astype(np.float32)  # [out, groups], float16 values
+        self.offset_steps = offset_steps.astype(np.float32)
+
+    def params(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+        mid, half = (self.hi + self.lo) / 2, (self.hi - self.lo) / 2
+        scale_codes = _snap(2 * alpha * half / self.qmax, self.scale_steps, least=1)
+        offset_codes = _snap(alpha * half - mid, self.offset_steps, least=0)
+        scales = scale_codes.astype(np.float32) * self.scale_steps
+        return scales, -(offset_codes.astype(np.float32) * self.offset_steps)
+
+    def codes(self, groups: np.ndarray, scales: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        held = scales != 0
+        codes = super().codes(groups, np.where(held, scales, np.float32(1)), offsets)
+        return codes * held[..., None]
+
+
+class DqParameters:
+    """One weight's parameter steps, fixed from its groups' full ranges before quantizing."""
+
+    def __init__(self, groups: np.ndarray, bits: int) -> None:
+        out_features, count = groups.shape[:2]
+        lo = np.minimum(groups.min(axis=2), 0.0)
+        scales, magnitudes = (groups.max(axis=2) - lo) / (2**bits - 1), -lo
+        supers = -(-count // SUPER_GROUPS)
+
+        def per_super(values: np.ndarray) -> np.ndarray:
+            padded = np.zeros((out_features, supers * SUPER_GROUPS))
+            padded[:, :count] = values
+            return _steps_up(padded.reshape(out_features, supers, SUPER_GROUPS).max(axis=2))
+
+        self.scale_steps, self.offset_steps = per_super(scales), per_super(magnitudes)
+        self.groups = count
+
+    def per_group(self, steps: np.ndarray, first: int, count: int) -> np.ndarray:
+        return np.repeat(steps, SUPER_GROUPS, axis=1)[:, first : first + count]
+
+    def rule(self, groups: np.ndarray, bits: int, first: int = 0) -> SnappedFloatOffset:
+        """The rule of ``groups`` ``[out, n, block]``, the weight's groups from ``first`` on."""
+        count = groups.shape[1]
+        return SnappedFloatOffset(groups, bits, self.per_group(self.scale_steps, first, count),
+                                  self.per_group(self.offset_steps, first, count))
+
+    def pack(self, spec: FloatOffsetDqSpec, codes: np.ndarray, scales: np.ndarray,
+             offsets: np.ndarray) -> FloatOffsetDqWeight:
+        def param_codes(values: np.ndarray, steps: np.ndarray) -> np.ndarray:
+            per_group = self.per_group(steps, 0, self.groups).astype(np.float32)
+            return _snap(values, per_group, least=0).astype(np.uint8)
+
+        return FloatOffsetDqWeight(spec, codes.astype(np.uint8),
+                                   param_codes(scales, self.scale_steps),
+                                   param_codes(-offsets, self.offset_steps),
+                                   self.scale_steps, self.offset_steps)
+
+
+def quantize_float_offset_dq(weights: np.ndarray, spec: FloatOffsetDqSpec,
+                             column_weights: np.ndarray | None = None) -> FloatOffsetDqWeight:
+    """Quantize ``weights`` ``[out, in]`` to codes and quantized scales and offsets."""
+    groups = grouped(weights, spec, pad=FloatOffset.pad)
+    parameters = DqParameters(groups, spec.bits)
+    rule = parameters.rule(groups, spec.bits)
+    scales, offsets = search(rule, groups,
+                             grouped_weights(column_weights, spec, weights.shape[1]))
+    codes = rule.codes(groups, scales, offsets).reshape(weights.shape[0], -1)
+    return parameters.pack(spec, codes[:, : weights.shape[1]], scales, offsets)

@@ -11,8 +11,10 @@ a scale, which nothing below depends on):
 5. Q: affine or float-offset groups take their scale and zero point (or offset) when the
    first of their columns is reached, from the current (updated) weights of the whole group,
    by the same rule and range search as round-to-nearest; storage keeps contiguous groups
-   whatever the processing order. Codebooks fit each column's k-means codebook to its
-   current values (CLAQ runs inside GPTQ this way, arXiv 2405.17233).
+   whatever the processing order. ``float-offset-dq`` fixes its parameter steps from the
+   original weights first (reserved outliers at the fill value), then snaps each group's.
+   Codebooks fit each column's k-means codebook to its current values (CLAQ runs inside GPTQ
+   this way, arXiv 2405.17233).
 6. Reserved outliers are exact: their error is zero, and the value stored is the weight as
    updated when its column was processed.
 """
@@ -20,6 +22,7 @@ a scale, which nothing below depends on):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -27,10 +30,15 @@ import scipy.linalg
 
 from lwqc.ir.formats import CodebookWeight, SparseOutliers, WeightFormat
 from lwqc.ir.formats.codebook import column_slots
-from lwqc.ir.spec import CodebookSpec, GroupSpec, QuantSpec
-from lwqc.passes.float_offset import FloatOffset, pack_float_offset
+from lwqc.ir.spec import CodebookSpec, FloatOffsetDqSpec, GroupSpec, QuantSpec
+from lwqc.passes.float_offset import (
+    DqParameters,
+    FloatOffset,
+    SnappedFloatOffset,
+    pack_float_offset,
+)
 from lwqc.passes.kmeans import ITERATIONS, high_columns, lloyd, nearest
-from lwqc.passes.rtn import Asymmetric, Symmetric, pack_affine, search
+from lwqc.passes.rtn import Asymmetric, Symmetric, grouped, pack_affine, search
 
 Current = Callable[[np.ndarray], np.ndarray]  # original column indices -> current [out, n]
 
@@ -48,10 +56,18 @@ class _GroupColumns:
     RULES = {"rtn-asym": (Asymmetric, pack_affine), "rtn-sym": (Symmetric, pack_affine),
              "float-offset": (FloatOffset, pack_float_offset)}
 
-    def __init__(self, spec: GroupSpec, shape: tuple[int, int],
+    def __init__(self, spec: GroupSpec, weights: np.ndarray,
                  column_weights: np.ndarray | None) -> None:
+        shape = weights.shape
         self.spec, self.shape = spec, shape
-        self.rule_class, self.pack = self.RULES[spec.scheme]
+        if isinstance(spec, FloatOffsetDqSpec):  # parameter steps from the original weights
+            parameters = DqParameters(grouped(weights, spec, FloatOffset.pad), spec.bits)
+            self.pad, self.pack = FloatOffset.pad, parameters.pack
+            self.make_rule = functools.partial(_dq_rule, parameters, spec.bits)
+        else:
+            rule_class, self.pack = self.RULES[spec.scheme]
+            self.pad = rule_class.pad
+            self.make_rule = lambda values, group: rule_class(values, spec.bits)
         self.width = spec.block(shape[1])
         self.column_weights = column_weights
         groups = spec.groups(shape[1])
@@ -65,16 +81,15 @@ class _GroupColumns:
         if group not in self.rules:
             columns = np.arange(group * self.width, min((group + 1) * self.width, self.shape[1]))
             values = current(columns)
-            mode = {"zero": "constant", "edge": "edge"}[self.rule_class.pad]
+            mode = {"zero": "constant", "edge": "edge"}[self.pad]
             padded = np.pad(values, ((0, 0), (0, self.width - len(columns))), mode=mode)
-            grouped = padded[:, None, :]
-            rule = self.rule_class(grouped, self.spec.bits)
+            rule = self.make_rule(padded[:, None, :], group)
             weights = None
             if self.column_weights is not None:
                 weights = np.zeros(self.width)
                 weights[: len(columns)] = self.column_weights[columns]
                 weights = weights[None, None, :]
-            scales, second = search(rule, grouped, weights)
+            scales, second = search(rule, padded[:, None, :], weights)
             self.rules[group] = rule
             self.scales[:, group], self.second[:, group] = scales[:, 0], second[:, 0]
         rule = self.rules[group]
@@ -85,6 +100,11 @@ class _GroupColumns:
 
     def result(self) -> WeightFormat:
         return self.pack(self.spec, self.codes, self.scales, self.second.astype(np.float32))
+
+
+def _dq_rule(parameters: DqParameters, bits: int, values: np.ndarray,
+             group: int) -> SnappedFloatOffset:
+    return parameters.rule(values, bits, first=group)
 
 
 class _CodebookColumns:
@@ -151,8 +171,10 @@ def gptq(weights: np.ndarray, spec: QuantSpec, gram: np.ndarray,
         values[is_reserved[:, columns]] = fill
         return values
 
+    initial = w.copy()
+    initial[is_reserved] = fill
     columns = (_CodebookColumns(spec, weights) if isinstance(spec, CodebookSpec)
-               else _GroupColumns(spec, weights.shape, column_weights))
+               else _GroupColumns(spec, initial, column_weights))
     for start in range(0, in_features, settings.block):
         stop = min(start + settings.block, in_features)
         errors = np.zeros((out_features, stop - start))

@@ -24,7 +24,7 @@ import numpy as np
 from lwqc.ir.errors import NonFiniteWeightError, PlanError
 from lwqc.ir.formats import SparseOutliers, WeightFormat
 from lwqc.ir.spec import QuantSpec
-from lwqc.passes.float_offset import quantize_float_offset
+from lwqc.passes.float_offset import quantize_float_offset, quantize_float_offset_dq
 from lwqc.passes.gptq import GptqSettings, gptq
 from lwqc.passes.kmeans import quantize_codebook
 from lwqc.passes.rtn import quantize_rtn
@@ -38,6 +38,7 @@ QUANTIZERS: dict[str, Quantizer] = {
     "rtn-asym": quantize_rtn,
     "rtn-sym": quantize_rtn,
     "float-offset": quantize_float_offset,
+    "float-offset-dq": quantize_float_offset_dq,
     "codebook": lambda weights, spec, column_weights: quantize_codebook(weights, spec),
 }
 

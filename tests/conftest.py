@@ -14,7 +14,14 @@ import onnxruntime as ort
 import pytest
 
 from lwqc.ir.plan import Plan
-from lwqc.ir.spec import AsymmetricSpec, CodebookSpec, FloatOffsetSpec, KeepSpec, SymmetricSpec
+from lwqc.ir.spec import (
+    AsymmetricSpec,
+    CodebookSpec,
+    FloatOffsetDqSpec,
+    FloatOffsetSpec,
+    KeepSpec,
+    SymmetricSpec,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -242,8 +249,8 @@ def mixed_plan(graph, group_size: int) -> Plan:
         SymmetricSpec(4, group_size), FloatOffsetSpec(4, group_size, outliers=0.01),
         CodebookSpec(3), AsymmetricSpec(8, group_size), AsymmetricSpec(4, None, outliers=0.02),
         FloatOffsetSpec(2, group_size), SymmetricSpec(2, group_size), KeepSpec(),
-        CodebookSpec(2, outliers=0.01), SymmetricSpec(3, group_size),
-        SymmetricSpec(8, group_size), FloatOffsetSpec(3, None),
+        FloatOffsetDqSpec(3, group_size, outliers=0.01), SymmetricSpec(3, group_size),
+        FloatOffsetDqSpec(4, group_size), FloatOffsetSpec(3, None),
         CodebookSpec(2, high_bits=4, high_share=0.1), CodebookSpec(3, 0.01, 4, 0.25),
     ]
     specs = {s: choices[i % len(choices)] for i, s in enumerate(graph.sites)}

@@ -114,9 +114,10 @@ def test_large_models_write_external_data(tiny_llama_dir, tmp_path, monkeypatch)
     ort_backend.save(graph.lowered["onnx"], path)
     data = tmp_path / "model.onnx.data"
     stored = onnx.load(str(path), load_external_data=False).graph.initializer
-    inline = sum(len(t.raw_data) for t in stored
-                 if t.data_location != onnx.TensorProto.EXTERNAL)
-    assert data.exists() and inline < 0.05 * data.stat().st_size  # the weights moved out
+    inline = [len(t.raw_data) for t in stored if t.data_location != onnx.TensorProto.EXTERNAL]
+    # the weights moved out; only small constants (at most 256 bytes each) stay in the graph
+    assert data.exists() and max(inline) <= 256
+    assert data.stat().st_size > 10 * sum(inline)
     monkeypatch.undo()
     inline = tmp_path / "inline" / "model.onnx"
     inline.parent.mkdir()
@@ -150,11 +151,12 @@ def test_stored_bytes_of_every_site_equal_the_plans_bytes(tiny_llama_dir, tmp_pa
 
 @pytest.mark.parametrize("count", [1, 7, 8, 9, 64, 1001])
 def test_three_bit_packing_round_trips_and_takes_three_bits(count):
-    from lwqc.backends.onnx_formats import pack3, unpack3
+    from lwqc.backends.onnx_formats import pack_words, unpack_words
 
     codes = np.random.default_rng(count).integers(0, 8, count).astype(np.uint8)
-    packed = pack3(codes)
+    packed = pack_words(codes, 3)
     assert packed.dtype == np.uint8 and len(packed) == 3 * -(-count // 8)
-    np.testing.assert_array_equal(unpack3(packed, count), codes)
+    np.testing.assert_array_equal(unpack_words(packed, count, 3), codes)
     # hand case: codes 0..7 fill one word 0o76543210 = 0xFAC688, little-endian bytes
-    np.testing.assert_array_equal(pack3(np.arange(8, dtype=np.uint8)), [0x88, 0xC6, 0xFA])
+    np.testing.assert_array_equal(pack_words(np.arange(8, dtype=np.uint8), 3),
+                                  [0x88, 0xC6, 0xFA])

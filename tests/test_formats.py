@@ -13,6 +13,7 @@ from lwqc.ir.formats import (
     FORMATS,
     AffineWeight,
     CodebookWeight,
+    FloatOffsetDqWeight,
     FloatOffsetWeight,
     SparseOutliers,
     format_class,
@@ -22,6 +23,7 @@ from lwqc.ir.formats.base import expand_groups, packed_code_bytes
 from lwqc.ir.spec import (
     AsymmetricSpec,
     CodebookSpec,
+    FloatOffsetDqSpec,
     FloatOffsetSpec,
     KeepSpec,
     SymmetricSpec,
@@ -106,6 +108,36 @@ def test_float_offset_dequantize_is_code_times_scale_plus_offset():
     deq = weight.dequantize()
     assert deq.dtype == np.float32
     np.testing.assert_array_equal(deq, expected)
+
+
+def test_float_offset_dq_dequantize_by_hand_across_two_super_groups():
+    # one row of 19 inputs in groups of 2: 10 groups (the last short), super-groups of 8 groups
+    codes = np.arange(19, dtype=np.uint8)[None] % 4
+    scale_codes = np.array([[1, 2, 3, 4, 5, 6, 7, 63, 9, 10]], np.uint8)
+    offset_codes = np.array([[0, 1, 0, 2, 0, 3, 0, 4, 63, 5]], np.uint8)
+    steps = np.array([[0.5, 0.125]], np.float16), np.array([[0.25, 2.0]], np.float16)
+    weight = FloatOffsetDqWeight(FloatOffsetDqSpec(bits=2, group_size=2), codes, scale_codes,
+                                 offset_codes, *steps)
+    expected = []
+    for i in range(19):
+        g = i // 2
+        super_group = g // 8
+        scale = int(scale_codes[0, g]) * float(steps[0][0, super_group])
+        magnitude = int(offset_codes[0, g]) * float(steps[1][0, super_group])
+        expected.append(int(codes[0, i]) * scale - magnitude)
+    deq = weight.dequantize()
+    assert deq.dtype == np.float32
+    np.testing.assert_array_equal(deq, [expected])
+    assert deq[0, 15] == 3 * 63 * 0.5 - 4 * 0.25  # group 7: the last of super-group 0
+    assert deq[0, 17] == 1 * 9 * 0.125 - 63 * 2.0  # group 8: the first of super-group 1
+
+
+def test_float_offset_dq_takes_four_and_a_half_bits_at_four_bits_and_groups_of_32():
+    spec = FloatOffsetDqSpec(4, 32)
+    # 256 inputs: 8 groups = one super-group; codes 4 bits, 2 x 8 six-bit codes, 2 float16
+    nbytes = PACKED_STORAGE.bytes((64, 256), spec, 32)
+    assert nbytes == 64 * (128 + 2 * 6 + 2 * 2)
+    assert 8 * nbytes / (64 * 256) == 4.5
 
 
 def test_float_offset_group_size_none_and_short_last_group():
@@ -251,7 +283,8 @@ def test_format_class_maps_each_scheme_to_its_format():
     assert format_class(SymmetricSpec(4)) is AffineWeight
     assert format_class(FloatOffsetSpec(4)) is FloatOffsetWeight
     assert format_class(CodebookSpec(4)) is CodebookWeight
-    assert set(FORMATS) == {"affine", "float-offset", "codebook"}
+    assert format_class(FloatOffsetDqSpec(4, 32)) is FloatOffsetDqWeight
+    assert set(FORMATS) == {"affine", "float-offset", "float-offset-dq", "codebook"}
 
 
 def test_format_class_of_keep_spec_raises_plan_error():
@@ -281,6 +314,9 @@ def _expected_bytes(shape, spec):
         return codes + 4 * groups + _ceil_bytes(groups * c) + outliers
     if spec.scheme == "rtn-sym":
         return codes + 4 * groups + outliers
+    if spec.scheme == "float-offset-dq":  # 6-bit parameter codes, float16 steps per 8 groups
+        supers = out_features * -(-in_features // (8 * group))
+        return codes + 2 * _ceil_bytes(groups * 6) + 4 * supers + outliers
     return codes + 8 * groups + outliers  # float-offset
 
 
@@ -291,7 +327,10 @@ BYTES_SPECS = [
     for bits in (2, 3, 4, 8)
     for group in (4, 128, None)
     for outliers in (0.0, 0.03)
-] + [CodebookSpec(bits=bits, outliers=o) for bits in (2, 3, 4, 8) for o in (0.0, 0.03)]
+] + [CodebookSpec(bits=bits, outliers=o) for bits in (2, 3, 4, 8) for o in (0.0, 0.03)] + [
+    FloatOffsetDqSpec(bits=bits, group_size=group, outliers=outliers)
+    for bits in (2, 3, 4, 8) for group in (4, 32) for outliers in (0.0, 0.03)
+]
 
 
 @pytest.mark.parametrize("shape", BYTES_SHAPES)

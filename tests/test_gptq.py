@@ -6,13 +6,19 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from lwqc.ir.spec import AsymmetricSpec, CodebookSpec, FloatOffsetSpec, SymmetricSpec
+from lwqc.ir.spec import (
+    AsymmetricSpec,
+    CodebookSpec,
+    FloatOffsetDqSpec,
+    FloatOffsetSpec,
+    SymmetricSpec,
+)
 from lwqc.passes.gptq import GptqSettings, gptq
 from lwqc.passes.quantizers import quantize_weight
 from lwqc.passes.rtn import Asymmetric, search
 
 SPECS = [AsymmetricSpec(3, 16), SymmetricSpec(4, 32), FloatOffsetSpec(3, 16), CodebookSpec(2),
-         AsymmetricSpec(2, None)]
+         AsymmetricSpec(2, None), FloatOffsetDqSpec(3, 4)]
 
 
 def _problem(seed: int, out: int = 24, inputs: int = 64, tokens: int = 512):
@@ -38,7 +44,8 @@ def test_gptq_has_less_output_error_than_round_to_nearest(spec):
 
 
 @pytest.mark.parametrize("spec", [AsymmetricSpec(3, 16), SymmetricSpec(4, 32),
-                                  FloatOffsetSpec(2, 8)], ids=lambda s: s.label())
+                                  FloatOffsetSpec(2, 8), FloatOffsetDqSpec(3, 4)],
+                         ids=lambda s: s.label())
 def test_gptq_with_uncorrelated_equal_inputs_is_round_to_nearest(spec):
     # H = I: U is diagonal, no error flows between columns, group ranges see the original W
     w, _ = _problem(1)
@@ -99,7 +106,7 @@ def test_reserved_outliers_stay_exact_under_gptq():
 def test_output_clip_never_has_more_output_error_of_uncorrelated_inputs_than_minmax():
     w, gram = _problem(5)
     diagonal = np.diag(np.diag(gram))
-    for spec in (AsymmetricSpec(3, 16), FloatOffsetSpec(3, 16)):
+    for spec in (AsymmetricSpec(3, 16), FloatOffsetSpec(3, 16), FloatOffsetDqSpec(3, 4)):
         minmax = quantize_weight(w, spec, "minmax").dequantize()
         output = quantize_weight(w, spec, "output", gram).dequantize()
         assert _output_error(w, output, diagonal) <= _output_error(w, minmax, diagonal) + 1e-9

@@ -10,7 +10,7 @@ import pytest
 from conftest import mixed_plan, ort_dequantized, save_tiny_model
 from lwqc.backends import iree
 from lwqc.backends import onnx_rewrite as ort_backend
-from lwqc.backends.onnx_formats import pack3, pack_bytes, unpack_bytes
+from lwqc.backends.onnx_formats import pack_bytes, pack_words, unpack_bytes
 from lwqc.cli import main
 from lwqc.ir.hf_source import import_model
 from lwqc.passes.manager import PassManager
@@ -69,7 +69,7 @@ def test_byte_packing_stores_codes_at_their_width(tmp_path):
             continue
         codes = model.graph.initializers[f"{site_id}.weight_codes"].const_value
         count = int(np.prod(weight.shape))
-        expected = pack3(np.zeros(count, np.uint8)).size if weight.spec.bits == 3 \
+        expected = pack_words(np.zeros(count, np.uint8), 3).size if weight.spec.bits == 3 \
             else -(-count * weight.spec.bits // 8)
         assert codes.size == expected, site_id
         checked += 1

@@ -11,6 +11,7 @@ from lwqc.ir.spec import (
     SCHEMES,
     AsymmetricSpec,
     CodebookSpec,
+    FloatOffsetDqSpec,
     FloatOffsetSpec,
     KeepSpec,
     SymmetricSpec,
@@ -75,6 +76,64 @@ def test_rtn_asym_is_measurably_worse_than_float_offset_on_a_q4_1_grid():
     assert asym_error.max() > 0.1  # a tenth of a grid step somewhere
     assert ((asym.dequantize() - w) ** 2).sum() > 1e6 * ((offset.dequantize() - w) ** 2).sum()
     assert offset_error.max() < 1e-5
+
+
+# --------------------------------------------------------------------------- float offset, dq
+
+
+def _dq_grid(out_features, n_supers, seed):
+    """Weights on a float-offset-dq grid of groups of 16 (4-bit codes, 0 and 15 in every
+    group): scale = s * step, offset = -o * step, with 63 the largest s and o of every
+    super-group (so the steps are what the quantizer derives)."""
+    rng = np.random.default_rng(seed)
+    groups = 8 * n_supers
+    q = rng.integers(0, 16, (out_features, groups, 16))
+    q[:, :, 3], q[:, :, 11] = 0, 15
+    s = rng.integers(1, 64, (out_features, groups))
+    o = rng.integers(0, 64, (out_features, groups))
+    s[:, ::8], o[:, 1::8] = 63, 63
+    scale_steps = np.float16(2.0**-12) * rng.integers(1, 9, (out_features, n_supers))
+    offset_steps = np.float16(2.0**-11) * rng.integers(1, 9, (out_features, n_supers))
+    scales = s.astype(np.float32) * np.repeat(scale_steps.astype(np.float32), 8, axis=1)
+    magnitudes = o.astype(np.float32) * np.repeat(offset_steps.astype(np.float32), 8, axis=1)
+    w = q.astype(np.float32) * scales[..., None] - magnitudes[..., None]
+    return w.reshape(out_features, -1), q.reshape(out_features, -1), s, o, scale_steps, \
+        offset_steps
+
+
+@pytest.mark.parametrize("clip_search", [False, True])
+def test_float_offset_dq_reproduces_weights_on_its_own_grid(clip_search):
+    w, q, s, o, scale_steps, offset_steps = _dq_grid(6, 2, seed=3)
+    weight = float_offset.quantize_float_offset_dq(
+        w, FloatOffsetDqSpec(4, 16), np.ones(w.shape[1]) if clip_search else None)
+    np.testing.assert_array_equal(weight.scale_steps, scale_steps)
+    np.testing.assert_array_equal(weight.offset_steps, offset_steps)
+    np.testing.assert_array_equal(weight.scale_codes, s)
+    np.testing.assert_array_equal(weight.offset_codes, o)
+    np.testing.assert_array_equal(weight.codes, q)
+    np.testing.assert_array_equal(weight.dequantize(), w)
+
+
+def test_float_offset_dq_parameters_stay_in_range_and_cost_little():
+    w = _heavy_tailed((32, 200), seed=4) * 0.02
+    w[3] = 0.0  # an all-zero row
+    w[5, :40] = 0.37  # constant positive groups
+    dq = float_offset.quantize_float_offset_dq(w, FloatOffsetDqSpec(4, 16))
+    plain = quantize_float_offset(w, FloatOffsetSpec(4, 16))
+    assert dq.scale_codes.max() <= 63 and dq.offset_codes.max() <= 63
+    assert dq.codes.max() <= 15
+    np.testing.assert_array_equal(dq.dequantize()[3], 0.0)
+    np.testing.assert_allclose(dq.dequantize()[5, :40], 0.37, rtol=0.02)
+    # the steps are rounded up: the largest full-range scale of a super-group fits in 63 steps
+    grouped = np.pad(w, ((0, 0), (0, 8)), mode="edge").reshape(32, 13, 16)
+    lo = np.minimum(grouped.min(axis=2), 0.0)
+    full = (grouped.max(axis=2) - lo) / 15
+    padded = np.pad(full, ((0, 0), (0, 3))).reshape(32, 2, 8).max(axis=2)
+    assert np.all(63 * dq.scale_steps.astype(np.float64) >= padded)
+    # 6-bit parameters cost little error on heavy-tailed weights (float32 parameters: plain)
+    dq_error = ((dq.dequantize() - w) ** 2).sum()
+    plain_error = ((plain.dequantize() - w) ** 2).sum()
+    assert dq_error < 1.3 * plain_error
 
 
 def test_float_offset_by_hand_on_one_group():
@@ -271,6 +330,7 @@ def test_outliers_reduce_total_error_on_heavy_tailed_weights(scheme):
     w = _heavy_tailed((32, 64), seed=10)
     spec = {"rtn-asym": AsymmetricSpec(3, 32), "rtn-sym": SymmetricSpec(3, 32),
                            "float-offset": FloatOffsetSpec(3, 32),
+                           "float-offset-dq": FloatOffsetDqSpec(3, 32),
                            "codebook": CodebookSpec(2)}[scheme]
     plain = ((quantize_weight(w, spec).dequantize() - w) ** 2).sum()
     reserved = dataclasses.replace(spec, outliers=0.01)
@@ -309,7 +369,8 @@ def test_clip_mode_minmax_turns_the_search_off():
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_quantize_weight_refuses_weights_that_are_not_2d(shape, scheme):
     spec = {"rtn-asym": AsymmetricSpec(4, 4), "rtn-sym": SymmetricSpec(4, 4),
-            "float-offset": FloatOffsetSpec(4, 4), "codebook": CodebookSpec(2)}[scheme]
+            "float-offset": FloatOffsetSpec(4, 4), "float-offset-dq": FloatOffsetDqSpec(4, 4),
+            "codebook": CodebookSpec(2)}[scheme]
     with pytest.raises(ValueError, match="expected a 2-D weight"):
         quantize_weight(np.zeros(shape, np.float32), spec)
 

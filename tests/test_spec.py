@@ -13,6 +13,7 @@ from lwqc.ir.spec import (
     WIDTHS,
     AsymmetricSpec,
     CodebookSpec,
+    FloatOffsetDqSpec,
     FloatOffsetSpec,
     KeepSpec,
     SymmetricSpec,
@@ -28,13 +29,15 @@ EVERY_SPEC = [
     SymmetricSpec(bits=3, group_size=None, outliers=0.25),
     FloatOffsetSpec(bits=4, group_size=32),
     FloatOffsetSpec(bits=3, group_size=None, outliers=0.005),
+    FloatOffsetDqSpec(bits=4, group_size=32),
+    FloatOffsetDqSpec(bits=2, group_size=16, outliers=0.01),
     CodebookSpec(bits=2),
     CodebookSpec(bits=4, outliers=0.1),
 ]
 
 
 def test_schemes_and_widths_are_the_documented_lists():
-    assert SCHEMES == ("rtn-asym", "rtn-sym", "float-offset", "codebook")
+    assert SCHEMES == ("rtn-asym", "rtn-sym", "float-offset", "float-offset-dq", "codebook")
     assert set(SPECS) == {"keep", *SCHEMES}
     assert WIDTHS == (2, 3, 4, 8, 16)
 
@@ -185,6 +188,8 @@ ASYM = {"bits": 4, "group_size": 32, "scheme": "rtn-asym"}
     ({"bits": 4, "scheme": "rtn-asym"}, "rtn-asym needs group_size"),
     ({"bits": 4, "scheme": "rtn-sym"}, "rtn-sym needs group_size"),
     ({"bits": 4, "scheme": "float-offset"}, "float-offset needs group_size"),
+    ({"bits": 4, "scheme": "float-offset-dq", "group_size": None},
+     "float-offset-dq needs a group size"),
     ({**ASYM, "group_size": True}, "group_size must be an integer or null, got True"),
     ({**ASYM, "group_size": 32.0}, "group_size must be an integer or null, got 32.0"),
     ({**ASYM, "group_size": "32"}, "group_size must be an integer or null, got '32'"),
@@ -215,7 +220,8 @@ def test_non_object_site_entry_raises_plan_error(entry):
 
 
 def test_unknown_scheme_error_lists_the_schemes():
-    with pytest.raises(PlanError, match="rtn-asym, rtn-sym, float-offset, codebook"):
+    with pytest.raises(PlanError,
+                       match="rtn-asym, rtn-sym, float-offset, float-offset-dq, codebook"):
         spec_from_json({**ASYM, "scheme": "gptq"})
 
 
@@ -269,14 +275,15 @@ def test_capabilities_check_refuses_unsupported_width_format_or_group(spec, labe
 def test_packed_storage_supports_every_scheme_width_and_group():
     for scheme in SCHEMES:
         for bits in WIDTHS:
-            spec = make_spec(bits, scheme, group_size=None, outliers=0.1)
+            group_size = 32 if scheme == "float-offset-dq" else None  # dq needs groups
+            spec = make_spec(bits, scheme, group_size=group_size, outliers=0.1)
             assert PACKED_STORAGE.supports(spec), spec
             PACKED_STORAGE.check(spec, "x")
 
 
 def test_packed_storage_stores_each_width_at_its_own_bits():
-    # 3-bit codes are packed eight to three bytes, not put in 4-bit containers
-    assert [PACKED_STORAGE.code_bits(b) for b in (2, 3, 4, 8)] == [2, 3, 4, 8]
+    # 3- and 6-bit codes are packed in 24-bit words, not put in 4- or 8-bit containers
+    assert [PACKED_STORAGE.code_bits(b) for b in (2, 3, 4, 6, 8)] == [2, 3, 4, 6, 8]
 
 
 def test_same_storage_ignores_the_backend_name_only():

@@ -10,14 +10,16 @@ from lwqc.ir.formats.affine import AffineWeight
 from lwqc.ir.formats.base import WeightFormat
 from lwqc.ir.formats.codebook import CodebookWeight
 from lwqc.ir.formats.float_offset import FloatOffsetWeight
+from lwqc.ir.formats.float_offset_dq import FloatOffsetDqWeight
 from lwqc.ir.formats.outliers import SparseOutliers
 from lwqc.ir.spec import QuantSpec
 
-__all__ = ["FORMATS", "AffineWeight", "CodebookWeight", "FloatOffsetWeight", "SparseOutliers",
-           "WeightFormat", "format_class", "load_weight"]
+__all__ = ["FORMATS", "AffineWeight", "CodebookWeight", "FloatOffsetDqWeight",
+           "FloatOffsetWeight", "SparseOutliers", "WeightFormat", "format_class", "load_weight"]
 
 FORMATS: dict[str, type[WeightFormat]] = {
-    cls.name: cls for cls in (AffineWeight, FloatOffsetWeight, CodebookWeight)
+    cls.name: cls
+    for cls in (AffineWeight, FloatOffsetWeight, FloatOffsetDqWeight, CodebookWeight)
 }
 
 
