@@ -160,3 +160,16 @@ def test_three_bit_packing_round_trips_and_takes_three_bits(count):
     # hand case: codes 0..7 fill one word 0o76543210 = 0xFAC688, little-endian bytes
     np.testing.assert_array_equal(pack_words(np.arange(8, dtype=np.uint8), 3),
                                   [0x88, 0xC6, 0xFA])
+
+
+@pytest.mark.parametrize("count", [1, 3, 4, 5, 64, 1001])
+def test_six_bit_packing_round_trips_and_takes_six_bits(count):
+    from lwqc.backends.onnx_formats import pack_words, unpack_words
+
+    codes = np.random.default_rng(count).integers(0, 64, count).astype(np.uint8)
+    packed = pack_words(codes, 6)
+    assert packed.dtype == np.uint8 and len(packed) == 3 * -(-count // 4)
+    np.testing.assert_array_equal(unpack_words(packed, count, 6), codes)
+    # hand case: codes 1, 2, 3, 63 make the word 63 << 18 | 3 << 12 | 2 << 6 | 1 = 0xFC3081
+    np.testing.assert_array_equal(pack_words(np.array([1, 2, 3, 63], np.uint8), 6),
+                                  [0x81, 0x30, 0xFC])
