@@ -46,7 +46,18 @@ def grouped(weights: np.ndarray, spec: GroupSpec, pad: str = "zero") -> np.ndarr
     return w.reshape(out_features, -1, block)
 
 
-class Asymmetric:
+class GroupRule:
+    """A group format's range rule: ``params(alpha)`` gives the (scales, second) of the range
+    shrunk by ``alpha``; ``trials(alpha)`` the candidates the search compares at that alpha."""
+
+    def params(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def trials(self, alpha: float) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [self.params(alpha)]
+
+
+class Asymmetric(GroupRule):
     """Unsigned codes and an integer zero point per group (``second`` = zero points)."""
 
     pad = "zero"
@@ -73,7 +84,7 @@ class Asymmetric:
         return (codes - zeros[..., None]) * scales.astype(np.float64)[..., None]
 
 
-class Symmetric:
+class Symmetric(GroupRule):
     """Signed codes, no zero point (``second`` = zeros)."""
 
     pad = "zero"
@@ -99,13 +110,13 @@ class Symmetric:
 
 def search(rule, groups: np.ndarray, column_weights: np.ndarray | None):
     """The (scales, second) of each group: min/max when ``column_weights`` is None, else the
-    least weighted squared error over CLIP_GRID (``column_weights`` grouped like ``groups``)."""
+    least weighted squared error over the rule's trials at each alpha of CLIP_GRID
+    (``column_weights`` grouped like ``groups``)."""
     scales, second = rule.params(1.0)
     if column_weights is None:
         return scales, second
     best = np.full(scales.shape, np.inf)
-    for alpha in CLIP_GRID:
-        trial_scales, trial_second = rule.params(alpha)
+    for trial_scales, trial_second in (t for alpha in CLIP_GRID for t in rule.trials(alpha)):
         codes = rule.codes(groups, trial_scales, trial_second)
         error = (((rule.dequantize(codes, trial_scales, trial_second) - groups) ** 2)
                  * column_weights).sum(2)
