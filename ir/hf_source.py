@@ -84,6 +84,63 @@ class HFSource:
             for handle in handles:
                 handle.remove()
 
+    def output_fisher(self, input_ids: np.ndarray, site_ids: list[str],
+                      seed: int) -> dict[str, np.ndarray]:
+        """Per output channel of each site, the sum over the batch's tokens of the squared
+        gradient of a sampled loss with respect to the site's output (float64 ``[out]``).
+
+        Causal LMs: the log-likelihood of next tokens drawn from the model's own prediction
+        (torch ``Generator`` seeded with ``seed``), whose squared gradients estimate the Fisher
+        information of the output distribution: the curvature of KL(float || perturbed).
+        Encoders: the output contracted with standard normal noise, whose squared gradients
+        estimate the Gauss-Newton curvature of the squared output error.
+        """
+        ids = torch.from_numpy(np.asarray(input_ids, np.int64))
+        inputs: dict[str, Any] = {"input_ids": ids}
+        if self.kind == ENCODER:
+            inputs["attention_mask"] = torch.ones_like(ids)
+        else:
+            inputs["use_cache"] = False
+        sums: dict[str, torch.Tensor] = {}
+
+        def keep(site_id: str) -> Callable:
+            def hook(module, args, output):
+                def accumulate(grad: torch.Tensor) -> None:
+                    squares = grad.double().square().reshape(-1, grad.shape[-1]).sum(dim=0)
+                    sums[site_id] = sums.get(site_id, 0) + squares
+                _first_tensor(output).register_hook(accumulate)
+            return hook
+
+        def differentiable(module, args, output):
+            return output.detach().requires_grad_()
+
+        embeddings = self.module.get_input_embeddings()
+        handles = [embeddings.register_forward_hook(differentiable)]
+        handles += [self.module.get_submodule(s).register_forward_hook(keep(s))
+                    for s in site_ids]
+        trained = {p: p.requires_grad for p in self.module.parameters()}
+        generator = torch.Generator().manual_seed(seed)
+        try:  # gradients flow from the embeddings' output; no parameter keeps one
+            for parameter in trained:
+                parameter.requires_grad_(False)
+            with torch.enable_grad():
+                output = self.module(**inputs)[0].float()
+                if self.kind == ENCODER:
+                    noise = torch.randn(output.shape, generator=generator)
+                    loss = (output * noise).sum()
+                else:
+                    logits = output.reshape(-1, output.shape[-1])
+                    labels = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1,
+                                               generator=generator)[:, 0]
+                    loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+                loss.backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+            for parameter, required in trained.items():
+                parameter.requires_grad_(required)
+        return {s: sums[s].numpy() for s in site_ids}
+
     @contextlib.contextmanager
     def substituted(self, weights: dict[str, np.ndarray]) -> Iterator[None]:
         """Temporarily replace site weights (``[out, in]`` arrays) in the float module."""

@@ -140,6 +140,11 @@ class OnnxSource:
             callback(read(into), read(out))
         return torch.from_numpy(results[self.output])
 
+    def output_fisher(self, input_ids: np.ndarray, site_ids: list[str],
+                      seed: int) -> None:
+        """None: ONNX Runtime's inference sessions give no gradients."""
+        return None
+
     @contextlib.contextmanager
     def substituted(self, weights: dict[str, np.ndarray]) -> Iterator[None]:
         """Temporarily replace site weights (``[out, in]`` arrays) in the float graph (a tied

@@ -9,6 +9,9 @@ nothing in lwqc reaches into a frontend's own objects.
    maps a block's module name or a site id to ``callback(input, output)``, called with that
    block's residual-stream input and output, or that site's input activation and output.
 4. ``substituted(weights)``: a context in which ``run`` uses other site weights.
+   ``output_fisher(input_ids, site_ids, seed)``: per output channel of each site, the summed
+   squared gradients of a loss sampled from the model's own output (None where the source
+   gives no gradients).
 5. ``float_onnx()`` / ``eager_module()``: the float graphs the lowerings start from;
    ``transformers_directory(scratch)``: the float model as a transformers directory (its own,
    or one written into ``scratch``), for tools that read one (the GenAI model builder);
@@ -53,6 +56,9 @@ class ModelSource(Protocol):
     def substituted(
         self, weights: dict[str, np.ndarray]
     ) -> contextlib.AbstractContextManager[None]: ...
+
+    def output_fisher(self, input_ids: np.ndarray, site_ids: list[str],
+                      seed: int) -> dict[str, np.ndarray] | None: ...
 
     def float_onnx(self) -> onnx_ir.Model: ...
 

@@ -1,7 +1,8 @@
 """Sensitivity policy: the exact solver minimises the summed predicted damage.
 
-The loss of a unit at b bits is the sum of its sites' sensitivity at b (relative output error
-on calibration activations, or measured delta-KL); kept sites cost nothing.
+The loss of a unit at b bits is the sum of its sites' sensitivity at b (by default the
+Fisher-weighted output error, a second-order estimate of the KL each site's quantization costs;
+or the relative output error, or measured delta-KL); kept sites cost nothing.
 """
 
 from __future__ import annotations

@@ -14,7 +14,16 @@
    output error ranks widths within a site; the measurement says how much a site's output
    error costs the whole model, which the relative output error alone does not (one cached
    measurement per site instead of four).
-4. Block value = sum of its sites' values (errors are treated as additive).
+4. ``metric=fisher`` (one backward pass per calibration batch): the second-order estimate of
+   the KL each width costs, 1/2 sum_i F_i (dW G dW^T)_ii / N^2, with F_i the sum over the N
+   calibration tokens of the squared gradient of a loss sampled from the model's own output
+   with respect to output channel i of the site (``ModelSource.output_fisher``: the diagonal
+   Fisher information of the output distribution; encoders: Gauss-Newton of the output).
+   Like kl-scaled it weighs each site's output error by what it costs the whole model, but
+   without running the model once per site. Sources that give no gradients (ONNX files) fall
+   back to output-error under ``metric=auto``; ``auto`` is fisher wherever gradients exist.
+   The metric used is recorded in each annotation.
+5. Block value = sum of its sites' values (errors are treated as additive).
 Q_b is the quantize pass's own quantizer for the given scheme, group size and clip.
 """
 
@@ -30,7 +39,7 @@ import numpy as np
 import torch
 
 from lwqc.ir.annotations import Annotation
-from lwqc.ir.errors import LwqcError
+from lwqc.ir.errors import LwqcError, PipelineError
 from lwqc.ir.graph import Graph
 from lwqc.ir.source import CAUSAL_LM
 from lwqc.ir.spec import QUANT_WIDTHS, SCHEMES, make_spec
@@ -80,8 +89,9 @@ class SensitivityPass(Pass):
     requires = ("calibration",)
     provides = ("site.sensitivity", "block.sensitivity")
     options = {
-        "metric": Option(choice("output-error", "delta-kl", "kl-scaled"), "output-error",
-                         "what is measured"),
+        "metric": Option(choice("auto", "fisher", "output-error", "delta-kl", "kl-scaled"),
+                         "auto", "what is measured (auto: fisher where the source gives "
+                         "gradients, else output-error)"),
         "group_size": Option(positive_int, 128, "quantizer group size"),
         "scheme": Option(choice(*SCHEMES), "rtn-asym", "quantizer scheme"),
         "clip": Option(choice(*CLIP_MODES), "mse", "quantizer range choice"),
@@ -95,7 +105,16 @@ class SensitivityPass(Pass):
 
     def run(self, graph: Graph, context: PassContext) -> None:
         metric = self.values["metric"]
-        if metric == "output-error":
+        fisher = None
+        if metric in ("auto", "fisher"):
+            fisher = self._fisher(graph, context)
+            if fisher is None and metric == "fisher":
+                raise PipelineError("sensitivity{metric=fisher} needs the gradients of a torch "
+                                    "model; an ONNX input gives none: use metric=output-error")
+            metric = "output-error" if fisher is None else "fisher"
+        if fisher is not None:
+            errors = self._fisher_errors(graph, context, fisher)
+        elif metric == "output-error":
             errors = self._output_errors(graph, context)
         elif metric == "delta-kl":
             errors = self._measured(graph, context, WIDTHS)
@@ -115,12 +134,40 @@ class SensitivityPass(Pass):
     @property
     def measures(self) -> bool:
         """Whether the pass runs the model per site (delta-kl, kl-scaled)."""
-        return self.values["metric"] != "output-error"
+        return self.values["metric"] in ("delta-kl", "kl-scaled")
 
     def required(self) -> tuple[str, ...]:
         if self.values["metric"] != "delta-kl" or self.values["clip"] == "output":
             return (*self.requires, "grams")
         return self.requires
+
+    def _fisher(self, graph: Graph, context: PassContext) -> dict[str, np.ndarray] | None:
+        """Per site, the output channels' summed squared gradients over the calibration
+        windows (None: the source gives no gradients)."""
+        windows = graph.calibration
+        sums: dict[str, np.ndarray] = {}
+        for start in context.progress(range(0, len(windows), BATCH), desc=f"{self.name} fisher"):
+            batch = graph.source.output_fisher(windows[start : start + BATCH], list(graph.sites),
+                                               seed=start)
+            if batch is None:
+                return None
+            for site_id, values in batch.items():
+                sums[site_id] = sums.get(site_id, 0) + values
+        return sums
+
+    def _fisher_errors(self, graph: Graph, context: PassContext,
+                       fisher: dict[str, np.ndarray]) -> dict[str, list[float]]:
+        tokens = graph.calibration.size
+        errors = {}
+        for site in context.progress(graph, total=len(graph.sites), desc=self.name):
+            weight, gram = graph.weight(site.id).astype(np.float64), graph.grams[site.id]
+            per_width = []
+            for bits in WIDTHS:
+                delta = weight - self.quantized(graph, site.id, bits)
+                per_row = np.sum((delta @ gram) * delta, axis=1)
+                per_width.append(0.5 * float(fisher[site.id] @ per_row) / tokens**2)
+            errors[site.id] = per_width
+        return errors
 
     def _output_errors(self, graph: Graph, context: PassContext) -> dict[str, list[float]]:
         return {

@@ -300,3 +300,18 @@ def test_a_tied_heads_table_is_substituted_with_it(tmp_path):
                                       changed)
         np.testing.assert_array_equal(graph.weight("lm_head"), changed)
     np.testing.assert_array_equal(graph.weight("lm_head"), changed * 2)
+
+
+def test_sensitivity_falls_back_to_output_error_without_gradients(tmp_path):
+    from lwqc.ir.errors import PipelineError
+    from lwqc.passes.manager import PassManager
+    from lwqc.registry import parse
+
+    hf_dir = save_tiny_model("llama", tmp_path / "hf")
+    graph = import_model(str(_export(hf_dir, tmp_path / "onnx")))
+    graph.calibration = np.random.default_rng(2).integers(0, 128, (4, 16))
+    graph.available.add("calibration")
+    PassManager(parse("gram,sensitivity")).run(graph)
+    assert {s.stats["sensitivity"].metric for s in graph} == {"output-error"}
+    with pytest.raises(PipelineError, match="needs the gradients of a torch model"):
+        PassManager(parse("sensitivity{metric=fisher}")).run(graph)

@@ -80,7 +80,7 @@ def run(graph, pipeline: str) -> None:
 
 @pytest.fixture(scope="module")
 def output_error(tiny):
-    run(tiny, "gram,sensitivity")
+    run(tiny, "gram,sensitivity{metric=output-error}")
     return {s.id: s.stats["sensitivity"] for s in tiny}, [b.stats["sensitivity"]
                                                           for b in tiny.blocks]
 
@@ -145,7 +145,7 @@ def test_output_error_follows_the_quantizer_options(tiny, output_error):
     site_id = "model.layers.1.self_attn.o_proj"
     x = captured_inputs(tiny, site_id)
     weight = tiny.weight(site_id).astype(np.float64)
-    run(tiny, "gram,sensitivity{group_size=32,scheme=rtn-sym,clip=minmax}")
+    run(tiny, "gram,sensitivity{metric=output-error,group_size=32,scheme=rtn-sym,clip=minmax}")
     try:
         stat = tiny.sites[site_id].stats["sensitivity"]
         for bits in WIDTHS:
@@ -155,7 +155,87 @@ def test_output_error_follows_the_quantizer_options(tiny, output_error):
             assert stat.error(bits) == pytest.approx(direct, rel=1e-9)
         assert stat.err4 != sites[site_id].err4
     finally:
-        run(tiny, "gram,sensitivity")
+        run(tiny, "gram,sensitivity{metric=output-error}")
+
+
+# ---------------------------------------------------------------- fisher
+
+
+def test_head_fisher_is_the_closed_form_of_sampled_cross_entropy(tiny):
+    # d CE / d logits = softmax - onehot(label), labels drawn as the source draws them
+    ids = tiny.calibration[:3]
+    fisher = tiny.source.output_fisher(ids, ["lm_head"], seed=11)["lm_head"]
+    with torch.no_grad():
+        logits = tiny.source.module(input_ids=torch.from_numpy(ids), use_cache=False).logits
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    p = torch.softmax(flat, -1)
+    labels = torch.multinomial(p, 1, generator=torch.Generator().manual_seed(11))[:, 0]
+    grad = p.double() - torch.nn.functional.one_hot(labels, p.shape[-1]).double()
+    np.testing.assert_allclose(fisher, grad.square().sum(0).numpy(), rtol=1e-5, atol=1e-9)
+
+
+def test_inner_site_fisher_equals_the_gradient_of_an_added_perturbation(tiny):
+    # independent route: a zero tensor added to the site's output, differentiated directly
+    ids = tiny.calibration[:2]
+    site_id = "model.layers.1.mlp.up_proj"
+    fisher = tiny.source.output_fisher(ids, [site_id], seed=5)[site_id]
+    module = tiny.source.module
+    with torch.no_grad():
+        logits = module(input_ids=torch.from_numpy(ids), use_cache=False).logits.float()
+    flat = logits.reshape(-1, logits.shape[-1])
+    labels = torch.multinomial(torch.softmax(flat, -1), 1,
+                               generator=torch.Generator().manual_seed(5))[:, 0]
+    delta = torch.zeros(2, ids.shape[1], tiny.sites[site_id].shape[0], requires_grad=True)
+    handle = module.get_submodule(site_id).register_forward_hook(
+        lambda m, args, output: output + delta)
+    try:
+        out = module(input_ids=torch.from_numpy(ids), use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), labels,
+                                                 reduction="sum")
+        (grad,) = torch.autograd.grad(loss, delta)
+    finally:
+        handle.remove()
+    expected = grad.double().square().reshape(-1, grad.shape[-1]).sum(0).numpy()
+    np.testing.assert_allclose(fisher, expected, rtol=1e-5, atol=1e-12)
+    assert all(p.grad is None for p in module.parameters())  # no parameter gradient kept
+
+
+def test_fisher_errors_follow_their_formula_and_predict_measured_kl(tiny):
+    run(tiny, "gram,sensitivity{metric=fisher,clip=minmax}")
+    try:
+        windows = tiny.calibration
+        sums = {}
+        for start in range(0, len(windows), 4):
+            for site_id, values in tiny.source.output_fisher(
+                    windows[start : start + 4], list(tiny.sites), seed=start).items():
+                sums[site_id] = sums.get(site_id, 0) + values
+        damage = Damage(tiny)
+        ratios = []
+        for site in tiny:
+            stat = site.stats["sensitivity"]
+            assert stat.metric == "fisher"
+            weight = tiny.weight(site.id).astype(np.float64)
+            x = captured_inputs(tiny, site.id)
+            for bits in WIDTHS:
+                q = quantize_weight(tiny.weight(site.id), AsymmetricSpec(bits, 128),
+                                    "minmax").dequantize()
+                per_channel = ((x @ (weight - q).T) ** 2).sum(0)  # (dW G dW^T)_ii
+                expected = 0.5 * sums[site.id] @ per_channel / windows.size**2
+                assert stat.error(bits) == pytest.approx(expected, rel=1e-6)
+            q = quantize_weight(tiny.weight(site.id), AsymmetricSpec(3, 128), "minmax")
+            ratios.append(stat.err3 / damage.of({site.id: q.dequantize()}))
+        # a second-order estimate of the KL the quantized site causes: the right size
+        assert 0.7 < float(np.median(ratios)) < 1.4 and 0.3 < min(ratios) < max(ratios) < 2
+    finally:
+        run(tiny, "gram,sensitivity{metric=output-error}")
+
+
+def test_fisher_is_the_default_where_gradients_exist(tiny):
+    run(tiny, "gram,sensitivity")
+    try:
+        assert {s.stats["sensitivity"].metric for s in tiny} == {"fisher"}
+    finally:
+        run(tiny, "gram,sensitivity{metric=output-error}")
 
 
 # ---------------------------------------------------------------- delta-KL
@@ -215,7 +295,8 @@ def test_delta_kl_results_are_cached_and_read_back(tiny, monkeypatch, tmp_path):
     try:
         check_delta_kl_cache(tiny, tmp_path)
     finally:
-        run(tiny, "gram,sensitivity")  # leave the output-error annotations for later tests
+        # leave the output-error annotations for later tests
+        run(tiny, "gram,sensitivity{metric=output-error}")
 
 
 def check_delta_kl_cache(tiny, tmp_path) -> None:
@@ -261,14 +342,15 @@ def test_ray_workers_measure_the_local_numbers(tiny, monkeypatch, tmp_path):
         cached = [json.loads(p.read_text()) for p in (tmp_path / "ray").glob("*.json")]
         assert len(cached) == 1 and set(cached[0]) == set(tiny.sites)
     finally:
-        run(tiny, "gram,sensitivity")  # leave the output-error annotations for later tests
+        # leave the output-error annotations for later tests
+        run(tiny, "gram,sensitivity{metric=output-error}")
 
 
 def test_kl_scaled_keeps_output_error_ratios_and_the_measured_4_bit_damage(
         tiny, monkeypatch, tmp_path):
     monkeypatch.setenv("LWQC_CACHE", str(tmp_path))
     try:
-        run(tiny, "gram,sensitivity")
+        run(tiny, "gram,sensitivity{metric=output-error}")
         output = {s.id: s.stats["sensitivity"] for s in tiny}
         run(tiny, "sensitivity{metric=delta-kl}")
         measured = {s.id: s.stats["sensitivity"] for s in tiny}
@@ -284,7 +366,7 @@ def test_kl_scaled_keeps_output_error_ratios_and_the_measured_4_bit_damage(
         # the 4-bit measurement alone is cached, apart from the four-width one
         assert len(list(tmp_path.glob("sensitivity-*.json"))) == 2
     finally:
-        run(tiny, "gram,sensitivity")
+        run(tiny, "gram,sensitivity{metric=output-error}")
 
 
 # ---------------------------------------------------------------- policy-sensitivity
