@@ -87,7 +87,8 @@ class HFSource:
     def output_fisher(self, input_ids: np.ndarray, site_ids: list[str],
                       seed: int) -> dict[str, np.ndarray]:
         """Per output channel of each site, the sum over the batch's tokens of the squared
-        gradient of a sampled loss with respect to the site's output (float64 ``[out]``).
+        gradient of a sampled loss with respect to the site's output (float64 ``[out]``; zeros
+        for a site the output does not depend on).
 
         Causal LMs: the log-likelihood of next tokens drawn from the model's own prediction
         (torch ``Generator`` seeded with ``seed``), whose squared gradients estimate the Fisher
@@ -139,7 +140,9 @@ class HFSource:
                 handle.remove()
             for parameter, required in trained.items():
                 parameter.requires_grad_(required)
-        return {s: sums[s].numpy() for s in site_ids}
+        # a site the output does not depend on (an encoder's pooler) has no gradient: zeros
+        return {s: sums[s].numpy() if s in sums else np.zeros(self.weight(s).shape[0])
+                for s in site_ids}
 
     @contextlib.contextmanager
     def substituted(self, weights: dict[str, np.ndarray]) -> Iterator[None]:

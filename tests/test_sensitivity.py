@@ -230,6 +230,19 @@ def test_fisher_errors_follow_their_formula_and_predict_measured_kl(tiny):
         run(tiny, "gram,sensitivity{metric=output-error}")
 
 
+def test_encoder_fisher_is_zero_where_the_output_does_not_depend_on_a_site(tmp_path):
+    from conftest import save_tiny_model
+
+    graph = import_model(str(save_tiny_model("bert", tmp_path)))
+    ids = np.random.default_rng(4).integers(0, 100, (2, 12))
+    fisher = graph.source.output_fisher(ids, list(graph.sites), seed=0)
+    assert set(fisher) == set(graph.sites)
+    pooler = [s for s in graph.sites if "pooler" in s]
+    assert pooler and all(np.array_equal(fisher[s], np.zeros(graph.sites[s].shape[0]))
+                          for s in pooler)
+    assert all(np.all(fisher[s] > 0) for s in graph.sites if s not in pooler)
+
+
 def test_fisher_is_the_default_where_gradients_exist(tiny):
     run(tiny, "gram,sensitivity")
     try:
