@@ -54,19 +54,27 @@ REF_LLAMA = (
     ("lim, --bits 3.5", "policy-lim{bits=3.5}", MSE, None),
 )
 ORT_INT4_B128 = (None, 34.5, 0.390)
-SMOLLM2 = (
+DQ32 = "group_size=32,scheme=float-offset-dq"
+SMOLLM2 = (  # the headline rows first: the bench resumes in this order
+    ("uniform 4-bit g128, min/max (default)", "policy-uniform{width=4}", MINMAX, ORT_INT4_B128),
+    ("uniform 4-bit g128, min/max, head float (as ONNX Runtime's quantizer)",
+     'policy-uniform{width=4,override="lm_head=16"}', MINMAX, ORT_INT4_B128),
+    ("uniform 4-bit g128, GPTQ", "policy-uniform{width=4}", GPTQ, ORT_INT4_B128),
+    ("float-offset-dq 4-bit g32, GPTQ", f"policy-uniform{{width=4,{DQ32}}}", GPTQ, None),
+    *((f"sensitivity --bits {b}, GPTQ", f"policy-sensitivity{{bits={b}}}", GPTQ, None)
+      for b in (4.5, 3.5, 2.5)),
+    ("float-offset-dq 3-bit g32, GPTQ", f"policy-uniform{{width=3,{DQ32}}}", GPTQ, None),
+    ("lim --bits 4.5, float-offset-dq g32, GPTQ", f"policy-lim{{bits=4.5,{DQ32}}}", GPTQ, None),
+    ("float-offset 4-bit g32 (Q4_1's own grid)",
+     "policy-uniform{width=4,group_size=32,scheme=float-offset}", MINMAX, None),
     ("uniform 8-bit g128", "policy-uniform{width=8}", MINMAX, (None, 0.11, 0.0016)),
+    ("uniform 3-bit g128, GPTQ", "policy-uniform{width=3}", GPTQ, None),
     ("uniform 4-bit g32, min/max", "policy-uniform{width=4,group_size=32}", MINMAX,
      (None, 26.9, 0.284)),
-    ("uniform 4-bit g128, min/max (default)", "policy-uniform{width=4}", MINMAX, ORT_INT4_B128),
     ("uniform 4-bit g128, clip=mse", "policy-uniform{width=4}", MSE, ORT_INT4_B128),
     ("uniform 4-bit g128, clip=output", "policy-uniform{width=4}", "quantize{clip=output}",
      ORT_INT4_B128),
-    ("uniform 4-bit g128, GPTQ", "policy-uniform{width=4}", GPTQ, ORT_INT4_B128),
-    ("float-offset 4-bit g32 (Q4_1's own grid)",
-     "policy-uniform{width=4,group_size=32,scheme=float-offset}", MINMAX, None),
     ("float-offset 4-bit g128, GPTQ", "policy-uniform{width=4,scheme=float-offset}", GPTQ, None),
-    ("uniform 3-bit g128, GPTQ", "policy-uniform{width=3}", GPTQ, None),
     ("codebook 3-bit (CLAQ k-means)", "policy-uniform{width=3,scheme=codebook}", MINMAX, None),
     ("codebook 3-bit, 1 % outliers (+OR)",
      "policy-uniform{width=3,scheme=codebook,outliers=0.01}", MINMAX, None),
@@ -75,8 +83,6 @@ SMOLLM2 = (
     ("CLAQ --bits 3.5 (+AP), GPTQ", "policy-claq{bits=3.5}", GPTQ, None),
     ("uniform 2-bit g32, min/max", "policy-uniform{width=2,group_size=32}", MINMAX,
      (None, 70887.0, 6.57)),
-    *((f"sensitivity --bits {b}, GPTQ", f"policy-sensitivity{{bits={b}}}", GPTQ, None)
-      for b in (4.5, 3.5, 2.5)),
 )
 
 
