@@ -16,9 +16,8 @@ Scales and offsets are float32 and codes are computed against the float32 values
 5. A group's scale and offset magnitude (from its range, shrunk as in 2) snap to the nearest
    step multiple, 0 .. 2^PARAM_BITS - 1 (a nonzero scale to at least one step); codes are
    computed against the snapped float32 values. A group whose scale snaps to zero holds its
-   offset only. With a range search, each alpha also tries the other neighbouring multiple of
-   the scale, of the offset, and of both (the nearest pair first, so the search still never
-   does worse than min/max with nearest parameters).
+   offset only. With a range search, the chosen scale and offset codes then move by one step
+   (each of the 8 neighbours in turn, twice over) wherever that lowers the weighted error.
 """
 
 from __future__ import annotations
@@ -90,17 +89,11 @@ def _steps_up(values: np.ndarray) -> np.ndarray:
     return steps
 
 
-def _snap(values: np.ndarray, steps: np.ndarray, least: int,
-          other: bool = False) -> np.ndarray:
-    """Codes of ``values`` in multiples of ``steps`` (0 where the step is 0), ``least`` at least
-    for a positive value: the nearest multiple, or with ``other`` the neighbour on the other
-    side of the value."""
+def _snap(values: np.ndarray, steps: np.ndarray, least: int) -> np.ndarray:
+    """Codes of ``values`` in multiples of ``steps`` (0 where the step is 0): the nearest, at
+    least ``least`` for a positive value."""
     safe = np.where(steps > 0, steps, 1.0)
-    ratio = values / safe
-    codes = np.round(ratio)
-    if other:
-        codes = np.where(ratio >= codes, codes + 1, codes - 1)
-    codes = np.clip(codes, 0, PARAM_TOP)
+    codes = np.clip(np.round(values / safe), 0, PARAM_TOP)
     codes = np.where(values > 0, np.maximum(codes, least), codes)
     return np.where(steps > 0, codes, 0.0)
 
@@ -116,17 +109,21 @@ class SnappedFloatOffset(FloatOffset):
         self.offset_steps = offset_steps.astype(np.float32)
 
     def params(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-        return self._snapped(alpha, False, False)
-
-    def trials(self, alpha: float) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [self._snapped(alpha, other_scale, other_offset)
-                for other_scale in (False, True) for other_offset in (False, True)]
-
-    def _snapped(self, alpha: float, other_scale: bool,
-                 other_offset: bool) -> tuple[np.ndarray, np.ndarray]:
         mid, half = (self.hi + self.lo) / 2, (self.hi - self.lo) / 2
-        scale_codes = _snap(2 * alpha * half / self.qmax, self.scale_steps, 1, other_scale)
-        offset_codes = _snap(alpha * half - mid, self.offset_steps, 0, other_offset)
+        return self._values(_snap(2 * alpha * half / self.qmax, self.scale_steps, 1),
+                            _snap(alpha * half - mid, self.offset_steps, 0))
+
+    def neighbours(self, scales: np.ndarray,
+                   offsets: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        scale_codes = _snap(scales, self.scale_steps, 0)
+        offset_codes = _snap(-offsets, self.offset_steps, 0)
+        held = self.scale_steps > 0
+        return [self._values(np.where(held, np.clip(scale_codes + ds, 1, PARAM_TOP), 0),
+                             np.clip(offset_codes + do, 0, PARAM_TOP))
+                for ds in (-1, 0, 1) for do in (-1, 0, 1) if ds or do]
+
+    def _values(self, scale_codes: np.ndarray,
+                offset_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scales = scale_codes.astype(np.float32) * self.scale_steps
         return scales, -(offset_codes.astype(np.float32) * self.offset_steps)
 

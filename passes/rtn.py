@@ -46,15 +46,20 @@ def grouped(weights: np.ndarray, spec: GroupSpec, pad: str = "zero") -> np.ndarr
     return w.reshape(out_features, -1, block)
 
 
+REFINE_ROUNDS = 2  # rounds of moving to a better neighbour after the range search
+
+
 class GroupRule:
     """A group format's range rule: ``params(alpha)`` gives the (scales, second) of the range
-    shrunk by ``alpha``; ``trials(alpha)`` the candidates the search compares at that alpha."""
+    shrunk by ``alpha``; ``neighbours(scales, second)`` the candidates next to a choice that
+    the search also tries (none: the parameters are not on a grid of their own)."""
 
     def params(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-    def trials(self, alpha: float) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [self.params(alpha)]
+    def neighbours(self, scales: np.ndarray,
+                   second: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        return []
 
 
 class Asymmetric(GroupRule):
@@ -108,21 +113,28 @@ class Symmetric(GroupRule):
     dequantize = staticmethod(Asymmetric.dequantize)
 
 
-def search(rule, groups: np.ndarray, column_weights: np.ndarray | None):
+def search(rule: GroupRule, groups: np.ndarray, column_weights: np.ndarray | None):
     """The (scales, second) of each group: min/max when ``column_weights`` is None, else the
-    least weighted squared error over the rule's trials at each alpha of CLIP_GRID
-    (``column_weights`` grouped like ``groups``)."""
+    least weighted squared error over CLIP_GRID, then over the rule's neighbours of the choice
+    (REFINE_ROUNDS times; ``column_weights`` grouped like ``groups``)."""
     scales, second = rule.params(1.0)
     if column_weights is None:
         return scales, second
     best = np.full(scales.shape, np.inf)
-    for trial_scales, trial_second in (t for alpha in CLIP_GRID for t in rule.trials(alpha)):
+
+    def consider(trial_scales: np.ndarray, trial_second: np.ndarray) -> None:
         codes = rule.codes(groups, trial_scales, trial_second)
         error = (((rule.dequantize(codes, trial_scales, trial_second) - groups) ** 2)
                  * column_weights).sum(2)
         better = error < best
         best[better] = error[better]
         scales[better], second[better] = trial_scales[better], trial_second[better]
+
+    for alpha in CLIP_GRID:
+        consider(*rule.params(alpha))
+    for _ in range(REFINE_ROUNDS):
+        for candidate in rule.neighbours(scales.copy(), second.copy()):
+            consider(*candidate)
     return scales, second
 
 
