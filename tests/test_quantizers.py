@@ -136,6 +136,20 @@ def test_float_offset_dq_parameters_stay_in_range_and_cost_little():
     assert dq_error < 1.3 * plain_error
 
 
+def test_float_offset_dq_neighbour_moves_lower_the_searched_error(monkeypatch):
+    w = _heavy_tailed((48, 256), seed=6) * 0.02
+    spec = FloatOffsetDqSpec(4, 32)
+
+    def error() -> float:
+        weight = float_offset.quantize_float_offset_dq(w, spec, np.ones(w.shape[1]))
+        return float(((weight.dequantize() - w) ** 2).sum())
+
+    refined = error()
+    monkeypatch.setattr(rtn, "REFINE_ROUNDS", 0)
+    shrink_only = error()
+    assert refined < 0.95 * shrink_only
+
+
 def test_float_offset_by_hand_on_one_group():
     # [min, max] = [-1, 2] at 2 bits: scale 1, offset -1; 0.4 -> code round(1.4) = 1 -> 0
     w = np.array([[-1.0, 0.4, 1.6, 2.0]], dtype=np.float32)
