@@ -6,13 +6,16 @@ are stored in the orientation of the MatMul's B input (``[in, out]`` for MatMul,
 for Gemm with transB), initializers named ``<site>.weight_<array>``:
 1. ``affine``: ``DequantizeLinear(codes, blocked fp32 scales[, zero points])`` — uint8/int8,
    uint4/int4, uint2/int2 (opset 25).
-2. ``float-offset``: ``DequantizeLinear(codes, scales)`` (= code * scale) ``+ offsets`` repeated
-   along the input dimension (Unsqueeze, Expand, Reshape, Slice).
+2. ``float-offset``: ``Cast(codes) * scales + offsets``, scales and offsets repeated along the
+   input dimension (Unsqueeze, Expand, Reshape, Slice): standard ops on constants only, which
+   ONNX Runtime folds into the float weight once, when the session starts (it never folds a
+   ``DequantizeLinear``, which would dequantize again on every run; the affine formats keep
+   it, as ONNX Runtime fuses it with the MatMul).
 3. ``codebook``: ``Cast(GatherElements(codebooks, Cast(codes -> int64)) -> float)``; codebooks
    stay ``[in, 2^bits]`` float16 (transposed in the graph for Gemm).
 4. ``float-offset-dq``: the scales and offset magnitudes are computed first, ``Cast(codes)
    * Cast(float16 steps)`` with the steps repeated over their super-groups; then
-   ``DequantizeLinear(codes, scales) - magnitudes`` repeated along the input dimension.
+   ``Cast(codes) * scales - magnitudes`` as in 2.
 5. 3- and 6-bit codes (and zero points, and 6-bit parameter codes) are packed in little-endian
    24-bit words, eight resp. four to three bytes (signed codes offset by 2^(bits-1)), and
    unpacked with standard ops: Reshape to byte triples, Cast, Mul by (1, 256, 65536),
@@ -259,10 +262,12 @@ def unpack_words(packed: np.ndarray, count: int, width: int) -> np.ndarray:
 
 
 def _dequantize_linear(rewrite: SiteRewrite, weight: WeightFormat, inputs: list[ir.Value],
-                       name: str) -> ir.Value:
+                       name: str, spelled_out: bool = False) -> ir.Value:
+    """``DequantizeLinear(codes, scales[, zero points])`` in B's orientation, or with
+    ``spelled_out`` (and in ``bytes_only`` mode) the same formula in Cast, Sub and Mul."""
     spec = weight.spec
     assert isinstance(spec, GroupSpec)
-    if rewrite.bytes_only:  # (code - zero point) * scale, spelled out
+    if rewrite.bytes_only or spelled_out:  # (code - zero point) * scale
         codes = rewrite.node("Cast", [inputs[0]], {"to": ir.DataType.FLOAT})
         if len(inputs) > 2:
             zero_points = rewrite.node("Cast", [inputs[2]], {"to": ir.DataType.FLOAT})
@@ -320,7 +325,7 @@ def _repeat(rewrite: SiteRewrite, value: ir.Value, shape: tuple[int, int], block
 def lower_float_offset(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
     scaled = _dequantize_linear(
         rewrite, weight, [rewrite.array(weight, "codes"), rewrite.array(weight, "scales")],
-        "weight_scaled")
+        "weight_scaled", spelled_out=True)
     offsets = _repeat_groups(rewrite, rewrite.array(weight, "offsets"), weight)
     return rewrite.node("Add", [scaled, offsets], output="weight_dequantized")
 
@@ -343,7 +348,7 @@ def _dq_parameter(rewrite: SiteRewrite, weight: WeightFormat, kind: str) -> ir.V
 def lower_float_offset_dq(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
     scales, magnitudes = (_dq_parameter(rewrite, weight, kind) for kind in ("scale", "offset"))
     scaled = _dequantize_linear(rewrite, weight, [rewrite.array(weight, "codes"), scales],
-                                "weight_scaled")
+                                "weight_scaled", spelled_out=True)
     return rewrite.node("Sub", [scaled, _repeat_groups(rewrite, magnitudes, weight)],
                         output="weight_dequantized")
 
