@@ -109,7 +109,9 @@ class HFSource:
                 def accumulate(grad: torch.Tensor) -> None:
                     squares = grad.double().square().reshape(-1, grad.shape[-1]).sum(dim=0)
                     sums[site_id] = sums.get(site_id, 0) + squares
-                _first_tensor(output).register_hook(accumulate)
+                tensor = _first_tensor(output)
+                if tensor.requires_grad:  # else no gradient reaches it: zeros below
+                    tensor.register_hook(accumulate)
             return hook
 
         def differentiable(module, args, output):
