@@ -80,12 +80,13 @@ PARAM_TOP = 2**PARAM_BITS - 1
 def _steps_up(values: np.ndarray) -> np.ndarray:
     """``values`` / PARAM_TOP as float16, rounded up (a step never makes a code exceed the top)."""
     exact = values / PARAM_TOP
+    largest = float(np.finfo(np.float16).max)
+    if np.any(exact >= largest):  # rounded up, it would not be finite
+        raise PlanError("float-offset-dq: a group's range exceeds what float16 steps can hold; "
+                        "use float-offset")
     steps = exact.astype(np.float16)
     low = steps.astype(np.float64) < exact
     steps[low] = np.nextafter(steps[low], np.float16(np.inf))
-    if not np.all(np.isfinite(steps)):
-        raise PlanError("float-offset-dq: a group's range exceeds what float16 steps can hold; "
-                        "use float-offset")
     return steps
 
 

@@ -136,6 +136,13 @@ def test_float_offset_dq_parameters_stay_in_range_and_cost_little():
     assert dq_error < 1.3 * plain_error
 
 
+def test_float_offset_dq_refuses_ranges_beyond_float16_steps():
+    w = np.zeros((2, 32), np.float32)
+    w[0, 0] = 1e9  # a step of 1e9 / 15 / 63 exceeds float16
+    with pytest.raises(PlanError, match="exceeds what float16 steps can hold; use float-offset"):
+        quantize_weight(w, FloatOffsetDqSpec(4, 32), "minmax")
+
+
 def test_float_offset_dq_neighbour_moves_lower_the_searched_error(monkeypatch):
     w = _heavy_tailed((48, 256), seed=6) * 0.02
     spec = FloatOffsetDqSpec(4, 32)
