@@ -22,7 +22,6 @@ a scale, which nothing below depends on):
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -31,12 +30,7 @@ import scipy.linalg
 from lwqc.ir.formats import CodebookWeight, SparseOutliers, WeightFormat
 from lwqc.ir.formats.codebook import column_slots
 from lwqc.ir.spec import CodebookSpec, FloatOffsetDqSpec, GroupSpec, QuantSpec
-from lwqc.passes.float_offset import (
-    DqParameters,
-    FloatOffset,
-    SnappedFloatOffset,
-    pack_float_offset,
-)
+from lwqc.passes.float_offset import DqParameters, FloatOffset, pack_float_offset
 from lwqc.passes.kmeans import ITERATIONS, high_columns, lloyd, nearest
 from lwqc.passes.rtn import Asymmetric, Symmetric, grouped, pack_affine, search
 
@@ -63,7 +57,7 @@ class _GroupColumns:
         if isinstance(spec, FloatOffsetDqSpec):  # parameter steps from the original weights
             parameters = DqParameters(grouped(weights, spec, FloatOffset.pad), spec.bits)
             self.pad, self.pack = FloatOffset.pad, parameters.pack
-            self.make_rule = functools.partial(_dq_rule, parameters, spec.bits)
+            self.make_rule = lambda values, group: parameters.rule(values, spec.bits, group)
         else:
             rule_class, self.pack = self.RULES[spec.scheme]
             self.pad = rule_class.pad
@@ -100,11 +94,6 @@ class _GroupColumns:
 
     def result(self) -> WeightFormat:
         return self.pack(self.spec, self.codes, self.scales, self.second.astype(np.float32))
-
-
-def _dq_rule(parameters: DqParameters, bits: int, values: np.ndarray,
-             group: int) -> SnappedFloatOffset:
-    return parameters.rule(values, bits, first=group)
 
 
 class _CodebookColumns:
