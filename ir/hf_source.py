@@ -61,18 +61,20 @@ class HFSource:
     def tokenizer(self) -> Any:
         return self.loaded.tokenizer()
 
+    def _inputs(self, input_ids: np.ndarray) -> dict[str, Any]:
+        """The module's keyword inputs for ``[batch, seq]`` ids (no KV cache)."""
+        ids = torch.from_numpy(np.asarray(input_ids, np.int64))
+        if self.kind == ENCODER:
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return {"input_ids": ids, "use_cache": False}
+
     def run(self, input_ids: np.ndarray, taps: dict[str, Tap] | None = None) -> torch.Tensor:
         """Run the float model on ``input_ids`` ``[batch, seq]``; returns its first output.
 
         A tap on a block or a site (a module name) receives the module's first tensor input
         and first tensor output, as float32 tensors.
         """
-        ids = torch.from_numpy(np.asarray(input_ids, np.int64))
-        inputs: dict[str, Any] = {"input_ids": ids}
-        if self.kind == ENCODER:
-            inputs["attention_mask"] = torch.ones_like(ids)
-        else:
-            inputs["use_cache"] = False
+        inputs = self._inputs(input_ids)
         handles = []
         for name, callback in (taps or {}).items():
             handles.append(self.module.get_submodule(name).register_forward_hook(
@@ -96,12 +98,7 @@ class HFSource:
         Encoders: the output contracted with standard normal noise, whose squared gradients
         estimate the Gauss-Newton curvature of the squared output error.
         """
-        ids = torch.from_numpy(np.asarray(input_ids, np.int64))
-        inputs: dict[str, Any] = {"input_ids": ids}
-        if self.kind == ENCODER:
-            inputs["attention_mask"] = torch.ones_like(ids)
-        else:
-            inputs["use_cache"] = False
+        inputs = self._inputs(input_ids)
         sums: dict[str, torch.Tensor] = {}
 
         def keep(site_id: str) -> Callable:

@@ -23,6 +23,8 @@ Scales are float32 and codes are computed against the float32 scale actually sto
 
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 
 from lwqc.ir.formats import AffineWeight, WeightFormat
@@ -49,13 +51,14 @@ def grouped(weights: np.ndarray, spec: GroupSpec, pad: str = "zero") -> np.ndarr
 REFINE_ROUNDS = 2  # rounds of moving to a better neighbour after the range search
 
 
-class GroupRule:
+class GroupRule(abc.ABC):
     """A group format's range rule: ``params(alpha)`` gives the (scales, second) of the range
     shrunk by ``alpha``; ``neighbours(scales, second)`` the candidates next to a choice that
     the search also tries (none: the parameters are not on a grid of their own)."""
 
+    @abc.abstractmethod
     def params(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """The (scales, second) of every group's range shrunk by ``alpha``."""
 
     def neighbours(self, scales: np.ndarray,
                    second: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:

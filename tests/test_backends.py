@@ -149,27 +149,20 @@ def test_stored_bytes_of_every_site_equal_the_plans_bytes(tiny_llama_dir, tmp_pa
     assert any(w.spec.bits == 3 for w in graph.packed.values())  # packed 3-bit included
 
 
-@pytest.mark.parametrize("count", [1, 7, 8, 9, 64, 1001])
-def test_three_bit_packing_round_trips_and_takes_three_bits(count):
+# hand cases: codes 0..7 fill one 3-bit word 0o76543210 = 0xFAC688; codes 1, 2, 3, 63 make
+# the 6-bit word 63 << 18 | 3 << 12 | 2 << 6 | 1 = 0xFC3081; bytes little-endian
+WORD_HAND_CASES = {3: (list(range(8)), [0x88, 0xC6, 0xFA]), 6: ([1, 2, 3, 63], [0x81, 0x30, 0xFC])}
+
+
+@pytest.mark.parametrize("width, count", [(3, c) for c in (1, 7, 8, 9, 64, 1001)]
+                         + [(6, c) for c in (1, 3, 4, 5, 64, 1001)])
+def test_word_packing_round_trips_and_takes_its_width(width, count):
     from lwqc.backends.onnx_formats import pack_words, unpack_words
 
-    codes = np.random.default_rng(count).integers(0, 8, count).astype(np.uint8)
-    packed = pack_words(codes, 3)
-    assert packed.dtype == np.uint8 and len(packed) == 3 * -(-count // 8)
-    np.testing.assert_array_equal(unpack_words(packed, count, 3), codes)
-    # hand case: codes 0..7 fill one word 0o76543210 = 0xFAC688, little-endian bytes
-    np.testing.assert_array_equal(pack_words(np.arange(8, dtype=np.uint8), 3),
-                                  [0x88, 0xC6, 0xFA])
-
-
-@pytest.mark.parametrize("count", [1, 3, 4, 5, 64, 1001])
-def test_six_bit_packing_round_trips_and_takes_six_bits(count):
-    from lwqc.backends.onnx_formats import pack_words, unpack_words
-
-    codes = np.random.default_rng(count).integers(0, 64, count).astype(np.uint8)
-    packed = pack_words(codes, 6)
-    assert packed.dtype == np.uint8 and len(packed) == 3 * -(-count // 4)
-    np.testing.assert_array_equal(unpack_words(packed, count, 6), codes)
-    # hand case: codes 1, 2, 3, 63 make the word 63 << 18 | 3 << 12 | 2 << 6 | 1 = 0xFC3081
-    np.testing.assert_array_equal(pack_words(np.array([1, 2, 3, 63], np.uint8), 6),
-                                  [0x81, 0x30, 0xFC])
+    codes = np.random.default_rng(count).integers(0, 2**width, count).astype(np.uint8)
+    packed = pack_words(codes, width)
+    per_word = 24 // width
+    assert packed.dtype == np.uint8 and len(packed) == 3 * -(-count // per_word)
+    np.testing.assert_array_equal(unpack_words(packed, count, width), codes)
+    hand, expected = WORD_HAND_CASES[width]
+    np.testing.assert_array_equal(pack_words(np.array(hand, np.uint8), width), expected)
