@@ -8,26 +8,30 @@ MatMulNBits, and the embedding reading a tied head's quantized table.
    MatMul's B and fuses sites reading one input (q/k/v) into one MatMul whose columns are the
    sites' rows in order. A MatMul holding anything but whole sites is an error.
 3. Each MatMul is rewritten from the plan: ``MatMulNBits`` where the format fits
-   (``matmul_nbits.supported``; fused sites sharing one such spec stay one node), else the
-   format's standard-op lowering (``onnx_formats``) feeding a MatMul; fused sites with
-   different specs become one node per site and a Concat.
+   (``matmul_nbits.supported``; fused sites sharing one such spec stay one node), float-offset
+   groups as MatMulNBits plus a group-sum correction (``offset_nbits``), else the format's
+   standard-op lowering (``onnx_formats``) feeding a MatMul; fused sites not sharing one
+   MatMulNBits become one node per site and a Concat.
 4. The embedding Gather of a tied head reads the same arrays: ``GatherBlockQuantized`` on
-   MatMulNBits' B (4 and 8 bits), else a Gather on the transposed dequantized weight.
+   MatMulNBits' B (affine 4 and 8 bits), else a Gather on the float weight the site's
+   arrays compute.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from lwqc.backends import matmul_nbits
+from lwqc.backends import matmul_nbits, offset_nbits
 from lwqc.backends.onnx_formats import (
     LoweringError,
     SiteRewrite,
@@ -120,7 +124,9 @@ class DecoderRewrite:
         self.model, self.graph = model, graph
         self.accuracy_level = accuracy_level
         self.metadata = metadata  # site -> its decision metadata
-        self.dequantized: dict[str, ir.Value] = {}  # site -> its weight as a float B
+        # site -> a function building its float weight [out, in] (sites without an n-bit
+        # table)
+        self.tables: dict[str, Callable[[], ir.Value]] = {}
         self.int2_dequantized = False  # a DequantizeLinear of int2 codes needs opset 25
 
     def run(self) -> None:
@@ -130,6 +136,7 @@ class DecoderRewrite:
                   if not value.uses()]
         for name in unused:
             self.model.graph.initializers.pop(name)
+        self.model.graph.sort()  # tied tables are computed after the embedding's old place
 
     def _rewrite(self, node: ir.Node, site_ids: list[str]) -> None:
         """Replace ``node`` by the lowering of its sites."""
@@ -158,9 +165,12 @@ class DecoderRewrite:
         return matmul_nbits.supported(weight)
 
     def _shares_nbits(self, site_ids: list[str], packed: list[WeightFormat | None]) -> bool:
+        """The sites can share one MatMulNBits: one spec it holds (affine, or float offsets
+        with their correction)."""
         first = packed[0]
         return first is not None and all(
-            w is not None and w.spec == first.spec and self._nbits_holds(s, w)
+            w is not None and w.spec == first.spec
+            and (self._nbits_holds(s, w) or offset_nbits.fits(w))
             for s, w in zip(site_ids, packed, strict=True))
 
     def _lower(self, node: ir.Node, site_ids: list[str], packed: list[WeightFormat | None],
@@ -179,15 +189,34 @@ class DecoderRewrite:
             weights = [w for w in packed if isinstance(w, AffineWeight)]
             new = matmul_nbits.matmul(self.model.graph, node, name, activation, weights,
                                       self.accuracy_level)
+        elif offset_nbits.fits(weight):
+            sites = [(SiteRewrite(self.model.graph, s, node, False, PACKED_STORAGE.code_bits,
+                                  self.metadata[s]), w) for s, w in zip(site_ids, packed,
+                                                                         strict=True)]
+            shared = sites[0][0] if len(sites) == 1 else SiteRewrite(
+                self.model.graph, name, node, False, PACKED_STORAGE.code_bits,
+                self._decision(site_ids))
+            self.int2_dequantized |= weight.spec.bits == 2
+            output, tables = offset_nbits.lower(shared, sites, activation, self.accuracy_level)
+            self.tables.update(tables)
+            return output
         else:
             rewrite = SiteRewrite(self.model.graph, name, node, True, PACKED_STORAGE.code_bits,
                                   self.metadata[name])
             self.int2_dequantized |= weight.spec.bits == 2
-            self.dequantized[name] = lower_weight(rewrite, weight)
-            new = ir.node("MatMul", [activation, self.dequantized[name]], name=f"{name}/MatMul")
+            dequantized = lower_weight(rewrite, weight)
+            self.tables[name] = functools.partial(self._transposed, name, dequantized)
+            new = ir.node("MatMul", [activation, dequantized], name=f"{name}/MatMul")
             self.model.graph.insert_before(node, new)
         new.metadata_props.update(self._decision(site_ids))
         return new.outputs[0]
+
+    def _transposed(self, name: str, dequantized: ir.Value) -> ir.Value:
+        """The ``[out, in]`` table of a weight lowered as B (``[in, out]``)."""
+        table = ir.node("Transpose", [dequantized], attributes={"perm": [1, 0]},
+                        name=f"{name}/table")
+        self.model.graph.insert_after(dequantized.producer(), table)
+        return table.outputs[0]
 
     def _decision(self, site_ids: list[str]) -> dict[str, str]:
         """The decision metadata of one site, or of sites sharing one spec."""
@@ -208,12 +237,10 @@ class DecoderRewrite:
                 gather = use.node
                 if gather.op_type != "Gather" or use.idx != 0:
                     continue
-                if site_id in self.dequantized:  # no n-bit kernel holds it: float rows
-                    table = ir.node("Transpose", [self.dequantized[site_id]],
-                                    attributes={"perm": [1, 0]}, name=f"{site_id}/table")
-                    rows = ir.node("Gather", [table.outputs[0], gather.inputs[1]],
+                if site_id in self.tables:  # GatherBlockQuantized holds it not: float rows
+                    rows = ir.node("Gather", [self.tables[site_id](), gather.inputs[1]],
                                    attributes={"axis": 0}, name=f"{site_id}/Gather")
-                    self.model.graph.insert_before(gather, [table, rows])
+                    self.model.graph.insert_before(gather, rows)
                     value = rows.outputs[0]
                 else:
                     assert isinstance(weight, AffineWeight)

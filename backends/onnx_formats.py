@@ -15,7 +15,8 @@ for Gemm with transB), initializers named ``<site>.weight_<array>``:
    stay ``[in, 2^bits]`` float16 (transposed in the graph for Gemm).
 4. ``float-offset-dq``: the scales and offset magnitudes are computed first, ``Cast(codes)
    * Cast(float16 steps)`` with the steps repeated over their super-groups; then
-   ``Cast(codes) * scales - magnitudes`` as in 2.
+   ``Cast(codes) * scales + Neg(magnitudes)`` as in 2. (ONNX Runtime's own build of both
+   float-offset formats is ``offset_nbits``: MatMulNBits plus a group-sum correction.)
 5. 3- and 6-bit codes (and zero points, and 6-bit parameter codes) are packed in little-endian
    24-bit words, eight resp. four to three bytes (signed codes offset by 2^(bits-1)), and
    unpacked with standard ops: Reshape to byte triples, Cast, Mul by (1, 256, 65536),
@@ -298,10 +299,10 @@ def _repeat_groups(rewrite: SiteRewrite, per_group: ir.Value, weight: WeightForm
     """A ``[groups, out]`` (or ``[out, groups]``) tensor repeated to B's shape."""
     spec = weight.spec
     assert isinstance(spec, GroupSpec)
-    return _repeat(rewrite, per_group, weight.shape, spec.block(weight.shape[1]))
+    return repeat_blocks(rewrite, per_group, weight.shape, spec.block(weight.shape[1]))
 
 
-def _repeat(rewrite: SiteRewrite, value: ir.Value, shape: tuple[int, int], block: int,
+def repeat_blocks(rewrite: SiteRewrite, value: ir.Value, shape: tuple[int, int], block: int,
             prefix: str = "") -> ir.Value:
     """A tensor of one entry per ``block`` inputs (B's orientation) repeated to the ``[out,
     in]`` ``shape`` (oriented), the last block cut short."""
@@ -322,12 +323,31 @@ def _repeat(rewrite: SiteRewrite, value: ir.Value, shape: tuple[int, int], block
                                   constant("slice_axis", [axis])])
 
 
+def float_offset_parameters(rewrite: SiteRewrite,
+                            weight: WeightFormat) -> tuple[ir.Value, ir.Value]:
+    """Per-group scales and offsets of a float-offset weight (``w = code * scale + offset``),
+    float32 in the orientation of its groups; a float-offset-dq weight's are computed from its
+    parameter codes and steps, its offsets negated magnitudes."""
+    if not isinstance(weight, FloatOffsetDqWeight):
+        return rewrite.array(weight, "scales"), rewrite.array(weight, "offsets")
+    scales, magnitudes = (_dq_parameter(rewrite, weight, kind) for kind in ("scale", "offset"))
+    return scales, rewrite.node("Neg", [magnitudes])
+
+
+def float_offset_weight(rewrite: SiteRewrite, weight: WeightFormat, codes: ir.Value,
+                        scales: ir.Value, offsets: ir.Value) -> ir.Value:
+    """``Cast(codes) * scales + offsets``, the per-group tensors repeated to the weight's
+    shape."""
+    scaled = _dequantize_linear(rewrite, weight, [codes, scales], "weight_scaled",
+                                spelled_out=True)
+    return rewrite.node("Add", [scaled, _repeat_groups(rewrite, offsets, weight)],
+                        output="weight_dequantized")
+
+
 def lower_float_offset(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
-    scaled = _dequantize_linear(
-        rewrite, weight, [rewrite.array(weight, "codes"), rewrite.array(weight, "scales")],
-        "weight_scaled", spelled_out=True)
-    offsets = _repeat_groups(rewrite, rewrite.array(weight, "offsets"), weight)
-    return rewrite.node("Add", [scaled, offsets], output="weight_dequantized")
+    """Both float-offset formats (``float-offset``, ``float-offset-dq``)."""
+    return float_offset_weight(rewrite, weight, rewrite.array(weight, "codes"),
+                               *float_offset_parameters(rewrite, weight))
 
 
 def _dq_parameter(rewrite: SiteRewrite, weight: WeightFormat, kind: str) -> ir.Value:
@@ -341,16 +361,8 @@ def _dq_parameter(rewrite: SiteRewrite, weight: WeightFormat, kind: str) -> ir.V
     steps = rewrite.node("Cast", [rewrite.array(weight, f"{kind}_steps")],
                          {"to": ir.DataType.FLOAT})
     groups = spec.groups(weight.shape[1])
-    steps = _repeat(rewrite, steps, (weight.shape[0], groups), SUPER_GROUPS, "super_")
+    steps = repeat_blocks(rewrite, steps, (weight.shape[0], groups), SUPER_GROUPS, "super_")
     return rewrite.node("Mul", [codes, steps])
-
-
-def lower_float_offset_dq(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
-    scales, magnitudes = (_dq_parameter(rewrite, weight, kind) for kind in ("scale", "offset"))
-    scaled = _dequantize_linear(rewrite, weight, [rewrite.array(weight, "codes"), scales],
-                                "weight_scaled", spelled_out=True)
-    return rewrite.node("Sub", [scaled, _repeat_groups(rewrite, magnitudes, weight)],
-                        output="weight_dequantized")
 
 
 def _gather_codebook(rewrite: SiteRewrite, codes: ir.Value, table: ir.Value) -> ir.Value:
@@ -420,7 +432,7 @@ def add_outliers(rewrite: SiteRewrite, weight: WeightFormat, base: ir.Value) -> 
 FORMAT_LOWERINGS: dict[str, Callable[[SiteRewrite, WeightFormat], ir.Value]] = {
     "affine": lower_affine,
     "float-offset": lower_float_offset,
-    "float-offset-dq": lower_float_offset_dq,
+    "float-offset-dq": lower_float_offset,
     "codebook": lower_codebook,
 }
 

@@ -5,8 +5,9 @@ quantized site's weight becomes MatMulNBits or its format's standard-op lowering
 1. Find each site's MatMul (or Gemm): the node the source names (``lwqc.site``, an ONNX
    file's own graph), else the one whose ``pkg.torch.onnx.name_scopes`` metadata holds the
    site's module path (torch's export); its constant B input is the float weight.
-2. Replace B by the lowered weight (DequantizeLinear for affine groups, ...); 2-bit codes
-   raise the opset to 25 (IR version 13).
+2. Replace the node by MatMulNBits (affine groups it holds; float-offset groups with the
+   group-sum correction of ``offset_nbits``), else B by the lowered weight (DequantizeLinear
+   for other affine groups, ...); 2-bit codes raise the opset to 25 (IR version 13).
 3. Write the site's decision (spec fields, scores) into the nodes' ``metadata_props``.
 4. Drop the exporter's debugging metadata (stack traces with local file paths, class
    hierarchies, FX node names): about 0.9 MB on a 6-layer model, and not portable. The module
@@ -18,6 +19,7 @@ on any quantized site the artifact does not hold.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from lwqc.backends import matmul_nbits
+from lwqc.backends import matmul_nbits, offset_nbits
 from lwqc.backends.onnx_formats import (
     FORMAT_LOWERINGS,
     LoweringError,
@@ -148,6 +150,15 @@ def lower(graph: Graph, model: ir.Model, accuracy_level: int = DEFAULT_ACCURACY_
             new.metadata_props.update(decision)
             replace_node(model.graph, node, new.outputs[0])
             table = matmul_nbits.gather
+        elif not bytes_only and _nbits_fits(node) and offset_nbits.fits(weight):
+            rewrite = SiteRewrite(model.graph, site_id, node, False, capabilities.code_bits,
+                                  dict(node.metadata_props))
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+            output, tables = offset_nbits.lower(rewrite, [(rewrite, weight)], node.inputs[0],
+                                                accuracy_level, bias)
+            replace_node(model.graph, node, output)
+            int2_codes |= weight.spec.bits == 2
+            table = _dequantized_rows(tables[site_id], False)
         else:
             rewrite = SiteRewrite(model.graph, site_id, node, transposed,
                                   capabilities.code_bits, dict(node.metadata_props),
@@ -155,7 +166,7 @@ def lower(graph: Graph, model: ir.Model, accuracy_level: int = DEFAULT_ACCURACY_
             dequantized = lower_weight(rewrite, weight)
             node.replace_input_with(1, dequantized)
             int2_codes |= weight.spec.bits == 2 and not bytes_only
-            table = _dequantized_rows(dequantized, transposed)
+            table = _dequantized_rows(lambda value=dequantized: value, transposed)
         if tied:
             _share_table(model.graph, site_id, old, graph.weight(site_id), weight, table)
         if not old.uses() and old.name in model.graph.initializers:
@@ -182,15 +193,17 @@ def _nbits_fits(node: ir.Node) -> bool:
 TableLookup = Callable[[ir.Graph, ir.Node, str, WeightFormat, ir.Value], ir.Value]
 
 
-def _dequantized_rows(dequantized: ir.Value, transposed: bool) -> TableLookup:
-    """Rows of a dequantized weight held as B (``[in, out]`` when ``transposed``)."""
+def _dequantized_rows(dequantized: Callable[[], ir.Value], transposed: bool) -> TableLookup:
+    """Rows of a dequantized weight (``dequantized()`` builds it, once; ``[in, out]`` when
+    ``transposed``)."""
+    built = functools.cache(dequantized)
 
     def lookup(graph: ir.Graph, before: ir.Node, site_id: str, weight: WeightFormat,
                indices: ir.Value) -> ir.Value:
         nodes = []
-        table = dequantized
+        table = built()
         if transposed:
-            nodes.append(ir.node("Transpose", [dequantized], attributes={"perm": [1, 0]},
+            nodes.append(ir.node("Transpose", [table], attributes={"perm": [1, 0]},
                                  name=f"{site_id}/table"))
             table = nodes[-1].outputs[0]
         nodes.append(ir.node("Gather", [table, indices], attributes={"axis": 0},
@@ -246,19 +259,21 @@ def read_packed(path: Path, expected: set[str]) -> dict[str, WeightFormat]:
     packed = {}
     for node in model.graph:
         meta = node.metadata_props
-        if node.op_type == "MatMulNBits" and not spec_from_metadata(meta).kept:
-            packed.update(_read_nbits(node, initializers))
-            continue
-        if node.op_type not in ("MatMul", "Gemm") or "lwqc.site" not in meta:
+        if node.op_type not in ("MatMul", "Gemm", "MatMulNBits") or not (
+                {"lwqc.site", "lwqc.sites"} & set(meta)):
             continue
         spec = spec_from_metadata(meta)
         if spec.kept:
             continue
-        site_id = meta["lwqc.site"]
-        arrays = stored_arrays(initializers, site_id, weight_is_transposed(node),
-                               spec.scheme == "rtn-sym")
-        if arrays:
-            packed[site_id] = load_weight(spec, arrays)
+        if node.op_type == "MatMulNBits" and spec.format == "affine":
+            packed.update(_read_nbits(node, initializers))
+            continue
+        transposed = node.op_type != "MatMulNBits" and weight_is_transposed(node)
+        site_ids = [meta["lwqc.site"]] if "lwqc.site" in meta else json.loads(meta["lwqc.sites"])
+        for site_id in site_ids:
+            arrays = stored_arrays(initializers, site_id, transposed, spec.scheme == "rtn-sym")
+            if arrays:
+                packed[site_id] = load_weight(spec, arrays)
     missing = sorted(expected - set(packed))
     if missing:
         raise LwqcError(f"{path} holds no quantized weight for site {missing[0]}: the artifact "

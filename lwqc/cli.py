@@ -42,12 +42,14 @@ def _add_compile(sub) -> None:
                         help="claq without --bits: share of columns at the high width (0.1)")
     p.add_argument("--granularity", choices=("layer", "matmul"),
                    help="unit sharing one width (default: matmul)")
-    p.add_argument("--group-size", type=int, help="group size along the input dim (128)")
+    p.add_argument("--group-size", type=int,
+                   help="group size along the input dim (128; policy sensitivity: 32)")
     p.add_argument("--scheme", choices=SCHEMES,
-                   help="rtn-asym (default): integer zero points; rtn-sym: none; float-offset: "
-                        "float offsets (GGUF Q4_1 style); float-offset-dq: the same with 6-bit "
-                        "scales and offsets under float16 steps per 8 groups (llama.cpp K-quant "
-                        "style: 4.5 bits at 4 bits, group 32); codebook: per-column k-means")
+                   help="rtn-asym (default; policy sensitivity: float-offset-dq): integer zero "
+                        "points; rtn-sym: none; float-offset: float offsets (GGUF Q4_1 style); "
+                        "float-offset-dq: the same with 6-bit scales and offsets under float16 "
+                        "steps per 8 groups (llama.cpp K-quant style: 4.5 bits at 4 bits, group "
+                        "32); codebook: per-column k-means")
     p.add_argument("--outliers", type=float, metavar="FRACTION",
                    help="share of weights kept sparse in float16 (e.g. 0.01)")
     p.add_argument("--override", action="append", metavar="REGEX=BITS",

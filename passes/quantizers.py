@@ -30,6 +30,12 @@ from lwqc.passes.kmeans import quantize_codebook
 from lwqc.passes.rtn import quantize_rtn
 
 CLIP_MODES = ("mse", "minmax", "output")
+# The quantizer the sensitivity analysis predicts for, and its policy plans for, unless told
+# otherwise: float-offset groups of 32 with 6-bit scales and offsets, the best of lwqc's
+# formats on SmolLM2-135M within 4.5 bits (bench/quality-smollm2.md); ONNX Runtime runs them
+# on MatMulNBits (backends/offset_nbits.py).
+SENSITIVITY_SCHEME = "float-offset-dq"
+SENSITIVITY_GROUP_SIZE = 32
 
 # A quantizer takes weights [out, in], the spec and per-input-column error weights (None:
 # no range search).

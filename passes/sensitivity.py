@@ -24,7 +24,9 @@
    back to output-error under ``metric=auto``; ``auto`` is fisher wherever gradients exist.
    The metric used is recorded in each annotation.
 5. Block value = sum of its sites' values (errors are treated as additive).
-Q_b is the quantize pass's own quantizer for the given scheme, group size and clip.
+Q_b is the quantize pass's own quantizer for the given scheme, group size and clip (by
+default those the sensitivity policy plans for: ``SENSITIVITY_SCHEME``,
+``SENSITIVITY_GROUP_SIZE``).
 """
 
 from __future__ import annotations
@@ -44,7 +46,12 @@ from lwqc.ir.graph import Graph
 from lwqc.ir.source import CAUSAL_LM
 from lwqc.ir.spec import QUANT_WIDTHS, SCHEMES, make_spec
 from lwqc.passes.base import Option, Pass, PassContext, PassKind, choice, positive_int
-from lwqc.passes.quantizers import CLIP_MODES, quantize_weight
+from lwqc.passes.quantizers import (
+    CLIP_MODES,
+    SENSITIVITY_GROUP_SIZE,
+    SENSITIVITY_SCHEME,
+    quantize_weight,
+)
 
 WIDTHS = QUANT_WIDTHS
 SCALED_AT = 4  # the width kl-scaled measures
@@ -92,8 +99,8 @@ class SensitivityPass(Pass):
         "metric": Option(choice("auto", "fisher", "output-error", "delta-kl", "kl-scaled"),
                          "auto", "what is measured (auto: fisher where the source gives "
                          "gradients, else output-error)"),
-        "group_size": Option(positive_int, 128, "quantizer group size"),
-        "scheme": Option(choice(*SCHEMES), "rtn-asym", "quantizer scheme"),
+        "group_size": Option(positive_int, SENSITIVITY_GROUP_SIZE, "quantizer group size"),
+        "scheme": Option(choice(*SCHEMES), SENSITIVITY_SCHEME, "quantizer scheme"),
         "clip": Option(choice(*CLIP_MODES), "mse", "quantizer range choice"),
     }
 

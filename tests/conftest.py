@@ -149,11 +149,13 @@ def ort_dequantized(path) -> dict[str, np.ndarray]:
     return {**weights, **nbits_dequantized(model)}
 
 
-def _initializer_slice(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """The nodes (and initializers) that compute ``outputs`` from initializers alone."""
+def _initializer_slice(model: onnx.ModelProto, outputs: list[str],
+                       inputs: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """The nodes (and initializers) that compute ``outputs`` from initializers and the float
+    graph ``inputs`` alone."""
     producer = {out: node for node in model.graph.node for out in node.output}
     inits = {t.name: t for t in model.graph.initializer}
-    needed, pending, used = [], list(outputs), set()
+    needed, pending, used = [], list(outputs), set(inputs)
     while pending:
         name = pending.pop()
         if name in used or not name:
@@ -166,7 +168,9 @@ def _initializer_slice(model: onnx.ModelProto, outputs: list[str]) -> onnx.Model
             pending.extend(node.input)
     order = [n for n in model.graph.node if n in needed]
     graph = onnx.helper.make_graph(
-        order, "weights", [],
+        order, "weights",
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+         for name in inputs],
         [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
          for name in outputs],
         [inits[name] for name in used if name in inits])
@@ -196,26 +200,31 @@ def genai_greedy(directory, prompt: list[int], new_tokens: int,
 
 def nbits_dequantized(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """The weight each quantized MatMulNBits node multiplies by, ``[out, in]``: ORT runs the
-    node alone (fp32 accuracy) on the identity matrix; fused sites are split by their rows."""
-    inits = {t.name: t for t in model.graph.initializer}
+    node (fp32 accuracy) with what computes its inputs, and the group-sum correction a
+    float-offset site adds to it, on the identity matrix; fused sites are split by their
+    rows."""
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
     weights = {}
     for node in model.graph.node:
         props = {p.key: p.value for p in node.metadata_props}
         if node.op_type != "MatMulNBits" or props.get("lwqc.bits", "16") == "16":
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        probe = onnx.helper.make_node("MatMulNBits", ["A", *node.input[1:4]], ["Y"],
-                                      domain="com.microsoft", **{**attrs, "accuracy_level": 1})
-        graph = onnx.helper.make_graph(
-            [probe], "probe", [onnx.helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT,
-                                                                  None)],
-            [onnx.helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)],
-            [inits[name] for name in node.input[1:4] if name])
-        single = onnx.helper.make_model(graph, opset_imports=[
-            onnx.helper.make_opsetid("", 21), onnx.helper.make_opsetid("com.microsoft", 1)])
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        kernel = next(n for n in probe.graph.node if n.name == node.name)
+        kernel.attribute.remove(next(a for a in kernel.attribute if a.name == "accuracy_level"))
+        kernel.attribute.append(onnx.helper.make_attribute("accuracy_level", 1))
+        users = consumers.get(node.output[0], [])
+        corrected = len(users) == 1 and users[0].op_type == "Add"  # a float-offset site
+        output = users[0].output[0] if corrected else node.output[0]
+        single = _initializer_slice(probe, [output], (node.input[0],))
         session = ort.InferenceSession(single.SerializeToString(),
                                        providers=["CPUExecutionProvider"])
-        weight = session.run(None, {"A": np.eye(attrs["K"], dtype=np.float32)})[0].T
+        weight = session.run(None, {node.input[0]: np.eye(attrs["K"], dtype=np.float32)})[0].T
         if "lwqc.site" in props:
             weights[props["lwqc.site"]] = weight
             continue

@@ -78,7 +78,11 @@ def test_causal_lm_artifact_is_a_kv_cache_decoder_with_genai_files(ref_decoder):
 
 
 def test_decoder_holds_the_packed_arrays_and_ort_dequantizes_them_exactly(ref_decoder):
-    graph, out = ref_decoder
+    _holds_exactly(*ref_decoder)
+
+
+def _holds_exactly(graph, out: Path) -> None:
+    """The artifact holds every site's packed arrays, and ORT multiplies by their weights."""
     read = ort_backend.read_packed(out / "model.onnx", set(graph.packed))
     dequantized = nbits_dequantized(onnx.load(str(out / "model.onnx")))
     assert set(read) == set(dequantized) == set(graph.packed)
@@ -146,6 +150,9 @@ def _tied_llama(directory: Path, ref_llama_dir: Path) -> Path:
     (8, 32, "rtn-sym", "GatherBlockQuantized"),
     (2, 32, "rtn-asym", "Gather"),  # no 2-bit GatherBlockQuantized: dequantized table
     (3, 32, "rtn-asym", "Gather"),
+    # float offsets: every site MatMulNBits with a group-sum correction, the table dequantized
+    (4, 32, "float-offset-dq", "Gather"),
+    (3, 32, "float-offset", "Gather"),
 ])
 def test_tied_head_serves_the_embedding_from_its_own_arrays(ref_llama_dir, tmp_path, width,
                                                             group_size, scheme, lookup):
@@ -155,7 +162,11 @@ def test_tied_head_serves_the_embedding_from_its_own_arrays(ref_llama_dir, tmp_p
     assert graph.sites["lm_head"].tied == "model.embed_tokens.weight"
     out = _save(graph, tmp_path / "out")
     proto = onnx.load(str(out / "model.onnx"))
-    assert lookup in [n.op_type for n in proto.graph.node]
+    ops = [n.op_type for n in proto.graph.node]
+    assert lookup in ops
+    if scheme.startswith("float-offset"):  # the head; q/k/v in one node, o, gate, up, down
+        assert ops.count("MatMulNBits") == 1 + 5 * 2
+        _holds_exactly(graph, out)
     # no float copy of the 4096 x 96 table is left
     assert not [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
                 and 4096 * 96 <= np.prod(t.dims)]

