@@ -127,7 +127,7 @@ class DecoderRewrite:
         # site -> a function building its float weight [out, in] (sites without an n-bit
         # table)
         self.tables: dict[str, Callable[[], ir.Value]] = {}
-        self.int2_dequantized = False  # a DequantizeLinear of int2 codes needs opset 25
+        self.int2_dequantized = False  # int2 codes (read by any op) need opset 25
 
     def run(self) -> None:
         for node, site_ids in locate_sites(self.model, self.graph).items():
@@ -205,7 +205,8 @@ class DecoderRewrite:
                                   self.metadata[name])
             self.int2_dequantized |= weight.spec.bits == 2
             dequantized = lower_weight(rewrite, weight)
-            self.tables[name] = functools.partial(self._transposed, name, dequantized)
+            self.tables[name] = functools.cache(functools.partial(self._transposed, name,
+                                                                  dequantized))
             new = ir.node("MatMul", [activation, dequantized], name=f"{name}/MatMul")
             self.model.graph.insert_before(node, new)
         new.metadata_props.update(self._decision(site_ids))
@@ -261,7 +262,7 @@ def _materialize(model: ir.Model) -> None:
 def build_decoder(graph: Graph, accuracy_level: int,
                   metadata: dict[str, dict[str, str]]) -> tuple[ir.Model, dict[str, bytes], bool]:
     """The rewritten decoder, the builder's other files (GenAI config, tokenizer) by name,
-    and whether it dequantizes int2 codes with DequantizeLinear (opset 25)."""
+    and whether it reads int2 codes (opset 25)."""
     assert graph.source is not None
     with tempfile.TemporaryDirectory(prefix="lwqc-decoder-") as work:
         out = Path(work) / "decoder"

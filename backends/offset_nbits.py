@@ -5,19 +5,21 @@ in two::
 
     x · Wᵀ = MatMulNBits(x; codes, scales, zero points 0) + (x · S) · offsetsᵀ
 
-``S`` the ``[in, groups]`` 0/1 matrix that sums each group's inputs. The file holds the
-format's own arrays at their physical size, exactly as ``onnx_formats`` stores them (tight 3-bit
-codes, 6-bit parameter codes, float16 steps) in ``[out, in]`` orientation; the kernel's inputs
-(the codes packed in its 4- or 8-bit container, float32 scales, zero zero-points, ``S`` and the
-offsets) are computed from them by standard ops on constants, which ONNX Runtime folds once, at
-session start, before the kernel packs its weights. So the site runs on MatMulNBits' uint8
-zero-point kernel (float zero points take a kernel about ten times slower on CPU) plus two
-small MatMuls of ``groups`` columns. The weight it multiplies by is the format's own float32
-formula, ``code * scale + offset``, each term rounded once as the torch backend computes it.
+``x · S`` each group's sum of the inputs (a Reshape to ``[..., groups, group]`` and a
+ReduceSum; the last group padded with zeros). The file holds the format's own arrays at their
+physical size, exactly as ``onnx_formats`` stores them (tight 3-bit codes, 6-bit parameter
+codes, float16 steps) in ``[out, in]`` orientation; the kernel's inputs (the codes packed in its
+4- or 8-bit container, float32 scales, zero zero-points, the offsets) are computed from them by
+standard ops on constants, which ONNX Runtime folds once, at session start, before the kernel
+packs its weights. So the site runs on MatMulNBits' uint8 zero-point kernel (float zero points
+take a kernel about ten times slower on CPU) plus a MatMul of ``groups`` inputs. The weight it
+multiplies by is the format's own float32 formula, ``code * scale + offset``, each term rounded
+once as the torch backend computes it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -28,7 +30,6 @@ from lwqc.backends.onnx_formats import (
     SiteRewrite,
     float_offset_parameters,
     float_offset_weight,
-    repeat_blocks,
 )
 from lwqc.ir.formats import WeightFormat
 from lwqc.ir.spec import GroupSpec
@@ -57,11 +58,12 @@ def lower(shared: SiteRewrite, sites: list[tuple[SiteRewrite, WeightFormat]],
           activation: ir.Value, accuracy_level: int, bias: ir.Value | None = None
           ) -> tuple[ir.Value, dict[str, Callable[[], ir.Value]]]:
     """One MatMulNBits (and its correction) computing the outputs of ``sites`` side by side for
-    ``activation`` (one spec; several sites when they read one input, as q/k/v do). Each
-    site's rewrite stores that site's arrays; ``shared`` builds the nodes they share and
-    carries the decision metadata; all in ``[out, in]`` orientation. Returns the output and,
-    per site, a function building its float weight ``[out, in]`` from the same arrays (for the
-    rows of a tied embedding)."""
+    ``activation`` (one spec; several sites when they read one input, as q/k/v do), with the
+    kernel's ``accuracy_level`` and optional ``bias`` (one value per output). Each site's
+    rewrite stores that site's arrays; ``shared`` builds the nodes they share and carries the
+    decision metadata; all in ``[out, in]`` orientation. Returns the output and, per site, a
+    function building its float weight ``[out, in]`` from the same arrays, once however often
+    it is called (for the rows of a tied embedding)."""
     weight = sites[0][1]
     spec = weight.spec
     assert isinstance(spec, GroupSpec) and spec.group_size is not None
@@ -90,7 +92,7 @@ def lower(shared: SiteRewrite, sites: list[tuple[SiteRewrite, WeightFormat]],
         "MatMulNBits", inputs, {"K": in_features, "N": out_features, "bits": width,
                                 "block_size": spec.group_size, "accuracy_level": accuracy_level},
         output="kernel_product", domain=matmul_nbits.DOMAIN)
-    sums = shared.node("MatMul", [activation, _group_sums(shared, weight)])
+    sums = _group_sums(shared, activation, weight)
     offsets = shared.node("Transpose", [joined(3)], {"perm": [1, 0]})
     output = shared.node("Add", [product, shared.node("MatMul", [sums, offsets])])
     kernel = product.producer()
@@ -104,24 +106,38 @@ def lower(shared: SiteRewrite, sites: list[tuple[SiteRewrite, WeightFormat]],
 
         return build
 
-    tables = {rewrite.site_id: dense(rewrite, site_weight, codes, scales, site_offsets)
+    tables = {rewrite.site_id: functools.cache(dense(rewrite, site_weight, codes, scales,
+                                                     site_offsets))
               for (rewrite, site_weight), (codes, _, scales, site_offsets)
               in zip(sites, parts, strict=True)}
     return output, tables
 
 
-def _group_sums(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
-    """``S``, ``[in, groups]`` float32: 1 where input ``i`` lies in group ``g``. Built from
-    nothing stored: an identity ``[groups, groups]`` repeated over each group's inputs."""
+def _group_sums(rewrite: SiteRewrite, activation: ir.Value, weight: WeightFormat) -> ir.Value:
+    """Each group's sum of the activation's inputs, ``[..., groups]``: Reshape to ``[...,
+    groups, group]`` (the leading dimensions copied where the rank is known, else read from
+    the activation's shape) and ReduceSum; a short last group padded with zeros first."""
     spec = weight.spec
     assert isinstance(spec, GroupSpec) and spec.group_size is not None
     in_features = weight.shape[1]
     groups = spec.groups(in_features)
-    square = rewrite.node("ConstantOfShape", [rewrite.constant("sums_square", [groups, groups])],
-                          {"value": ir.tensor(np.zeros(1, np.float32))})
-    identity = rewrite.node("EyeLike", [square])
-    rows = repeat_blocks(rewrite, identity, (groups, in_features), spec.group_size, "sums_")
-    return rewrite.node("Transpose", [rows], {"perm": [1, 0]})
+    value = activation
+    padding = groups * spec.group_size - in_features
+    if padding:
+        value = rewrite.node("Pad", [value, rewrite.constant("sums_padding", [0, padding]), None,
+                                     rewrite.constant("sums_padded_axis", [-1])])
+    grouped = [groups, spec.group_size]
+    if activation.shape is not None:
+        shape = rewrite.constant("sums_shape", [0] * (len(activation.shape) - 1) + grouped)
+    else:
+        leading = rewrite.node("Slice", [rewrite.node("Shape", [activation]),
+                                         rewrite.constant("sums_start", [0]),
+                                         rewrite.constant("sums_end", [-1])])
+        shape = rewrite.node("Concat", [leading, rewrite.constant("sums_groups", grouped)],
+                             {"axis": 0})
+    value = rewrite.node("Reshape", [value, shape])
+    return rewrite.node("ReduceSum", [value, rewrite.constant("sums_axis", [-1])],
+                        {"keepdims": 0})
 
 
 def _kernel_codes(rewrite: SiteRewrite, codes: ir.Value, weight: WeightFormat,

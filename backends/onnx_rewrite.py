@@ -123,10 +123,11 @@ def decision_metadata(graph: Graph, site_id: str) -> dict[str, str]:
 def lower(graph: Graph, model: ir.Model, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
           bytes_only: bool = False, capabilities: Capabilities = CAPABILITIES) -> ir.Model:
     """Rewrite the float ONNX ``model`` with the graph's plan and packed weights: MatMulNBits
-    where it holds the weight (and GatherBlockQuantized the tied table, if any), else the
-    format's standard-op lowering feeding the site's MatMul/Gemm, its codes in
-    ``capabilities``' containers. ``bytes_only``: standard ops on byte tensors only
-    (``onnx_formats`` step 6), for compilers other than ORT."""
+    where it holds the weight (and GatherBlockQuantized the tied table, if any), MatMulNBits
+    with a group-sum correction for float-offset groups (``offset_nbits``), else the format's
+    standard-op lowering feeding the site's MatMul/Gemm, its codes in ``capabilities``'
+    containers. ``bytes_only``: standard ops on byte tensors only (``onnx_formats`` step 6),
+    for compilers other than ORT."""
     matmuls = site_matmuls(model, list(graph.sites))
     int2_codes = False
     for site_id, node in matmuls.items():

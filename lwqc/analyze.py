@@ -18,7 +18,7 @@ from lwqc.artifacts import atomic_directory
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.frontends import import_model
 from lwqc.ir.graph import Graph
-from lwqc.ir.spec import AsymmetricSpec
+from lwqc.ir.spec import make_spec
 from lwqc.passes.analyses import CALIBRATED_ANALYSES, analysis_passes
 from lwqc.passes.manager import PassManager
 from lwqc.passes.quantizers import quantize_weight
@@ -26,6 +26,9 @@ from lwqc.passes.sensitivity import Damage
 from lwqc.plots import save_figure
 
 SCORES = ("zd", "entropy", "lim", "sensitivity")
+# the quantizer of the measured per-block damage, and of the sensitivity predicted against it:
+# the papers' round-to-nearest
+MEASURED_SCHEME = "rtn-asym"
 
 
 @dataclasses.dataclass
@@ -63,7 +66,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def block_damage(graph: Graph, low_bits: int, group_size: int) -> list[float]:
     """Measured damage of quantizing each block alone to ``low_bits``."""
     damage = Damage(graph)
-    spec = AsymmetricSpec(low_bits, group_size)
+    spec = make_spec(low_bits, MEASURED_SCHEME, group_size=group_size)
     result = []
     for block in graph.blocks:
         weights = {s: quantize_weight(graph.weight(s), spec).dequantize() for s in block.sites}
@@ -122,7 +125,8 @@ def _format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def analyze(request: AnalyzeRequest, stdout: TextIO = sys.stdout) -> dict[str, Any]:
     analyses = analysis_passes([cls.name for cls in CALIBRATED_ANALYSES], request.calibration,
-                               {"sensitivity": {"group_size": request.group_size}})
+                               {"sensitivity": {"group_size": request.group_size,
+                                                "scheme": MEASURED_SCHEME}})
     with atomic_directory(request.out) as staging:
         graph = import_model(request.model, request.trust_remote_code)
         if not graph.blocks:

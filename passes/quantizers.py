@@ -37,6 +37,12 @@ CLIP_MODES = ("mse", "minmax", "output")
 SENSITIVITY_SCHEME = "float-offset-dq"
 SENSITIVITY_GROUP_SIZE = 32
 
+
+def quantizer_label(scheme: str, group_size: int | None) -> str:
+    """The name of a scheme at a group size, e.g. ``float-offset-dq g32`` (per row: the scheme
+    alone)."""
+    return scheme if group_size is None else f"{scheme} g{group_size}"
+
 # A quantizer takes weights [out, in], the spec and per-input-column error weights (None:
 # no range search).
 Quantizer = Callable[[np.ndarray, QuantSpec, "np.ndarray | None"], WeightFormat]

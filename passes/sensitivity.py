@@ -22,7 +22,8 @@
    Like kl-scaled it weighs each site's output error by what it costs the whole model, but
    without running the model once per site. Sources that give no gradients (ONNX files) fall
    back to output-error under ``metric=auto``; ``auto`` is fisher wherever gradients exist.
-   The metric used is recorded in each annotation.
+   The metric used is recorded in each annotation, with the quantizer (scheme and group
+   size) it predicts for.
 5. Block value = sum of its sites' values (errors are treated as additive).
 Q_b is the quantize pass's own quantizer for the given scheme, group size and clip (by
 default those the sensitivity policy plans for: ``SENSITIVITY_SCHEME``,
@@ -51,6 +52,7 @@ from lwqc.passes.quantizers import (
     SENSITIVITY_GROUP_SIZE,
     SENSITIVITY_SCHEME,
     quantize_weight,
+    quantizer_label,
 )
 
 WIDTHS = QUANT_WIDTHS
@@ -64,6 +66,7 @@ class SensitivityStat(Annotation):
 
     key = "sensitivity"
     metric: str
+    quantizer: str  # the scheme and group size predicted for (``quantizer_label``)
     err2: float
     err3: float
     err4: float
@@ -132,11 +135,14 @@ class SensitivityPass(Pass):
                 at = per_width[WIDTHS.index(SCALED_AT)]
                 scale = measured[site_id][0] / at if at > 0 else 0.0
                 errors[site_id] = [scale * e for e in per_width]
+        quantizer = quantizer_label(self.values["scheme"], self.values["group_size"])
         for site_id, per_width in errors.items():
-            graph.annotate_site(site_id, SensitivityStat(self.name, metric, *per_width))
+            graph.annotate_site(site_id, SensitivityStat(self.name, metric, quantizer,
+                                                         *per_width))
         for block in graph.blocks:
             total = np.sum([errors[s] for s in block.sites], axis=0).tolist()
-            graph.annotate_block(block.index, SensitivityStat(self.name, metric, *total))
+            graph.annotate_block(block.index, SensitivityStat(self.name, metric, quantizer,
+                                                              *total))
 
     @property
     def measures(self) -> bool:

@@ -126,7 +126,7 @@ def save_tiny_model(arch: str, directory: Path, seed: int = 0) -> Path:
 def ort_dequantized(path) -> dict[str, np.ndarray]:
     """The weight ORT multiplies by for every quantized site, ``[out, in]``: ORT runs the nodes
     that compute each MatMul/Gemm's weight input (from initializers alone), and each
-    MatMulNBits node alone (``nbits_dequantized``)."""
+    MatMulNBits node on the identity (``nbits_dequantized``)."""
     model = onnx.load(path)
     names, transposed = {}, {}
     for node in model.graph.node:
@@ -203,6 +203,9 @@ def nbits_dequantized(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     node (fp32 accuracy) with what computes its inputs, and the group-sum correction a
     float-offset site adds to it, on the identity matrix; fused sites are split by their
     rows."""
+    ranks = {v.name: len(v.type.tensor_type.shape.dim)
+             for v in [*model.graph.value_info, *model.graph.input]
+             if v.type.tensor_type.HasField("shape")}
     consumers: dict[str, list] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -218,13 +221,19 @@ def nbits_dequantized(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         kernel = next(n for n in probe.graph.node if n.name == node.name)
         kernel.attribute.remove(next(a for a in kernel.attribute if a.name == "accuracy_level"))
         kernel.attribute.append(onnx.helper.make_attribute("accuracy_level", 1))
+        if len(kernel.input) > 5:  # without the bias
+            kernel.input[5] = ""
         users = consumers.get(node.output[0], [])
-        corrected = len(users) == 1 and users[0].op_type == "Add"  # a float-offset site
+        # a float-offset site: the kernel's product plus the group-sum correction
+        corrected = props["lwqc.scheme"].startswith("float-offset")
         output = users[0].output[0] if corrected else node.output[0]
         single = _initializer_slice(probe, [output], (node.input[0],))
         session = ort.InferenceSession(single.SerializeToString(),
                                        providers=["CPUExecutionProvider"])
-        weight = session.run(None, {node.input[0]: np.eye(attrs["K"], dtype=np.float32)})[0].T
+        rank = ranks.get(node.input[0], 2)  # the correction reshapes inputs of its rank
+        identity = np.eye(attrs["K"], dtype=np.float32).reshape([1] * (rank - 2)
+                                                                 + [attrs["K"]] * 2)
+        weight = session.run(None, {node.input[0]: identity})[0].reshape(attrs["K"], -1).T
         if "lwqc.site" in props:
             weights[props["lwqc.site"]] = weight
             continue

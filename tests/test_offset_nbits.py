@@ -4,6 +4,8 @@ format's weights, from nothing but the format's own arrays."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -31,43 +33,63 @@ def test_float_offset_groups_of_a_power_of_two_without_outliers_fit():
     assert [offset_nbits.container(b) for b in (2, 3, 4, 8)] == [4, 4, 4, 8]
 
 
-def _site_graph(weight, in_features: int, accuracy_level: int):
-    activation = ir.Value(name="A", type=ir.TensorType(ir.DataType.FLOAT),
-                          shape=ir.Shape(["m", in_features]))
+def _site_graph(weights, in_features: int, accuracy_level: int, rank: int | None = 2,
+                bias: np.ndarray | None = None):
+    """One MatMulNBits with its correction for ``weights`` (sites side by side), reading an
+    activation of ``rank`` (None: unknown); outputs the product, then each site's table."""
+    shape = None if rank is None else ir.Shape([*["m"] * (rank - 1), in_features])
+    activation = ir.Value(name="A", type=ir.TensorType(ir.DataType.FLOAT), shape=shape)
     anchor = ir.node("Identity", [activation])
     graph = ir.Graph([activation], [], nodes=[anchor], opset_imports={"": 25})  # uint2
-    rewrite = SiteRewrite(graph, "w", anchor, False, PACKED_STORAGE.code_bits, {})
-    output, tables = offset_nbits.lower(rewrite, [(rewrite, weight)], activation,
-                                        accuracy_level)
+    sites = [(SiteRewrite(graph, f"w{i}", anchor, False, PACKED_STORAGE.code_bits, {}), w)
+             for i, w in enumerate(weights)]
+    shared = sites[0][0] if len(sites) == 1 else SiteRewrite(
+        graph, "shared", anchor, False, PACKED_STORAGE.code_bits, {})
+    bias_value = None if bias is None else ir.Value(
+        name="bias", const_value=ir.tensor(bias), type=ir.TensorType(ir.DataType.FLOAT),
+        shape=ir.Shape(list(bias.shape)))
+    if bias_value is not None:
+        graph.register_initializer(bias_value)
+    output, tables = offset_nbits.lower(shared, sites, activation, accuracy_level, bias_value)
     graph.outputs.append(output)
     graph.remove(anchor)
-    graph.outputs.append(tables["w"]())
+    for rewrite, _ in sites:  # each table built twice: one set of nodes
+        assert tables[rewrite.site_id]() is tables[rewrite.site_id]()
+        graph.outputs.append(tables[rewrite.site_id]())
     model = ir.Model(graph, ir_version=13)
     model.opset_imports[matmul_nbits.DOMAIN] = 1
     return model
 
 
+def _session(model, optimized=None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if optimized is not None:
+        options.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(ir.to_proto(model).SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
 @pytest.mark.parametrize("scheme", ["float-offset", "float-offset-dq"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize(("in_features", "group_size"), [(96, 32), (80, 32)])
-def test_ort_computes_with_the_formats_weights(scheme, bits, in_features, group_size):
+def test_ort_computes_with_the_formats_weights(scheme, bits, in_features, group_size, tmp_path):
     rng = np.random.default_rng(bits)
     float_weight = rng.normal(size=(24, in_features)).astype(np.float32)
     weight = quantize_weight(float_weight, make_spec(bits, scheme, group_size=group_size),
                              clip="minmax")
     expected = weight.dequantize()
-    model = _site_graph(weight, in_features, accuracy_level=1)
+    model = _site_graph([weight], in_features, accuracy_level=1)
     kernels = [n for n in model.graph if n.op_type == "MatMulNBits"]
     assert len(kernels) == 1 and kernels[0].attributes.get_int("bits") == (
         4 if bits <= 4 else 8)
     # the file holds the format's arrays at their physical size, nothing derived from them
     stored = sum(v.const_value.nbytes for name, v in model.graph.initializers.items()
-                 if name.startswith("w.weight_"))
+                 if name.startswith("w0.weight_"))
     assert stored == PACKED_STORAGE.bytes(weight.shape, weight.spec, 16)
     assert all(v.const_value.nbytes <= 64 for name, v in model.graph.initializers.items()
-               if not name.startswith("w.weight_"))
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
+               if not name.startswith("w0.weight_"))
+    optimized = tmp_path / "optimized.onnx"
+    session = _session(model, optimized)
     x = rng.normal(size=(3, in_features)).astype(np.float32)
     product, dense = session.run(None, {"A": x})
     np.testing.assert_array_equal(dense, expected)
@@ -75,3 +97,61 @@ def test_ort_computes_with_the_formats_weights(scheme, bits, in_features, group_
     # on the identity each output is one weight: code * scale + offset, rounded as in torch
     by_identity = session.run(None, {"A": np.eye(in_features, dtype=np.float32)})[0]
     np.testing.assert_array_equal(by_identity.T, expected)
+    # ORT folded the kernel's inputs into constants before running it
+    folded = onnx.load(str(optimized))
+    constants = {t.name for t in folded.graph.initializer}
+    (kernel,) = [n for n in folded.graph.node if n.op_type == "MatMulNBits"]
+    assert set(kernel.input[1:4]) <= constants
+
+
+@pytest.mark.parametrize("rank", [3, None])
+def test_sites_side_by_side_with_a_bias_at_any_rank_and_int8_activations(rank):
+    rng = np.random.default_rng(7)
+    spec = make_spec(3, "float-offset-dq", group_size=16)
+    weights = [quantize_weight(rng.normal(size=(rows, 48)).astype(np.float32), spec,
+                               clip="minmax") for rows in (24, 8, 8)]
+    expected = np.concatenate([w.dequantize() for w in weights])
+    bias = rng.normal(size=40).astype(np.float32)
+    x = rng.normal(size=(2, 5, 48)).astype(np.float32)
+    reference = x @ expected.T + bias
+    # level 4 quantizes the activations to int8 per block: within 2 % of the outputs' range
+    for level, tolerance in ((1, 1e-4), (4, 0.02 * np.abs(reference).max())):
+        model = _site_graph(weights, 48, level, rank, bias)
+        product, *tables = _session(model).run(None, {"A": x})
+        np.testing.assert_allclose(product, reference, rtol=0, atol=tolerance)
+        for table, weight in zip(tables, weights, strict=True):
+            np.testing.assert_array_equal(table, weight.dequantize())
+
+
+def test_a_tied_head_of_an_export_serves_the_embedding_from_its_own_arrays(tmp_path):
+    from conftest import ort_dequantized, save_tiny_model
+    from lwqc.backends import onnx_rewrite
+    from lwqc.ir.hf_source import import_model
+    from lwqc.passes.manager import PassManager
+    from lwqc.registry import parse
+
+    graph = import_model(str(save_tiny_model("gpt2", tmp_path / "gpt2")))
+    assert graph.sites["lm_head"].tied is not None
+    PassManager(parse("policy-uniform{width=4,group_size=32,scheme=float-offset-dq},quantize,"
+                      "lower-onnx{graph=export,accuracy_level=1},lower-torch")).run(graph)
+    path = tmp_path / "model.onnx"
+    onnx_rewrite.save(graph.lowered["onnx"], path)
+    proto = onnx.load(str(path))
+    assert sum(n.op_type == "MatMulNBits" for n in proto.graph.node) == len(graph.sites)
+    vocab, hidden = graph.sites["lm_head"].shape
+    table = graph.weight("lm_head")
+    assert not [t for t in proto.graph.initializer  # no float copy of the table is left
+                if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) == table.size
+                and np.array_equal(onnx.numpy_helper.to_array(t).reshape(-1),
+                                   table.reshape(-1))]
+    assert "Gather" in [n.op_type for n in proto.graph.node]
+    module = graph.lowered["torch"]
+    for site_id, weight in ort_dequantized(path).items():
+        np.testing.assert_array_equal(weight, graph.packed[site_id].dequantize(), site_id)
+    ids = np.random.default_rng(0).integers(0, vocab, (2, 12))
+    logits = onnx_rewrite.session(path).run(["logits"], {"input_ids": ids})[0]
+    import torch
+
+    with torch.no_grad():
+        expected = module(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(logits - expected).max() < 1e-4

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from lwqc.ir.errors import PipelineError
 from lwqc.ir.hf_source import import_model
 from lwqc.ir.spec import AsymmetricSpec, FloatOffsetDqSpec, SymmetricSpec
 from lwqc.passes.manager import PassManager
@@ -482,3 +483,10 @@ def test_cache_key_tells_window_shapes_apart(tmp_path, monkeypatch):
     graph.calibration = tokens.reshape(8, 8)
     assert sensitivity._cache_file(graph, (2, 3, 4, 8)) != one
     assert sensitivity._cache_file(graph, (4,)) != sensitivity._cache_file(graph, (2, 3, 4, 8))
+
+
+def test_policy_refuses_predictions_for_another_quantizer(tiny, output_error):
+    assert {s.stats["sensitivity"].quantizer for s in tiny} == {"float-offset-dq g32"}
+    with pytest.raises(PipelineError, match="sensitivity predicted the damage of "
+                       "float-offset-dq g32 and policy-sensitivity plans rtn-asym g128"):
+        plan_of(tiny, "policy-sensitivity{bits=4.5,scheme=rtn-asym,group_size=128}")

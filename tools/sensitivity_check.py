@@ -6,7 +6,8 @@ calibration and input Gram matrices, then both cheap predictors of the ``sensiti
 error, an estimate of the KL itself) and ``metric=output-error`` (the relative output error).
 It then measures, for a seeded sample of sites (every role represented), the mean
 KL(float || quantized) over the calibration tokens with only that site quantized at 4 bits
-(group 128, output-error ranges: what ``metric=delta-kl`` and ``metric=kl-scaled`` measure),
+(the sensitivity pass's quantizer with output-error ranges: what ``metric=delta-kl`` and
+``metric=kl-scaled`` measure),
 and reports each predictor's Spearman rho against the measurement and the wall times: of each
 predictor over all sites, and of one measurement, hence of measuring every site (kl-scaled)
 or every site at four widths (delta-kl).
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     sites = len(graph.sites)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": graph.model_id, "analyses": format_pipeline(analyses), "bits": BITS,
+            "quantizer": fisher[next(iter(fisher))].quantizer,
             "sample": len(rows), "sites": sites, "spearman_rho": rho,
             "fisher_seconds_all_sites": fisher_seconds,
             "output_error_seconds_all_sites": output_seconds,
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Sensitivity predictor vs measurement: {args.name}", "",
         f"Measured {meta['date']} with `python tools/sensitivity_check.py`; analyses "
         f"`{meta['analyses']}`; damage = mean KL(float ‖ quantized) per calibration token with "
-        f"one site at {BITS} bits (group 128).", "",
+        f"one site at {BITS} bits ({meta['quantizer']}).", "",
         f"- Spearman rho against the measured damage, {len(rows)} sampled sites of {sites}: "
         f"Fisher-weighted output error (`metric=fisher`, the default) **{rho['fisher']:+.3f}**, "
         f"relative output error (`metric=output-error`) **{rho['output_error']:+.3f}**",
