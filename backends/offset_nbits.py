@@ -143,24 +143,25 @@ def _group_sums(rewrite: SiteRewrite, activation: ir.Value, weight: WeightFormat
 def _kernel_codes(rewrite: SiteRewrite, codes: ir.Value, weight: WeightFormat,
                   width: int) -> ir.Value:
     """MatMulNBits' ``B``: ``[out, blocks, block * width / 8]`` uint8, the codes little-endian
-    within each byte, the last block padded with zero codes."""
+    within each byte (4 bits: the even input in the low nibble), the last block padded with
+    zero codes; uint8 ops throughout."""
     spec = weight.spec
     assert isinstance(spec, GroupSpec) and spec.group_size is not None
     out_features, in_features = weight.shape
     blocks = spec.groups(in_features)
-    value = rewrite.node("Cast", [codes], {"to": ir.DataType.INT32})
+    value = rewrite.node("Cast", [codes], {"to": ir.DataType.UINT8})
     padding = blocks * spec.group_size - in_features
     if padding:
         value = rewrite.node("Pad", [value, rewrite.constant("codes_padding",
                                                              [0, 0, 0, padding])])
-    per_byte = 8 // width
-    if per_byte > 1:
-        value = rewrite.node("Reshape", [value, rewrite.constant("code_lanes", [-1, per_byte])])
-        lanes = np.asarray([[1 << (width * i) for i in range(per_byte)]], np.int32)
-        value = rewrite.node("Mul", [value, rewrite.initializer(
-            f"{rewrite.site_id}.lowering_lane_weights", lanes)])
-        value = rewrite.node("ReduceSum", [value, rewrite.constant("lane_axis", [1])],
-                             {"keepdims": 0})
-    value = rewrite.node("Cast", [value], {"to": ir.DataType.UINT8})
+    if width == 4:
+        pairs = rewrite.node("Reshape", [value, rewrite.constant("code_pairs", [-1, 2])])
+        low, high = (rewrite.node("Slice", [pairs, rewrite.constant(f"{name}_start", [i]),
+                                            rewrite.constant(f"{name}_end", [i + 1]),
+                                            rewrite.constant("pair_axis", [1])])
+                     for i, name in enumerate(("low_nibble", "high_nibble")))
+        high = rewrite.node("BitShift", [high, rewrite.array_constant(
+            "codes", "nibble_shift", [4], np.uint8)], {"direction": "LEFT"})
+        value = rewrite.node("BitwiseOr", [low, high])
     shape = [out_features, blocks, spec.group_size * width // 8]
     return rewrite.node("Reshape", [value, rewrite.constant("kernel_codes_shape", shape)])
