@@ -43,9 +43,11 @@ def _add_compile(sub) -> None:
     p.add_argument("--granularity", choices=("layer", "matmul"),
                    help="unit sharing one width (default: matmul)")
     p.add_argument("--group-size", type=int,
-                   help="group size along the input dim (128; policy sensitivity: 32)")
+                   help="group size along the input dim (128; policy sensitivity: 32 above "
+                        "--bits 2.5)")
     p.add_argument("--scheme", choices=SCHEMES,
-                   help="rtn-asym (default; policy sensitivity: float-offset-dq): integer zero "
+                   help="rtn-asym (default; policy sensitivity above --bits 2.5: "
+                        "float-offset-dq): integer zero "
                         "points; rtn-sym: none; float-offset: float offsets (GGUF Q4_1 style); "
                         "float-offset-dq: the same with 6-bit scales and offsets under float16 "
                         "steps per 8 groups (llama.cpp K-quant style: 4.5 bits at 4 bits, group "
@@ -195,7 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from lwqc.compile import CompileRequest, compile_model, default_passes, plan_passes, policy_pass
+    from lwqc.compile import (
+        CompileRequest,
+        compile_model,
+        default_passes,
+        plan_passes,
+        policy_pass,
+        sensitivity_quantizer,
+    )
     from lwqc.executors import parse_pool
     from lwqc.passes.analyses import calibrated
     from lwqc.passes.quantize import QuantizePass
@@ -218,6 +227,9 @@ def _compile(args: argparse.Namespace) -> int:
     elif args.plan:
         pass_list = plan_passes(args.plan, args.backend, quantize, lowering)
     else:
+        if args.policy == "sensitivity" and args.scheme is None and args.group_size is None:
+            chosen = sensitivity_quantizer(args.bits)
+            args.scheme, args.group_size = chosen["scheme"], chosen["group_size"]
         options = {
             "bits": args.bits, "ratio": args.ratio, "width": args.width, "hi": args.hi,
             "lo": args.lo, "granularity": args.granularity, "group_size": args.group_size,

@@ -27,6 +27,7 @@ from lwqc.passes.apply_plan import ApplyPlanPass
 from lwqc.passes.base import Pass, PassKind, TaskPool
 from lwqc.passes.manager import PassManager, PassTiming
 from lwqc.passes.quantize import QuantizePass
+from lwqc.passes.quantizers import SENSITIVITY_GROUP_SIZE, SENSITIVITY_SCHEME
 from lwqc.registry import LOWERINGS, REGISTRY, policies
 from lwqc.report import render
 
@@ -43,6 +44,21 @@ def policy_pass(policy: str, values: dict[str, Any]) -> Pass:
             f"--{unsupported[0].replace('_', '-')} does not apply to policy {policy!r}"
         )
     return cls(**given)
+
+
+# `--policy sensitivity` without --scheme and --group-size plans for float-offset-dq in groups
+# of 32 (passes/quantizers.py), whose narrowest width costs 2.5 bits per weight or more; a
+# budget at or below that gets rtn-asym in groups of 128 (2 bits: 2.31), which can meet it.
+FLOAT_OFFSET_DQ_FLOOR_BITS = 2.5
+NARROW_BUDGET_QUANTIZER = {"scheme": "rtn-asym", "group_size": 128}
+
+
+def sensitivity_quantizer(bits: float | None) -> dict[str, Any]:
+    """The scheme and group size ``lwqc compile --policy sensitivity --bits B`` plans for when
+    neither is given (its analysis predicts for the same)."""
+    if bits is not None and bits <= FLOAT_OFFSET_DQ_FLOOR_BITS:
+        return dict(NARROW_BUDGET_QUANTIZER)
+    return {"scheme": SENSITIVITY_SCHEME, "group_size": SENSITIVITY_GROUP_SIZE}
 
 
 # The quantizer of a pipeline that calibrates anyway (lim, sensitivity): GPTQ with output-error

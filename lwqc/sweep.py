@@ -49,7 +49,9 @@ class Sweeper:
     """One analysed model and the evaluation machinery shared by all points of a sweep."""
 
     def __init__(self, model: str, out: Path | None, windows: int = 16, seq_len: int = 512,
-                 analyses: str = ANALYSES) -> None:
+                 analyses: str = ANALYSES, lazy: bool = False) -> None:
+        """``lazy``: run the analyses only when a point is computed (a sweep whose points are
+        all recorded rewrites its tables without them)."""
         if windows < 1 or seq_len < 2:
             raise LwqcError("a sweep needs at least one window of at least 2 tokens")
         if is_onnx_file(model):
@@ -57,8 +59,10 @@ class Sweeper:
                             "model or GGUF file, not an ONNX export")
         self.graph = import_model(model)
         self.causal = self.graph.source.kind == CAUSAL_LM
-        PassManager(parse(analyses)).run(self.graph)
         self.analyses = analyses
+        self._analysed = False
+        if not lazy:
+            self._analyse()
         if self.causal:
             self.tokens = self.graph.source.tokenize(wikitext2_text())
         else:
@@ -73,6 +77,11 @@ class Sweeper:
             out.mkdir(parents=True, exist_ok=True)
             self.results_path = out / "results.jsonl"
             self.results = self._load()
+
+    def _analyse(self) -> None:
+        if not self._analysed:
+            PassManager(parse(self.analyses)).run(self.graph)
+            self._analysed = True
 
     def settings(self) -> dict[str, Any]:
         """What makes two sweeps' points comparable (and lets a worker rebuild this one)."""
@@ -112,12 +121,14 @@ class Sweeper:
                gptq: GptqSettings | None = None) -> WeightFormat:
         key = (site_id, spec, clip, gptq)
         if key not in self._packed:
+            self._analyse()
             self._packed[key] = quantize_weight(self.graph.weight(site_id), spec, clip,
                                                 self.graph.grams.get(site_id), gptq)
         return self._packed[key]
 
     def plan(self, policy: str) -> dict[str, QuantSpec]:
         """The specs a policy pass (pipeline text of one pass) chooses."""
+        self._analyse()
         self.graph.plan = None
         self.graph.available.discard("plan")
         PassManager(parse(policy)).run(self.graph)

@@ -167,3 +167,22 @@ def test_minilm_uniform_8_bit_keeps_sts_quality(minilm_dir, tmp_path, capsys):
     assert result["spearman_fp"] > 0.8  # the real all-MiniLM-L6-v2 on STS-B dev
     assert abs(result["spearman"] - result["spearman_fp"]) < 0.005
     assert result["cosine_to_fp"] > 0.999
+
+
+@pytest.mark.parametrize(("bits", "scheme", "group_size"), [
+    (4.5, "float-offset-dq", 32),
+    (2.5, "rtn-asym", 128),  # float-offset-dq costs 2.5 bits or more at 2 bits
+])
+def test_sensitivity_defaults_pick_a_quantizer_that_can_meet_the_budget(
+        ref_llama_dir, tmp_path, bits, scheme, group_size):
+    out = tmp_path / "out"
+    _compile(ref_llama_dir, out, "--policy", "sensitivity", "--bits", str(bits),
+             "--calib-samples", "2", "--calib-seq-len", "64", "--no-gptq", "--backend", "torch")
+    document = json.loads((out / "plan.json").read_text())
+    pipeline = document["pipeline"]
+    assert f"sensitivity{{metric=auto,group_size={group_size},scheme={scheme}" in pipeline
+    assert f"policy-sensitivity{{bits={bits},group_size={group_size},scheme={scheme}" in pipeline
+    sites = document["sites"].values()
+    assert {(site["scheme"], site["group_size"]) for site in sites
+            if site["bits"] != 16} == {(scheme, group_size)}
+    assert document["totals"]["avg_bits_physical"] <= bits

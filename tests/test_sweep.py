@@ -49,6 +49,12 @@ def test_points_resume_from_the_results_file(sweeper, ref_llama_dir):
     again = Sweeper(str(ref_llama_dir), sweeper.out, windows=2, analyses=ANALYSES)
     assert again.point("u8", must_not_run) == first
     assert 0 <= first["kld"] < 1e-3
+    # lazy: the recorded point comes back without the analyses; a new plan runs them first
+    lazy = Sweeper(str(ref_llama_dir), sweeper.out, windows=2, analyses=ANALYSES, lazy=True)
+    assert lazy.point("u8", must_not_run) == first
+    assert not any(site.stats for site in lazy.graph)
+    assert set(lazy.plan("policy-lim{bits=6}").values()) and all(
+        "lim" in block.stats for block in lazy.graph.blocks)
 
 
 def test_policy_sweep_writes_tables_and_a_plot(sweeper):

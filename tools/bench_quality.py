@@ -68,7 +68,7 @@ SMOLLM2 = (  # the headline rows first: the bench resumes in this order
      'policy-uniform{width=4,override="lm_head=16"}', MINMAX, ORT_INT4_B128),
     ("uniform 4-bit g128, GPTQ", "policy-uniform{width=4}", GPTQ, ORT_INT4_B128),
     ("float-offset-dq 4-bit g32, GPTQ", f"policy-uniform{{width=4,{DQ32}}}", GPTQ, None),
-    *((f"sensitivity --bits {b}, rtn-asym g128 (the former default), GPTQ",
+    *((f"sensitivity --bits {b}, rtn-asym g128, GPTQ",
        f"policy-sensitivity{{bits={b},{ASYM128}}}", GPTQ, None) for b in (4.5, 3.5, 2.5)),
     ("float-offset-dq 3-bit g32, GPTQ", f"policy-uniform{{width=3,{DQ32}}}", GPTQ, None),
     ("lim --bits 4.5, float-offset-dq g32, GPTQ", f"policy-lim{{bits=4.5,{DQ32}}}", GPTQ, None),
@@ -102,10 +102,11 @@ def smollm2_gguf() -> str:
 
 
 # what `lwqc compile MODEL --policy sensitivity --bits B` does, in its own sweep (its analyses
-# are the compile's defaults)
+# are the compile's defaults); at --bits 2.5 and below the compile plans for rtn-asym g128,
+# the quality-smollm2 row "sensitivity --bits 2.5, rtn-asym g128"
 SMOLLM2_DEFAULTS = tuple(
     (f"lwqc compile --policy sensitivity --bits {b} (defaults)", f"policy-sensitivity{{bits={b}}}",
-     format_pass(QuantizePass(**CALIBRATED_QUANTIZE)), None) for b in (4.5, 3.5, 2.5))
+     format_pass(QuantizePass(**CALIBRATED_QUANTIZE)), None) for b in (4.5, 3.5))
 
 
 def compile_analyses() -> str:
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     points = args.out_dir / name  # results.jsonl: a rerun resumes where it stopped
     try:
         extra = {} if analyses is None else {"analyses": analyses}
-        sweeper = Sweeper(locate(), points, windows=windows, **extra)
+        sweeper = Sweeper(locate(), points, windows=windows, lazy=True, **extra)
     except LwqcError as exc:
         print(f"bench_quality: error: {exc}", file=sys.stderr)
         return 2
