@@ -7,9 +7,10 @@ in two::
 
 ``x · S`` each group's sum of the inputs (a Reshape to ``[..., groups, group]`` and a
 ReduceSum; the last group padded with zeros). The file holds the format's own arrays at their
-physical size, exactly as ``onnx_formats`` stores them (tight 3-bit codes, 6-bit parameter
-codes, float16 steps) in ``[out, in]`` orientation; the kernel's inputs (the codes packed in its
-4- or 8-bit container, float32 scales, zero zero-points, the offsets) are computed from them by
+physical size in ``[out, in]`` orientation: codes of the kernel's width (4 or 8 bits) in whole
+groups as the kernel's ``B`` itself, every other array as ``onnx_formats`` stores it (tight
+3-bit codes, 6-bit parameter codes, float16 steps). The kernel's other inputs (``B`` from codes
+of other widths, float32 scales, zero zero-points, the offsets) are computed from them by
 standard ops on constants, which ONNX Runtime folds once, at session start, before the kernel
 packs its weights. So the site runs on MatMulNBits' uint8 zero-point kernel (float zero points
 take a kernel about ten times slower on CPU) plus a MatMul of ``groups`` inputs. The weight it
@@ -73,8 +74,7 @@ def lower(shared: SiteRewrite, sites: list[tuple[SiteRewrite, WeightFormat]],
     groups, width = spec.groups(in_features), container(spec.bits)
     parts = []
     for rewrite, site_weight in sites:
-        codes = rewrite.array(site_weight, "codes")
-        parts.append((codes, _kernel_codes(rewrite, codes, site_weight, width),
+        parts.append((*_codes(rewrite, site_weight, width),
                       *float_offset_parameters(rewrite, site_weight)))
 
     def joined(index: int) -> ir.Value:
@@ -98,11 +98,11 @@ def lower(shared: SiteRewrite, sites: list[tuple[SiteRewrite, WeightFormat]],
     kernel = product.producer()
     assert kernel is not None
 
-    def dense(rewrite: SiteRewrite, site_weight: WeightFormat, codes: ir.Value,
+    def dense(rewrite: SiteRewrite, site_weight: WeightFormat, codes: Callable[[], ir.Value],
               scales: ir.Value, site_offsets: ir.Value) -> Callable[[], ir.Value]:
         def build() -> ir.Value:
             rewrite.matmul = kernel  # the node that stays in the graph
-            return float_offset_weight(rewrite, site_weight, codes, scales, site_offsets)
+            return float_offset_weight(rewrite, site_weight, codes(), scales, site_offsets)
 
         return build
 
@@ -111,6 +111,45 @@ def lower(shared: SiteRewrite, sites: list[tuple[SiteRewrite, WeightFormat]],
               for (rewrite, site_weight), (codes, _, scales, site_offsets)
               in zip(sites, parts, strict=True)}
     return output, tables
+
+
+def _codes(rewrite: SiteRewrite, weight: WeightFormat,
+           width: int) -> tuple[Callable[[], ir.Value], ir.Value]:
+    """A function giving the codes ``[out, in]`` as a value (built when first asked), and
+    MatMulNBits' ``B``. Codes stored at the kernel's width in whole blocks (4-bit codes,
+    groups dividing the inputs) are stored as ``B`` itself, the format's bytes in the kernel's
+    order: nothing to fold, and ``read_codes`` reads them back. Other codes are stored in their
+    own container and ``B`` is computed from them."""
+    spec = weight.spec
+    assert isinstance(spec, GroupSpec) and spec.group_size is not None
+    out_features, in_features = weight.shape
+    if rewrite.code_bits(spec.bits) != width or in_features % spec.group_size:
+        codes = rewrite.array(weight, "codes")
+        return (lambda: codes), _kernel_codes(rewrite, codes, weight, width)
+    packed = matmul_nbits.pack_codes(weight.arrays()["codes"], width)
+    blob = rewrite.initializer(f"{rewrite.site_id}.weight_codes", packed.reshape(
+        out_features, in_features // spec.group_size, spec.group_size * width // 8))
+    return functools.cache(lambda: _unpacked(rewrite, blob, weight, width)), blob
+
+
+def read_codes(blob: np.ndarray, width: int, in_features: int) -> np.ndarray:
+    """The codes ``[out, in]`` stored as MatMulNBits' ``B`` (inverse of ``_codes``)."""
+    return matmul_nbits.unpack_codes(blob.reshape(blob.shape[0], -1), width, in_features)
+
+
+def _unpacked(rewrite: SiteRewrite, blob: ir.Value, weight: WeightFormat,
+              width: int) -> ir.Value:
+    """The codes ``[out, in]`` of a ``B`` (uint8): each byte's codes, lowest bits first."""
+    value = blob
+    if width < 8:
+        value = rewrite.node("Reshape", [value, rewrite.constant("kernel_bytes", [-1, 1])])
+        shifts = [[width * i for i in range(8 // width)]]
+        value = rewrite.node("BitShift", [value, rewrite.array_constant(
+            "kernel", "lane_shifts", shifts, np.uint8)], {"direction": "RIGHT"})
+        value = rewrite.node("BitwiseAnd", [value, rewrite.array_constant(
+            "kernel", "lane_mask", [(1 << width) - 1], np.uint8)])
+    return rewrite.node("Reshape", [value, rewrite.constant("unpacked_codes_shape",
+                                                             list(weight.shape))])
 
 
 def _group_sums(rewrite: SiteRewrite, activation: ir.Value, weight: WeightFormat) -> ir.Value:
@@ -161,7 +200,7 @@ def _kernel_codes(rewrite: SiteRewrite, codes: ir.Value, weight: WeightFormat,
                                             rewrite.constant("pair_axis", [1])])
                      for i, name in enumerate(("low_nibble", "high_nibble")))
         high = rewrite.node("BitShift", [high, rewrite.array_constant(
-            "codes", "nibble_shift", [4], np.uint8)], {"direction": "LEFT"})
+            "kernel", "nibble_shift", [4], np.uint8)], {"direction": "LEFT"})
         value = rewrite.node("BitwiseOr", [low, high])
     shape = [out_features, blocks, spec.group_size * width // 8]
     return rewrite.node("Reshape", [value, rewrite.constant("kernel_codes_shape", shape)])

@@ -273,6 +273,9 @@ def read_packed(path: Path, expected: set[str]) -> dict[str, WeightFormat]:
         site_ids = [meta["lwqc.site"]] if "lwqc.site" in meta else json.loads(meta["lwqc.sites"])
         for site_id in site_ids:
             arrays = stored_arrays(initializers, site_id, transposed, spec.scheme == "rtn-sym")
+            if arrays and arrays["codes"].ndim == 3:  # stored as MatMulNBits' B
+                arrays["codes"] = offset_nbits.read_codes(
+                    arrays["codes"], node.attributes.get_int("bits"), node.attributes.get_int("K"))
             if arrays:
                 packed[site_id] = load_weight(spec, arrays)
     missing = sorted(expected - set(packed))

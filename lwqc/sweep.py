@@ -35,14 +35,21 @@ from lwqc.ir.onnx_source import is_onnx_file
 from lwqc.ir.source import CAUSAL_LM
 from lwqc.ir.spec import QuantSpec
 from lwqc.passes.analyses import CALIBRATED_ANALYSES, analysis_passes
+from lwqc.passes.budget import BUDGET_OPTIONS
 from lwqc.passes.gptq import GptqSettings
 from lwqc.passes.manager import PassManager
 from lwqc.passes.pipeline import format_pipeline
 from lwqc.passes.quantizers import quantize_weight
 from lwqc.registry import parse
 
-ANALYSES = format_pipeline(analysis_passes([cls.name for cls in CALIBRATED_ANALYSES],
-                                           options={"sensitivity": {"metric": "delta-kl"}}))
+# A sweep compares policies under one quantizer: the budget driver's default (rtn-asym in groups
+# of 128), for the sensitivity policy too, whose own default differs.
+COMMON_QUANTIZER = {"scheme": BUDGET_OPTIONS["scheme"].default,
+                    "group_size": BUDGET_OPTIONS["group_size"].default}
+COMMON_QUANTIZER_TEXT = ",".join(f"{k}={v}" for k, v in sorted(COMMON_QUANTIZER.items()))
+ANALYSES = format_pipeline(analysis_passes(
+    [cls.name for cls in CALIBRATED_ANALYSES],
+    options={"sensitivity": {"metric": "delta-kl", **COMMON_QUANTIZER}}))
 
 
 class Sweeper:
@@ -223,6 +230,8 @@ def sweep_points(policies: list[str], budgets: list[float], seeds: int,
         for policy in policies:
             for seed in range(seeds if policy == "random" else 1):
                 text = f"policy-{policy}{{bits={budget},granularity={granularity}"
+                if policy == "sensitivity":
+                    text += f",{COMMON_QUANTIZER_TEXT}"
                 text += f",seed={seed}}}" if policy == "random" else "}"
                 name = f"{policy}-{granularity}-b{budget}" + (f"-s{seed}" if policy == "random"
                                                               else "")

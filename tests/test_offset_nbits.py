@@ -82,6 +82,9 @@ def test_ort_computes_with_the_formats_weights(scheme, bits, in_features, group_
     kernels = [n for n in model.graph if n.op_type == "MatMulNBits"]
     assert len(kernels) == 1 and kernels[0].attributes.get_int("bits") == (
         4 if bits <= 4 else 8)
+    # codes of the kernel's width in whole blocks are stored as its B: nothing to fold
+    direct = bits in (4, 8) and in_features % group_size == 0
+    assert (kernels[0].inputs[1].name == "w0.weight_codes") == direct
     # the file holds the format's arrays at their physical size, nothing derived from them
     stored = sum(v.const_value.nbytes for name, v in model.graph.initializers.items()
                  if name.startswith("w0.weight_"))

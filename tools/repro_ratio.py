@@ -26,7 +26,7 @@ from lwqc.ir.errors import LwqcError
 from lwqc.ir.spec import QuantSpec, make_spec
 from lwqc.passes.solver import make_units, split_by_ratio
 from lwqc.plots import quality_axis, save_figure
-from lwqc.sweep import Sweeper
+from lwqc.sweep import COMMON_QUANTIZER_TEXT, Sweeper
 
 RATIOS = (0.5, 0.7, 0.9)
 GRANULARITIES = ("layer", "matmul")
@@ -69,7 +69,7 @@ def run(sweeper: Sweeper, search_windows: int) -> list[dict]:
                                                 "low_share": low_share(sweeper, s)},
                           study="best", ratio=ratio, granularity=granularity, trial=best_trial)
             policy = (f"policy-sensitivity{{ratio={ratio},lo={LOW},hi={HIGH},"
-                      f"granularity={granularity}}}")
+                      f"granularity={granularity},{COMMON_QUANTIZER_TEXT}}}")
             sweeper.point(f"solver-{granularity}-r{ratio}",
                           lambda p=policy: _evaluate_policy(sweeper, p),
                           study="solver", ratio=ratio, granularity=granularity, trial=-1)
