@@ -18,7 +18,7 @@ Each point is appended to ``bench/<name>/results.jsonl`` as it finishes, and a r
 points already there (delete the folder to measure afresh). Writes ``bench/<name>.json`` and
 ``bench/<name>.md`` (``quality`` / ``quality-smollm2`` / ``quality-smollm2-defaults``).
 Usage: python tools/bench_quality.py [ref-llama-6L|smollm2|smollm2-defaults] [--out-dir bench]
-[--windows N]
+[--windows N] [--tables-only]
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ def write_tables(args, name: str, windows: int, sweeper: Sweeper, rows: list[dic
     lines = [
         f"# Quality at equal size: {meta['model']}, {windows} WikiText-2 windows of 512 "
         f"tokens, float PPL {meta['ppl_fp']:.2f}", "",
-        f"Measured {meta['date']} with `python tools/bench_quality.py {args.model}`; analyses "
+        f"Written {meta['date']} by `python tools/bench_quality.py {args.model}` (each point "
+        f"measured once, kept in `{name}/results.jsonl`); analyses "
         f"`{meta['analyses']}`. Baseline columns are BASELINES.md (ONNX Runtime's RTN "
         "quantizer on the same model).", "",
         *([] if len(rows) == planned else
@@ -165,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", nargs="?", default="ref-llama-6L", choices=sorted(MODELS))
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench")
     parser.add_argument("--windows", type=int, help="WikiText-2 windows (default per model)")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="rewrite the tables from the recorded points, measure nothing")
     args = parser.parse_args(argv)
     locate, configs, windows, analyses, name = MODELS[args.model]
     windows = args.windows or windows
@@ -177,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = []
     for label, policy, quantize_text, baseline in configs:
+        if args.tables_only and label not in sweeper.results:
+            continue
         (quantize,) = parse(quantize_text)
 
         def compute(policy=policy, quantize=quantize):
