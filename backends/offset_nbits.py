@@ -116,10 +116,10 @@ def lower(shared: SiteRewrite, sites: list[tuple[SiteRewrite, WeightFormat]],
 def _codes(rewrite: SiteRewrite, weight: WeightFormat,
            width: int) -> tuple[Callable[[], ir.Value], ir.Value]:
     """A function giving the codes ``[out, in]`` as a value (built when first asked), and
-    MatMulNBits' ``B``. Codes stored at the kernel's width in whole blocks (4-bit codes,
-    groups dividing the inputs) are stored as ``B`` itself, the format's bytes in the kernel's
-    order: nothing to fold, and ``read_codes`` reads them back. Other codes are stored in their
-    own container and ``B`` is computed from them."""
+    MatMulNBits' ``B``. Codes stored at the kernel's width in whole blocks (4- or 8-bit
+    codes, groups dividing the inputs) are stored as ``B`` itself, the format's bytes in the
+    kernel's order: nothing to fold, and ``read_codes`` reads them back. Other codes are stored
+    in their own container and ``B`` is computed from them."""
     spec = weight.spec
     assert isinstance(spec, GroupSpec) and spec.group_size is not None
     out_features, in_features = weight.shape
