@@ -129,27 +129,13 @@ def _codes(rewrite: SiteRewrite, weight: WeightFormat,
     packed = matmul_nbits.pack_codes(weight.arrays()["codes"], width)
     blob = rewrite.initializer(f"{rewrite.site_id}.weight_codes", packed.reshape(
         out_features, in_features // spec.group_size, spec.group_size * width // 8))
-    return functools.cache(lambda: _unpacked(rewrite, blob, weight, width)), blob
+    return functools.cache(lambda: rewrite.unpack_bytes(blob, "kernel", weight.shape, width,
+                                                        False)), blob
 
 
 def read_codes(blob: np.ndarray, width: int, in_features: int) -> np.ndarray:
     """The codes ``[out, in]`` stored as MatMulNBits' ``B`` (inverse of ``_codes``)."""
     return matmul_nbits.unpack_codes(blob.reshape(blob.shape[0], -1), width, in_features)
-
-
-def _unpacked(rewrite: SiteRewrite, blob: ir.Value, weight: WeightFormat,
-              width: int) -> ir.Value:
-    """The codes ``[out, in]`` of a ``B`` (uint8): each byte's codes, lowest bits first."""
-    value = blob
-    if width < 8:
-        value = rewrite.node("Reshape", [value, rewrite.constant("kernel_bytes", [-1, 1])])
-        shifts = [[width * i for i in range(8 // width)]]
-        value = rewrite.node("BitShift", [value, rewrite.array_constant(
-            "kernel", "lane_shifts", shifts, np.uint8)], {"direction": "RIGHT"})
-        value = rewrite.node("BitwiseAnd", [value, rewrite.array_constant(
-            "kernel", "lane_mask", [(1 << width) - 1], np.uint8)])
-    return rewrite.node("Reshape", [value, rewrite.constant("unpacked_codes_shape",
-                                                             list(weight.shape))])
 
 
 def _group_sums(rewrite: SiteRewrite, activation: ir.Value, weight: WeightFormat) -> ir.Value:
