@@ -3,15 +3,18 @@
 A policy only scores (``passes/policy.py``); this module turns scores into widths:
 1. ``bits=B``: average physical bits per quantizable weight (everything a site stores
    counted, at the sizes of the pipeline's target backend) never exceed B. Widths come from
-   ``lo``/``hi`` if given, else ``lo`` is the widest single width whose uniform plan fits and
-   ``hi`` the next rung of 2 -> 3 -> 4 -> 8 -> 16 (rungs the target does not store are
-   skipped).
+   ``widths`` (exact solver) or ``lo``/``hi`` if given, else ``lo`` is the widest single width
+   whose uniform plan fits and ``hi`` the next rung of 2 -> 3 -> 4 -> 8 -> 16 (rungs the
+   target does not store are skipped): the two rungs around the budget.
 2. ``ratio=R``: share R of the parameters at ``lo`` (default 4), the rest at ``hi`` (8).
 3. ``override=REGEX=BITS`` pins matching sites (first matching override wins); pinned sites
    are charged against the budget first.
 4. ``solver=greedy`` (default for rank scores: the papers' "most important first") or
-   ``solver=exact``: the optimal multiple-choice knapsack over ``widths`` (default 2+3+4+8),
-   minimising the policy's ``loss``.
+   ``solver=exact``: the optimal multiple-choice knapsack over those widths, minimising the
+   policy's ``loss``. Two rungs by default, not all four: the losses are per-site estimates
+   that add, while the damage of many low-width sites compounds, so on SmolLM2 a plan that
+   keeps every site near the budget measures better than the one the summed estimates favour
+   (README, "Policies").
 5. Candidates are only specs the target backend stores; a width the user names that the
    target cannot store is refused before any work.
 """
@@ -34,7 +37,6 @@ if TYPE_CHECKING:
     from lwqc.passes.policy import PolicyPass
 
 AUTO_LADDER = (2, 3, 4, 8, KEEP_BITS)
-EXACT_WIDTHS = (2, 3, 4, 8)
 
 
 def width(text: str) -> int:
@@ -189,11 +191,10 @@ class Budget:
                 f"{pinned_bits / graph.total_params:.3f} bits per weight"
             )
         if v["solver"] == "exact":
-            given = v["widths"] or [w for w in (v["lo"], v["hi"]) if w]
-            if given:
-                ladder = [self.require(w, f"width {w}") for w in given]
+            if v["widths"]:
+                ladder = [self.require(w, f"width {w}") for w in v["widths"]]
             else:
-                ladder = [w for w in EXACT_WIDTHS if self.supported(w)]
+                ladder = self.ladder(units, capacity, pinned_bits)
             widths = solve_exact(
                 units, ladder, self.cost,
                 self.policy.loss_function(graph, units, importance), capacity - pinned_bits,

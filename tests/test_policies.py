@@ -182,6 +182,23 @@ def test_lo_alone_climbs_to_the_next_rung(analysed, budget, lo, hi):
     assert physical_bits(analysed) <= budget
 
 
+# the exact solver, like the greedy one, mixes the two rungs around the budget unless told the
+# widths: its plan fills the budget from below, and a given width list is taken as it is
+@pytest.mark.parametrize(("options", "ladder"), [
+    ("bits=2.8", [2, 3]), ("bits=3.5", [3, 4]), ("bits=5.0", [4, 8]),
+    ("bits=3.5,lo=2", [2, 3]), ("bits=3.5,hi=8", [3, 8]), ("bits=3.5,widths=2+4+8", [2, 4, 8])])
+def test_exact_solver_widths_are_the_rungs_around_the_budget_unless_given(analysed, options,
+                                                                           ladder):
+    bits = plan(analysed, f"policy-zd{{{options},solver=exact}}")
+    assert analysed.plan.budget["widths"] == ladder
+    assert set(bits.values()) <= set(ladder)
+    budget = float(options.split(",")[0].removeprefix("bits="))
+    assert 8 * totals(analysed, analysed.plan.specs).bytes <= Fraction(str(budget)) * (
+        analysed.total_params)
+    if options == f"bits={budget}":  # the lower rung alone fits, the upper one alone does not
+        assert set(bits.values()) == set(ladder)
+
+
 def test_ewq_rule_ranks_blocks_unless_told_otherwise(analysed):
     bits = plan(analysed, "policy-entropy")
     assert analysed.plan.budget["granularity"] == "layer"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from lwqc.ir.accounting import totals
 from lwqc.ir.errors import PipelineError
 from lwqc.ir.hf_source import import_model
 from lwqc.ir.spec import AsymmetricSpec, FloatOffsetDqSpec, SymmetricSpec
@@ -434,7 +435,7 @@ def test_policy_sensitivity_matches_brute_force_at_layer_granularity(
     tiny, output_error, budget
 ):
     widths = (2, 3, 4, 8)
-    bits = plan_of(tiny, f"policy-sensitivity{{bits={budget},granularity=layer}}")
+    bits = plan_of(tiny, f"policy-sensitivity{{bits={budget},granularity=layer,widths=2+3+4+8}}")
     capacity = Fraction(str(budget)) * tiny.total_params
     assert used_bits(tiny, bits) <= capacity
     units = make_units(tiny, "layer")
@@ -453,21 +454,43 @@ def test_policy_sensitivity_matches_brute_force_at_layer_granularity(
 @pytest.mark.parametrize("budget", [3.0, 3.6, 4.5, 5.5, 7.5])
 def test_policy_sensitivity_is_optimal_at_matmul_granularity(tiny, output_error, budget):
     widths = (2, 3, 4, 8)
-    bits = plan_of(tiny, f"policy-sensitivity{{bits={budget}}}")
+    bits = plan_of(tiny, f"policy-sensitivity{{bits={budget},widths=2+3+4+8}}")
     capacity = Fraction(str(budget)) * tiny.total_params
     assert used_bits(tiny, bits) <= capacity
     assert set(bits.values()) <= set(widths)
     assert len(set(bits.values())) >= 2  # these budgets force a mixed plan
-    sites = list(tiny.sites.values())
+    assert_optimal(tiny, bits, widths, capacity)
+
+
+@pytest.mark.parametrize("budget", [3.0, 3.6, 4.5, 5.5, 7.5])
+def test_policy_sensitivity_mixes_the_two_rungs_around_the_budget(tiny, output_error, budget):
+    capacity = Fraction(str(budget)) * tiny.total_params
+    fitting = [w for w in (2, 3, 4, 8)
+               if used_bits(tiny, dict.fromkeys(tiny.sites, w)) <= capacity]
+    ladder = [fitting[-1], {2: 3, 3: 4, 4: 8}[fitting[-1]]]
+    bits = plan_of(tiny, f"policy-sensitivity{{bits={budget}}}")
+    assert tiny.plan.budget["widths"] == ladder
+    assert set(bits.values()) == set(ladder)
+    assert used_bits(tiny, bits) <= capacity
+    assert_optimal(tiny, bits, ladder, capacity)
+
+
+def assert_optimal(graph, bits: dict[str, int], widths, capacity: Fraction) -> None:
+    """The plan's summed loss is the least of any plan over ``widths`` within ``capacity``."""
+    sites = list(graph.sites.values())
     costs = [[physical_bytes(s.shape, w) for w in widths] for s in sites]
     losses = [[s.stats["sensitivity"].error(w) for w in widths] for s in sites]
     best = best_by_dynamic_program(costs, losses, int(capacity // 8))
-    assert loss_of(tiny, bits) == pytest.approx(best, rel=1e-9, abs=1e-15)
+    assert loss_of(graph, bits) == pytest.approx(best, rel=1e-9, abs=1e-15)
 
 
-def test_policy_sensitivity_with_room_for_everything_takes_8_bits(tiny, output_error):
-    bits = plan_of(tiny, "policy-sensitivity{bits=9}")
-    assert set(bits.values()) == {8}
+def test_policy_sensitivity_with_room_for_everything_takes_the_widest_width(tiny, output_error):
+    assert set(plan_of(tiny, "policy-sensitivity{bits=9,widths=2+3+4+8}").values()) == {8}
+    # without widths, a budget between the uniform 8-bit plan and float mixes both
+    bits = plan_of(tiny, "policy-sensitivity{bits=20}")
+    assert tiny.plan.budget["widths"] == [8, 16]
+    assert set(bits.values()) == {8, 16}
+    assert 8 * totals(tiny, tiny.plan.specs).bytes <= 20 * tiny.total_params
 
 
 def test_cache_key_tells_window_shapes_apart(tmp_path, monkeypatch):
