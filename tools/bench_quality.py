@@ -42,6 +42,19 @@ REPO = Path(__file__).resolve().parents[1]
 # (label, policy pass text, quantize pass text, baseline: (phys bpw or None, ΔPPL %, KLD) or None)
 MSE, MINMAX = "quantize{clip=mse}", "quantize{clip=minmax}"
 GPTQ = "quantize{clip=output,gptq=true}"
+DQ32 = "group_size=32,scheme=float-offset-dq"
+ASYM128 = "group_size=128,scheme=rtn-asym"
+CLAQ_ABLATION = (  # METHODS.md §3 against RTN and GPTQ at 3 bits, group 128
+    ("uniform 3-bit g128, min/max", "policy-uniform{width=3}", MINMAX, None),
+    ("uniform 3-bit g128, GPTQ", "policy-uniform{width=3}", GPTQ, None),
+    ("CLAQ 3.1-bit setting (+AP: 10 % of columns at 4 bits), GPTQ", "policy-claq", GPTQ, None),
+    ("codebook 3-bit (CLAQ k-means)", "policy-uniform{width=3,scheme=codebook}", MINMAX, None),
+    ("codebook 3-bit, GPTQ (+GPTQ)", "policy-uniform{width=3,scheme=codebook}", GPTQ, None),
+    ("codebook 3-bit, 1 % outliers (+OR)",
+     "policy-uniform{width=3,scheme=codebook,outliers=0.01}", MINMAX, None),
+    ("codebook 3-bit, 1 % outliers, GPTQ (+OR +GPTQ)",
+     "policy-uniform{width=3,scheme=codebook,outliers=0.01}", GPTQ, None),
+)
 REF_LLAMA = (
     ("uniform 8-bit g128", "policy-uniform{width=8}", MSE, (8.31, 0.03, 0.00006)),
     ("uniform 4-bit g32", "policy-uniform{width=4,group_size=32}", MSE, (5.25, 0.43, 0.0120)),
@@ -52,42 +65,38 @@ REF_LLAMA = (
     ("uniform 2-bit g128", "policy-uniform{width=2}", MSE, (2.31, 36.9, 0.464)),
     ("llama.cpp rule 8/4 g128", "policy-llamacpp", MSE, (4.63, 1.28, 0.0167)),
     ("entropy, --bits 4.5", "policy-entropy{bits=4.5}", MSE, None),
-    ("sensitivity (measured), --bits 4.5", "policy-sensitivity{bits=4.5}", MSE, None),
-    ("sensitivity (measured), --bits 4.0", "policy-sensitivity{bits=4.0}", MSE, None),
-    ("sensitivity (measured), --bits 3.5", "policy-sensitivity{bits=3.5}", MSE, None),
-    ("sensitivity (measured), --bits 3.0", "policy-sensitivity{bits=3.0}", MSE, None),
-    ("sensitivity (measured), --bits 2.5", "policy-sensitivity{bits=2.5}", MSE, None),
+    *((f"sensitivity (measured, rtn-asym g128), --bits {b}",
+       f"policy-sensitivity{{bits={b},{ASYM128}}}", MSE, None) for b in (4.5, 4.0, 3.5, 3.0, 2.5)),
     ("lim, --bits 3.5", "policy-lim{bits=3.5}", MSE, None),
+    *CLAQ_ABLATION,
 )
 ORT_INT4_B128 = (None, 34.5, 0.390)
-DQ32 = "group_size=32,scheme=float-offset-dq"
-ASYM128 = "group_size=128,scheme=rtn-asym"
 SMOLLM2 = (  # the headline rows first: the bench resumes in this order
     ("uniform 4-bit g128, min/max (default)", "policy-uniform{width=4}", MINMAX, ORT_INT4_B128),
     ("uniform 4-bit g128, min/max, head float (as ONNX Runtime's quantizer)",
      'policy-uniform{width=4,override="lm_head=16"}', MINMAX, ORT_INT4_B128),
     ("uniform 4-bit g128, GPTQ", "policy-uniform{width=4}", GPTQ, ORT_INT4_B128),
     ("float-offset-dq 4-bit g32, GPTQ", f"policy-uniform{{width=4,{DQ32}}}", GPTQ, None),
-    *((f"sensitivity --bits {b}, rtn-asym g128, GPTQ",
-       f"policy-sensitivity{{bits={b},{ASYM128}}}", GPTQ, None) for b in (4.5, 3.5, 2.5)),
+    *((f"sensitivity --bits {b}, rtn-asym g128, widths 2+3+4+8, GPTQ",
+       f"policy-sensitivity{{bits={b},{ASYM128},widths=2+3+4+8}}", GPTQ, None)
+      for b in (4.5, 3.5, 2.5)),
+    # the compile's plan at 2.5, but for its sensitivity analysis's clip (mse there)
+    ("sensitivity --bits 2.5, rtn-asym g128, GPTQ", f"policy-sensitivity{{bits=2.5,{ASYM128}}}",
+     GPTQ, None),
     ("float-offset-dq 3-bit g32, GPTQ", f"policy-uniform{{width=3,{DQ32}}}", GPTQ, None),
     ("lim --bits 4.5, float-offset-dq g32, GPTQ", f"policy-lim{{bits=4.5,{DQ32}}}", GPTQ, None),
     ("float-offset 4-bit g32 (Q4_1's own grid)",
      "policy-uniform{width=4,group_size=32,scheme=float-offset}", MINMAX, None),
     ("uniform 8-bit g128", "policy-uniform{width=8}", MINMAX, (None, 0.11, 0.0016)),
-    ("uniform 3-bit g128, GPTQ", "policy-uniform{width=3}", GPTQ, None),
     ("uniform 4-bit g32, min/max", "policy-uniform{width=4,group_size=32}", MINMAX,
      (None, 26.9, 0.284)),
     ("uniform 4-bit g128, clip=mse", "policy-uniform{width=4}", MSE, ORT_INT4_B128),
     ("uniform 4-bit g128, clip=output", "policy-uniform{width=4}", "quantize{clip=output}",
      ORT_INT4_B128),
     ("float-offset 4-bit g128, GPTQ", "policy-uniform{width=4,scheme=float-offset}", GPTQ, None),
-    ("codebook 3-bit (CLAQ k-means)", "policy-uniform{width=3,scheme=codebook}", MINMAX, None),
-    ("codebook 3-bit, 1 % outliers (+OR)",
-     "policy-uniform{width=3,scheme=codebook,outliers=0.01}", MINMAX, None),
-    ("codebook 3-bit, 1 % outliers, GPTQ (+OR +GPTQ)",
-     "policy-uniform{width=3,scheme=codebook,outliers=0.01}", GPTQ, None),
     ("CLAQ --bits 3.5 (+AP), GPTQ", "policy-claq{bits=3.5}", GPTQ, None),
+    *CLAQ_ABLATION,
+    ("CLAQ --bits 2.5 (+AP), GPTQ", "policy-claq{bits=2.5}", GPTQ, None),
     ("uniform 2-bit g32, min/max", "policy-uniform{width=2,group_size=32}", MINMAX,
      (None, 70887.0, 6.57)),
 )
@@ -102,8 +111,8 @@ def smollm2_gguf() -> str:
 
 
 # what `lwqc compile MODEL --policy sensitivity --bits B` does, in its own sweep (its analyses
-# are the compile's defaults); at --bits 2.5 and below the compile plans for rtn-asym g128,
-# the quality-smollm2 row "sensitivity --bits 2.5, rtn-asym g128"
+# are the compile's defaults); at --bits 2.5 and below the compile plans for rtn-asym g128:
+# the quality-smollm2 row "sensitivity --bits 2.5, rtn-asym g128, GPTQ"
 SMOLLM2_DEFAULTS = tuple(
     (f"lwqc compile --policy sensitivity --bits {b} (defaults)", f"policy-sensitivity{{bits={b}}}",
      format_pass(QuantizePass(**CALIBRATED_QUANTIZE)), None) for b in (4.5, 3.5))
