@@ -61,7 +61,8 @@ def _add_compile(sub) -> None:
     p.add_argument("--solver", choices=("greedy", "exact"),
                    help="greedy: most important first (default for rank scores); exact: optimal "
                         "knapsack (default for sensitivity)")
-    p.add_argument("--widths", help="candidate widths of the exact solver, e.g. 2+4+8")
+    p.add_argument("--widths", help="candidate widths of the exact solver, e.g. 2+3+4+8 "
+                   "(default: the two rungs around --bits)")
     quant = p.add_argument_group("quantizer")
     quant.add_argument("--clip", choices=("minmax", "mse", "output"),
                        help="group range: full range, least weight error, or least output "

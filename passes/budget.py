@@ -82,7 +82,8 @@ BUDGET_OPTIONS: dict[str, Option] = {
     "outliers": Option(fraction, None, "share of weights kept sparse in float16 (0)"),
     "override": Option(_override_text, None, "REGEX=BITS pins matching sites", multiple=True),
     "solver": Option(choice("greedy", "exact"), "greedy", "how scores and budget become widths"),
-    "widths": Option(width_list, None, "candidate widths of the exact solver, e.g. 2+4+8"),
+    "widths": Option(width_list, None, "candidate widths of the exact solver, e.g. 2+3+4+8 "
+                     "(default: the two rungs around the budget)"),
 }
 
 
