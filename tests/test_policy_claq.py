@@ -12,7 +12,7 @@ from conftest import ArrayWeights
 from lwqc.ir.accounting import site_bytes
 from lwqc.ir.errors import BudgetError, PipelineError
 from lwqc.ir.graph import Block, Graph, MatmulSite
-from lwqc.ir.spec import CodebookSpec
+from lwqc.ir.spec import AsymmetricSpec, CodebookSpec
 from lwqc.passes.kmeans import high_columns, quantize_codebook
 from lwqc.passes.manager import PassManager
 from lwqc.passes.policy_claq import SHARE_STEPS
@@ -28,6 +28,15 @@ def _graph() -> Graph:
     blocks = [Block(0, "layers.0", ["layers.0.a", "layers.0.b"]),
               Block(1, "layers.1", ["layers.1.a"])]
     return Graph("toy", "toy", sites, blocks, nx.DiGraph(), source=ArrayWeights(arrays))
+
+
+def _graph_with_head() -> Graph:
+    """``_graph`` and a vocabulary head of 512 tokens."""
+    graph = _graph()
+    head = np.random.default_rng(1).standard_normal((512, 64)).astype(np.float32)
+    graph.sites["lm_head"] = MatmulSite("lm_head", "lm_head", None, (512, 64), "lm_head", 3)
+    graph.source = ArrayWeights({**graph.source.arrays, "lm_head": head})
+    return graph
 
 
 def _plan(graph: Graph, text: str) -> CodebookSpec:
@@ -108,3 +117,24 @@ def test_adaptive_precision_puts_outlier_columns_at_the_high_width():
     # low columns are fitted exactly as without adaptive precision
     low = [0, 1, 2, 4]
     np.testing.assert_array_equal(adaptive.dequantize()[:, low], plain.dequantize()[:, low])
+
+
+@pytest.mark.parametrize("text", ["policy-claq", "policy-claq{bits=3.3}", "policy-claq{lo=2}"])
+def test_the_vocabulary_head_is_quantized_by_rows_within_the_budget(text):
+    graph = _graph_with_head()
+    PassManager(parse(text)).run(graph)
+    specs = graph.plan.specs
+    columns = {specs[s] for s in graph.sites if s != "lm_head"}
+    (codebook,) = columns
+    assert isinstance(codebook, CodebookSpec)
+    assert specs["lm_head"] == AsymmetricSpec(codebook.bits, group_size=128)
+    assert graph.plan.budget["head"] == "rtn-asym g128"
+    assert any(note.startswith("lm_head: rtn-asym in groups of 128") for note in graph.plan.notes)
+    # the head's rows are charged: 512 x 64 codes, and per row and group of 128 (one here: 64
+    # inputs) an fp32 scale and a zero point of the code width
+    bits = codebook.bits
+    assert site_bytes(graph, "lm_head", specs["lm_head"]) == 512 * 64 * bits // 8 + 512 * 4 + (
+        512 * bits + 7) // 8
+    if "bits=" in text:
+        used = 8 * sum(site_bytes(graph, s, spec) for s, spec in specs.items())
+        assert used <= Fraction("3.3") * graph.total_params
