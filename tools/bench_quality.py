@@ -95,6 +95,8 @@ SMOLLM2 = (  # the headline rows first: the bench resumes in this order
      ORT_INT4_B128),
     ("float-offset 4-bit g128, GPTQ", "policy-uniform{width=4,scheme=float-offset}", GPTQ, None),
     *CLAQ_ABLATION[:3],
+    ("CLAQ --bits 3.29 (+AP), GPTQ: within uniform 3-bit g128's 3.298 bits",
+     "policy-claq{bits=3.29}", GPTQ, None),
     ("CLAQ --bits 3.5 (+AP), GPTQ", "policy-claq{bits=3.5}", GPTQ, None),
     *CLAQ_ABLATION[3:],
     ("CLAQ --bits 2.5 (+AP), GPTQ", "policy-claq{bits=2.5}", GPTQ, None),
