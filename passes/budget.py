@@ -14,7 +14,7 @@ A policy only scores (``passes/policy.py``); this module turns scores into width
    policy's ``loss``. Two rungs by default, not all four: the losses are per-site estimates
    that add, while the damage of many low-width sites compounds, so on SmolLM2 a plan that
    keeps every site near the budget measures better than the one the summed estimates favour
-   (README, "Policies").
+   (README, "Benchmarks").
 5. Candidates are only specs the target backend stores; a width the user names that the
    target cannot store is refused before any work.
 """
