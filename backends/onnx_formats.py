@@ -44,7 +44,7 @@ import onnx_ir as ir
 
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.formats import CodebookWeight, FloatOffsetDqWeight, SparseOutliers, WeightFormat
-from lwqc.ir.formats.float_offset_dq import PARAM_BITS, SUPER_GROUPS
+from lwqc.ir.formats.float_offset_dq import PARAM_BITS, super_group_size
 from lwqc.ir.spec import GroupSpec
 
 CODE_TYPES = {
@@ -361,7 +361,8 @@ def _dq_parameter(rewrite: SiteRewrite, weight: WeightFormat, kind: str) -> ir.V
     steps = rewrite.node("Cast", [rewrite.array(weight, f"{kind}_steps")],
                          {"to": ir.DataType.FLOAT})
     groups = spec.groups(weight.shape[1])
-    steps = repeat_blocks(rewrite, steps, (weight.shape[0], groups), SUPER_GROUPS, "super_")
+    steps = repeat_blocks(rewrite, steps, (weight.shape[0], groups), super_group_size(groups),
+                          "super_")
     return rewrite.node("Mul", [codes, steps])
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from lwqc.ir.errors import PlanError
 from lwqc.ir.formats import FloatOffsetDqWeight, FloatOffsetWeight
-from lwqc.ir.formats.float_offset_dq import PARAM_BITS, SUPER_GROUPS
+from lwqc.ir.formats.float_offset_dq import PARAM_BITS, super_group_size, super_groups
 from lwqc.ir.spec import FloatOffsetDqSpec, GroupSpec
 from lwqc.passes.rtn import GroupRule, grouped, grouped_weights, search
 
@@ -141,18 +141,18 @@ class DqParameters:
         out_features, count = groups.shape[:2]
         lo = np.minimum(groups.min(axis=2), 0.0)
         scales, magnitudes = (groups.max(axis=2) - lo) / (2**bits - 1), -lo
-        supers = -(-count // SUPER_GROUPS)
+        self.size, supers = super_group_size(count), super_groups(count)
 
         def per_super(values: np.ndarray) -> np.ndarray:
-            padded = np.zeros((out_features, supers * SUPER_GROUPS))
+            padded = np.zeros((out_features, supers * self.size))
             padded[:, :count] = values
-            return _steps_up(padded.reshape(out_features, supers, SUPER_GROUPS).max(axis=2))
+            return _steps_up(padded.reshape(out_features, supers, self.size).max(axis=2))
 
         self.scale_steps, self.offset_steps = per_super(scales), per_super(magnitudes)
         self.groups = count
 
     def per_group(self, steps: np.ndarray, first: int, count: int) -> np.ndarray:
-        return np.repeat(steps, SUPER_GROUPS, axis=1)[:, first : first + count]
+        return np.repeat(steps, self.size, axis=1)[:, first : first + count]
 
     def rule(self, groups: np.ndarray, bits: int, first: int = 0) -> SnappedFloatOffset:
         """The rule of ``groups`` ``[out, n, block]``, the weight's groups from ``first`` on."""

@@ -111,25 +111,53 @@ def test_float_offset_dequantize_is_code_times_scale_plus_offset():
 
 
 def test_float_offset_dq_dequantize_by_hand_across_two_super_groups():
-    # one row of 19 inputs in groups of 2: 10 groups (the last short), super-groups of 8 groups
-    codes = np.arange(19, dtype=np.uint8)[None] % 4
-    scale_codes = np.array([[1, 2, 3, 4, 5, 6, 7, 63, 9, 10]], np.uint8)
-    offset_codes = np.array([[0, 1, 0, 2, 0, 3, 0, 4, 63, 5]], np.uint8)
+    # one row of 35 inputs in groups of 2: 18 groups (the last short), split into two
+    # super-groups of 9 groups (round(18 / 8) = 2), not 8 + 8 + 2
+    codes = np.arange(35, dtype=np.uint8)[None] % 4
+    scale_codes = np.array([[1, 2, 3, 4, 5, 6, 7, 8, 63, 9, 10, 11, 12, 13, 14, 15, 16, 17]],
+                           np.uint8)
+    offset_codes = np.array([[0, 1, 0, 2, 0, 3, 0, 4, 5, 63, 6, 7, 8, 9, 10, 11, 12, 13]],
+                            np.uint8)
     steps = np.array([[0.5, 0.125]], np.float16), np.array([[0.25, 2.0]], np.float16)
     weight = FloatOffsetDqWeight(FloatOffsetDqSpec(bits=2, group_size=2), codes, scale_codes,
                                  offset_codes, *steps)
     expected = []
-    for i in range(19):
+    for i in range(35):
         g = i // 2
-        super_group = g // 8
+        super_group = g // 9
         scale = int(scale_codes[0, g]) * float(steps[0][0, super_group])
         magnitude = int(offset_codes[0, g]) * float(steps[1][0, super_group])
         expected.append(int(codes[0, i]) * scale - magnitude)
     deq = weight.dequantize()
     assert deq.dtype == np.float32
     np.testing.assert_array_equal(deq, [expected])
-    assert deq[0, 15] == 3 * 63 * 0.5 - 4 * 0.25  # group 7: the last of super-group 0
-    assert deq[0, 17] == 1 * 9 * 0.125 - 63 * 2.0  # group 8: the first of super-group 1
+    assert deq[0, 17] == 1 * 63 * 0.5 - 5 * 0.25  # group 8: the last of super-group 0
+    assert deq[0, 19] == 3 * 9 * 0.125 - 63 * 2.0  # group 9: the first of super-group 1
+    assert deq[0, 34] == 2 * 17 * 0.125 - 13 * 2.0  # group 17: one input, the short last
+
+
+def test_float_offset_dq_rows_of_576_inputs_have_two_super_groups():
+    # SmolLM2's hidden size: 18 groups of 32 share two pairs of float16 steps, so a 3-bit
+    # weight costs 3 + 12/32 + 64/576 bits (three pairs, 8 + 8 + 2, would cost 96/576)
+    nbytes = PACKED_STORAGE.bytes((64, 576), FloatOffsetDqSpec(3, 32), 32)
+    assert nbytes == 64 * (576 * 3 // 8 + 2 * 18 * 6 // 8 + 2 * 2 * 2)
+    assert 8 * nbytes / (64 * 576) == pytest.approx(3 + 12 / 32 + 64 / 576)
+    weight = quantize_weight(np.random.default_rng(0).standard_normal((4, 576)),
+                             FloatOffsetDqSpec(3, 32), "minmax")
+    assert weight.scale_steps.shape == weight.offset_steps.shape == (4, 2)
+
+
+def test_float_offset_dq_arrays_of_another_super_group_layout_are_refused():
+    weight = quantize_weight(np.random.default_rng(0).standard_normal((2, 576)),
+                             FloatOffsetDqSpec(4, 32), "minmax")
+    arrays = weight.arrays()
+    three = {k: np.concatenate([v, v[:, :1]], axis=1) if k.endswith("_steps") else v
+             for k, v in arrays.items()}
+    with pytest.raises(PlanError, match="3 super-groups of steps for 18 groups, where this "
+                       "layout has 2"):
+        load_weight(weight.spec, three)
+    np.testing.assert_array_equal(load_weight(weight.spec, arrays).dequantize(),
+                                  weight.dequantize())
 
 
 def test_float_offset_dq_takes_four_and_a_half_bits_at_four_bits_and_groups_of_32():
@@ -314,8 +342,9 @@ def _expected_bytes(shape, spec):
         return codes + 4 * groups + _ceil_bytes(groups * c) + outliers
     if spec.scheme == "rtn-sym":
         return codes + 4 * groups + outliers
-    if spec.scheme == "float-offset-dq":  # 6-bit parameter codes, float16 steps per 8 groups
-        supers = out_features * -(-in_features // (8 * group))
+    if spec.scheme == "float-offset-dq":  # 6-bit parameter codes, float16 steps per ~8 groups
+        per_row = -(-in_features // group)
+        supers = out_features * {1: 1, 2: 1, 8: 1, 9: 1, 64: 8}[per_row]  # BYTES_SHAPES' rows
         return codes + 2 * _ceil_bytes(groups * 6) + 4 * supers + outliers
     return codes + 8 * groups + outliers  # float-offset
 
