@@ -77,7 +77,7 @@ def _add_compile(sub) -> None:
     calib = p.add_argument_group("calibration (policies lim and sensitivity, --gptq, "
                                  "--clip output)")
     calib.add_argument("--calib", help="wikitext2-valid (default) | tinyshakespeare | FILE")
-    calib.add_argument("--calib-samples", type=int, help="windows (16)")
+    calib.add_argument("--calib-samples", type=int, help="windows (64)")
     calib.add_argument("--calib-seq-len", type=int, help="tokens per window (256)")
     calib.add_argument("--calib-seed", type=int, help="seed of the window offsets (0)")
     calib.add_argument("--lim-skip-first", action="store_true",

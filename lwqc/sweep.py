@@ -43,12 +43,15 @@ from lwqc.passes.quantizers import quantize_weight
 from lwqc.registry import parse
 
 # A sweep compares policies under one quantizer: the budget driver's default (rtn-asym in groups
-# of 128), for the sensitivity policy too, whose own default differs.
+# of 128), for the sensitivity policy too, whose own default differs. It calibrates on 16
+# windows, not the compile's 64: its measured sensitivity runs the model once per site and
+# width over them.
 COMMON_QUANTIZER = {"scheme": BUDGET_OPTIONS["scheme"].default,
                     "group_size": BUDGET_OPTIONS["group_size"].default}
 COMMON_QUANTIZER_TEXT = ",".join(f"{k}={v}" for k, v in sorted(COMMON_QUANTIZER.items()))
+SWEEP_CALIBRATION = {"samples": 16}
 ANALYSES = format_pipeline(analysis_passes(
-    [cls.name for cls in CALIBRATED_ANALYSES],
+    [cls.name for cls in CALIBRATED_ANALYSES], calibration=SWEEP_CALIBRATION,
     options={"sensitivity": {"metric": "delta-kl", **COMMON_QUANTIZER}}))
 
 

@@ -132,7 +132,8 @@ MODELS = {
     "ref-llama-6L": (lambda: str(REPO.parent / "shared/models/ref-llama-6L"), REF_LLAMA, 64,
                      None, "quality"),
     "smollm2": (smollm2_gguf, SMOLLM2, 32,
-                f"zd,entropy,outliers,calib,lim,gram,sensitivity{{clip=output,{ASYM128}}}",
+                f"zd,entropy,outliers,calib{{samples=16}},lim,gram,"
+                f"sensitivity{{clip=output,{ASYM128}}}",
                 "quality-smollm2"),
     "smollm2-defaults": (smollm2_gguf, SMOLLM2_DEFAULTS, 32, compile_analyses(),
                          "quality-smollm2-defaults"),
