@@ -8,7 +8,7 @@ its class and is the one list of schemes (and ``WIDTHS`` the one list of widths)
 3. ``float-offset``: affine groups with a float scale and a float offset per group (GGUF Q4_1,
    HQQ); same group fields. ``float-offset-dq``: the same groups with their scales and offsets
    quantized in turn (double quantization, the parameter layout of llama.cpp's K-quants):
-   6-bit codes against two float16 steps shared by a super-group of 8 groups.
+   6-bit codes against two float16 steps shared by a super-group of about 8 groups.
 4. ``codebook``: one codebook of 2^bits float centroids per input column (CLAQ's K-means).
 Every quantized spec may reserve a fraction ``outliers`` of its weights, stored sparsely in
 full precision and added to the dequantized base (0 = none).
