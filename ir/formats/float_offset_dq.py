@@ -8,9 +8,10 @@ store a super-block's 6-bit scales and mins):
 per row, ``g`` the group of the input; all products in float32. ``codes`` are unsigned
 ``0..2^bits-1``; ``scale_codes`` and ``offset_codes`` ``[out, n_groups]`` are ``PARAM_BITS``-bit
 unsigned; ``scale_steps`` and ``offset_steps`` ``[out, n_supers]`` float16, one pair per
-super-group of ``S`` consecutive groups (the last may be short). A row of n groups has
-round(n / SUPER_GROUPS) super-groups (at least one) of S = ceil(n / that) groups: 18 groups
-(576 inputs in groups of 32) make two super-groups of 9, not 8 + 8 + 2. Offsets are never
+super-group of ``S`` consecutive groups (the last may be short). In a row of n groups,
+S = ceil(n / k) for k = round(n / SUPER_GROUPS) (at least 1): super-groups of about
+SUPER_GROUPS groups, as even as the row allows. 18 groups (576 inputs in groups of 32) make two
+super-groups of 9, not 8 + 8 + 2. Offsets are never
 positive (a group's range always reaches down to zero or below). At 4 bits and groups of 32 a
 weight costs 4 + 12/32 + 32/256 = 4.5 bits (4.486 on 576 inputs).
 """
