@@ -42,9 +42,9 @@ def _add_compile(sub) -> None:
                         help="claq without --bits: share of columns at the high width (0.1)")
     p.add_argument("--granularity", choices=("layer", "matmul"),
                    help="unit sharing one width (default: matmul)")
-    p.add_argument("--group-size", type=int,
-                   help="group size along the input dim (128; policy sensitivity: 32 above "
-                        "--bits 2.5)")
+    p.add_argument("--group-size",
+                   help="group size along the input dim (128; policy sensitivity above --bits "
+                        "2.5: 32+64+128, one chosen per matmul with its width)")
     p.add_argument("--scheme", choices=SCHEMES,
                    help="rtn-asym (default; policy sensitivity above --bits 2.5: "
                         "float-offset-dq): integer zero "

@@ -27,7 +27,7 @@ from lwqc.passes.apply_plan import ApplyPlanPass
 from lwqc.passes.base import Pass, PassKind, TaskPool
 from lwqc.passes.manager import PassManager, PassTiming
 from lwqc.passes.quantize import QuantizePass
-from lwqc.passes.quantizers import SENSITIVITY_GROUP_SIZE, SENSITIVITY_SCHEME
+from lwqc.passes.quantizers import SENSITIVITY_GROUP_SIZES, SENSITIVITY_SCHEME
 from lwqc.registry import LOWERINGS, REGISTRY, policies
 from lwqc.report import render
 
@@ -47,9 +47,8 @@ def policy_pass(policy: str, values: dict[str, Any]) -> Pass:
 
 
 # `--policy sensitivity` without --scheme and --group-size plans for float-offset-dq in groups
-# of 32 (passes/quantizers.py), whose narrowest width costs about 2.5 bits per weight (2.486 on
-# rows of 576 inputs), leaving nothing to mix; a budget at or below that gets rtn-asym in groups
-# of 128 (2 bits: 2.31).
+# of 32, 64 or 128 (passes/quantizers.py); at or below 2.5 bits per weight it gets rtn-asym in
+# groups of 128 (2 bits: 2.31).
 FLOAT_OFFSET_DQ_FLOOR_BITS = 2.5
 NARROW_BUDGET_QUANTIZER = {"scheme": "rtn-asym", "group_size": 128}
 
@@ -59,7 +58,7 @@ def sensitivity_quantizer(bits: float | None) -> dict[str, Any]:
     neither is given (its analysis predicts for the same)."""
     if bits is not None and bits <= FLOAT_OFFSET_DQ_FLOOR_BITS:
         return dict(NARROW_BUDGET_QUANTIZER)
-    return {"scheme": SENSITIVITY_SCHEME, "group_size": SENSITIVITY_GROUP_SIZE}
+    return {"scheme": SENSITIVITY_SCHEME, "group_size": SENSITIVITY_GROUP_SIZES}
 
 
 # The quantizer of a pipeline that calibrates anyway (lim, sensitivity): GPTQ with output-error

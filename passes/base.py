@@ -61,7 +61,10 @@ def option_text(value: Any) -> str:
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise ValueError("must be a positive integer")
     return value
@@ -86,6 +89,11 @@ def width_list(text: str) -> tuple[int, ...]:
     if any(w not in WIDTHS for w in widths):
         raise ValueError(f"widths are drawn from {', '.join(map(str, QUANT_WIDTHS))}, 16")
     return widths
+
+
+def group_size_list(text: str) -> tuple[int, ...]:
+    """``32+64+128``: group sizes joined by ``+``, ascending (one alone is a list of one)."""
+    return tuple(sorted({positive_int(part) for part in text.split("+")}))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,11 +10,12 @@ A policy only scores (``passes/policy.py``); this module turns scores into width
 3. ``override=REGEX=BITS`` pins matching sites (first matching override wins); pinned sites
    are charged against the budget first.
 4. ``solver=greedy`` (default for rank scores: the papers' "most important first") or
-   ``solver=exact``: the optimal multiple-choice knapsack over those widths, minimising the
-   policy's ``loss``. Two rungs by default, not all four: the losses are per-site estimates
-   that add, while the damage of many low-width sites compounds, so on SmolLM2 a plan that
-   keeps every site near the budget measures better than the one the summed estimates favour
-   (README, "Benchmarks").
+   ``solver=exact``: the optimal multiple-choice knapsack over those widths (at each of the
+   policy's group sizes, if it offers several), minimising the policy's ``loss``. Two rungs by
+   default, not all four: the losses are per-site estimates that add, while the damage of many
+   low-width sites compounds, so on SmolLM2 a plan that keeps every site near the budget
+   measures better than the one the summed estimates favour (README, "Benchmarks"). The rungs
+   are those around the budget at the policy's cheapest (largest) group size.
 5. Candidates are only specs the target backend stores; a width the user names that the
    target cannot store is refused before any work.
 """
@@ -44,6 +45,13 @@ def width(text: str) -> int:
     if value not in WIDTHS:
         raise ValueError(f"width must be one of {', '.join(map(str, WIDTHS))} (16 = keep float)")
     return value
+
+
+def group_size(text: str) -> int:
+    if "+" in text:
+        raise ValueError("one group size; choosing among several (e.g. 32+64+128) is policy "
+                         "sensitivity's")
+    return positive_int(text)
 
 
 def fraction(text: str) -> float:
@@ -77,7 +85,7 @@ BUDGET_OPTIONS: dict[str, Option] = {
     "lo": Option(width, None, "low width"),
     "granularity": Option(choice("layer", "matmul"), None,
                           "unit that shares a width (matmul; EWQ's rule: layer)"),
-    "group_size": Option(positive_int, 128, "group size along the input dimension"),
+    "group_size": Option(group_size, 128, "group size along the input dimension"),
     "scheme": Option(choice(*SCHEMES), "rtn-asym", "quantization scheme"),
     "outliers": Option(fraction, None, "share of weights kept sparse in float16 (0)"),
     "override": Option(_override_text, None, "REGEX=BITS pins matching sites", multiple=True),
@@ -93,9 +101,14 @@ class Budget:
     def __init__(self, policy: PolicyPass, graph: Graph) -> None:
         self.policy, self.graph, self.values = policy, graph, policy.values
 
-    def spec(self, bits: int) -> QuantSpec:
+    @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """The policy's group sizes; the first is used wherever one is chosen for all."""
+        return self.policy.group_sizes()
+
+    def spec(self, bits: int, group_size: int | None = None) -> QuantSpec:
         v = self.values
-        return make_spec(bits, v["scheme"], group_size=v["group_size"],
+        return make_spec(bits, v["scheme"], group_size=group_size or self.group_sizes[0],
                          outliers=v["outliers"] or 0.0)
 
     def supported(self, bits: int) -> bool:
@@ -106,8 +119,8 @@ class Budget:
         self.graph.target.check(self.spec(bits), where)
         return bits
 
-    def cost(self, unit: Unit, bits: int) -> int:
-        spec = self.spec(bits)
+    def cost(self, unit: Unit, bits: int, group_size: int | None = None) -> int:
+        spec = self.spec(bits, group_size)
         return sum(site_bytes(self.graph, s, spec) for s in unit.sites)
 
     def pins(self) -> dict[str, int]:
@@ -129,13 +142,14 @@ class Budget:
                 upper = [w for w in auto if w > lo]
                 return [lo, upper[0]] if upper else [lo]
             return [lo, hi]
+        cheapest = self.group_sizes[-1]
         fits = [
             w for w in auto
-            if pinned_bits + 8 * sum(self.cost(u, w) for u in units) <= capacity
+            if pinned_bits + 8 * sum(self.cost(u, w, cheapest) for u in units) <= capacity
             and (hi is None or w < hi)
         ]
         if not fits:
-            smallest = pinned_bits + 8 * sum(self.cost(u, auto[0]) for u in units)
+            smallest = pinned_bits + 8 * sum(self.cost(u, auto[0], cheapest) for u in units)
             need = smallest / self.graph.total_params
             raise BudgetError(
                 f"--bits {self.values['bits']:g} is infeasible: the smallest plan ({auto[0]}-bit, "
@@ -164,25 +178,28 @@ class Budget:
             budget["outliers"] = v["outliers"]
         notes: list[str] = []
         if v["bits"] is not None:
-            widths, extra = self._within_bits(units, importance, pinned)
+            choices, extra = self._within_bits(units, importance, pinned)
             budget.update(extra)
         elif v["ratio"] is not None:
             lo, hi = (self.require(w, "ratio widths") for w in policy.rule_widths)
             widths = split_by_ratio(units, importance, Fraction(str(v["ratio"])), lo, hi)
+            choices = [(w, None) for w in widths]
             budget.update(mode="ratio", ratio=v["ratio"], widths=[lo, hi])
         else:
             widths = [self.require(w, f"policy {policy.name}'s rule")
                       for w in policy.rule(graph, units, importance)]
+            choices = [(w, None) for w in widths]
             budget.update(mode="rule", widths=sorted(set(widths)))
             notes.extend(policy.rule_notes())
         specs = {s: self.spec(b) for s, b in pinned.items()}
-        for unit, bits in zip(units, widths, strict=True):
-            specs.update(dict.fromkeys(unit.sites, self.spec(bits)))
+        for unit, (bits, group_size) in zip(units, choices, strict=True):
+            specs.update(dict.fromkeys(unit.sites, self.spec(bits, group_size)))
         return Plan(specs={s: specs[s] for s in graph.sites}, policy=policy.name,
                     budget=budget, notes=notes)
 
-    def _within_bits(self, units: list[Unit], importance: list[float],
-                     pinned: dict[str, int]) -> tuple[list[int], dict[str, Any]]:
+    def _within_bits(self, units: list[Unit], importance: list[float], pinned: dict[str, int]
+                     ) -> tuple[list[tuple[int, int | None]], dict[str, Any]]:
+        """(width, group size) per unit (None: the first group size), and the budget record."""
         v, graph = self.values, self.graph
         capacity = Fraction(str(v["bits"])) * graph.total_params
         pinned_bits = 8 * sum(site_bytes(graph, s, self.spec(b)) for s, b in pinned.items())
@@ -196,18 +213,19 @@ class Budget:
                 ladder = [self.require(w, f"width {w}") for w in v["widths"]]
             else:
                 ladder = self.ladder(units, capacity, pinned_bits)
-            widths = solve_exact(
-                units, ladder, self.cost,
-                self.policy.loss_function(graph, units, importance), capacity - pinned_bits,
-            )
+            loss = self.policy.loss_function(graph, units, importance)
+            candidates = [(w, g) for w in ladder for g in self.group_sizes]
+            choices = solve_exact(units, candidates, lambda u, c: self.cost(u, *c),
+                                  lambda u, c: loss(u, *c), capacity - pinned_bits)
         else:
             ladder = self.policy.rungs(self.ladder(units, capacity, pinned_bits))
             widths = fill_by_importance(units, importance, ladder, self.cost,
                                         capacity - pinned_bits)
-        if widths is None:
+            choices = None if widths is None else [(w, None) for w in widths]
+        if choices is None:
             raise BudgetError(
                 f"--bits {v['bits']:g} is infeasible with widths {ladder}: even every site at "
                 f"{ladder[0]} bits exceeds it; raise --bits or lower --lo"
             )
-        return widths, {"mode": "bits", "bits": v["bits"], "widths": ladder,
-                        "solver": v["solver"]}
+        return choices, {"mode": "bits", "bits": v["bits"], "widths": ladder,
+                         "solver": v["solver"]}

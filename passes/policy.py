@@ -63,12 +63,17 @@ class PolicyPass(PlanningPass):
         """The widths the greedy solver may use from the budget's ladder (all of them)."""
         return ladder
 
+    def group_sizes(self) -> tuple[int, ...]:
+        """The group sizes the budget may choose from (the exact solver picks one per unit)."""
+        return (self.values["group_size"],)
+
     def loss_function(self, graph: Graph, units: list[Unit], importance: list[float]):
-        """loss(unit, bits) for the exact solver: rank weight * params * 4^-bits."""
+        """loss(unit, bits, group_size) for the exact solver: rank weight * params * 4^-bits
+        (one group size: it is not consulted)."""
         order = ranked(units, importance)
         weight = {units[i].name: 2.0 - position / max(len(units) - 1, 1)
                   for position, i in enumerate(order)}
-        return lambda unit, bits: weight[unit.name] * unit.params * 4.0 ** -bits
+        return lambda unit, bits, group_size: weight[unit.name] * unit.params * 4.0 ** -bits
 
     def rule(self, graph: Graph, units: list[Unit], importance: list[float]) -> list[int]:
         """Widths without a budget; policies that have no such rule need bits= or ratio=."""

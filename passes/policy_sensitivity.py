@@ -1,11 +1,12 @@
 """Sensitivity policy: the exact solver minimises the summed predicted damage.
 
-The loss of a unit at b bits is the sum of its sites' sensitivity at b (by default the
-Fisher-weighted output error, a second-order estimate of the KL each site's quantization costs;
-or the relative output error, or measured delta-KL); kept sites cost nothing. Its quantizer
-defaults to the one the sensitivity analysis predicts for (float-offset-dq, groups of 32);
-a pipeline that names another scheme or group size names it in both (a mismatch is an
-error).
+The loss of a unit at b bits in groups of g is the sum of its sites' sensitivity at (b, g)
+(by default the Fisher-weighted output error, a second-order estimate of the KL each site's
+quantization costs; or the relative output error, or measured delta-KL); kept sites cost
+nothing. Its quantizer defaults to the one the sensitivity analysis predicts for
+(float-offset-dq in groups of 32, 64 or 128, chosen per unit with its width); a pipeline that
+names another scheme names it in both, and the policy's group sizes must be among those
+predicted (a mismatch is an error).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from __future__ import annotations
 from lwqc.ir.errors import PipelineError
 from lwqc.ir.graph import Graph
 from lwqc.ir.spec import SCHEMES
-from lwqc.passes.base import Option, choice, positive_int
+from lwqc.passes.base import Option, choice, group_size_list
 from lwqc.passes.budget import BUDGET_OPTIONS
 from lwqc.passes.policy import PolicyPass
-from lwqc.passes.quantizers import SENSITIVITY_GROUP_SIZE, SENSITIVITY_SCHEME, quantizer_label
+from lwqc.passes.quantizers import SENSITIVITY_GROUP_SIZES, SENSITIVITY_SCHEME, quantizer_label
 from lwqc.passes.solver import Unit
 
 
@@ -24,22 +25,34 @@ class SensitivityPolicy(PolicyPass):
     name = "policy-sensitivity"
     score_key = "sensitivity"
     options = {**BUDGET_OPTIONS,
-               "group_size": Option(positive_int, SENSITIVITY_GROUP_SIZE,
-                                    "group size along the input dimension"),
+               "group_size": Option(group_size_list, SENSITIVITY_GROUP_SIZES,
+                                    "group size(s) along the input dimension, one chosen per "
+                                    "unit by the exact solver, e.g. 32+64+128"),
                "scheme": Option(choice(*SCHEMES), SENSITIVITY_SCHEME, "quantization scheme"),
                "solver": Option(choice("greedy", "exact"), "exact", "exact: optimal knapsack")}
 
+    def validate(self) -> None:
+        super().validate()
+        if self.values["solver"] == "greedy" and len(self.values["group_size"]) > 1:
+            raise PipelineError("policy-sensitivity{solver=greedy} plans one group size: give "
+                                "group_size=G, or solver=exact to choose among several")
+
+    def group_sizes(self) -> tuple[int, ...]:
+        return self.values["group_size"]
+
     def loss_function(self, graph: Graph, units: list[Unit], importance: list[float]):
-        planned = quantizer_label(self.values["scheme"], self.values["group_size"])
-        predicted = sorted({graph.sites[s].stats["sensitivity"].quantizer
-                            for unit in units for s in unit.sites})
-        if predicted != [planned]:
+        scheme, sizes = self.values["scheme"], self.values["group_size"]
+        stats = [graph.sites[s].stats["sensitivity"] for unit in units for s in unit.sites]
+        if not all(stat.predicts(scheme, sizes) for stat in stats):
+            predicted = sorted({stat.quantizer for stat in stats})
             raise PipelineError(
                 f"sensitivity predicted the damage of {', '.join(predicted)} and "
-                f"policy-sensitivity plans {planned}: give both the same scheme and group_size "
+                f"policy-sensitivity plans {quantizer_label(scheme, sizes)}: give both the same "
+                "scheme, and the analysis at least the policy's group sizes "
                 "(sensitivity{scheme=...,group_size=...})")
 
-        def loss(unit: Unit, bits: int) -> float:
-            return sum(graph.sites[s].stats["sensitivity"].error(bits) for s in unit.sites)
+        def loss(unit: Unit, bits: int, group_size: int) -> float:
+            return sum(graph.sites[s].stats["sensitivity"].error(bits, group_size)
+                       for s in unit.sites)
 
         return loss

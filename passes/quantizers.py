@@ -31,17 +31,21 @@ from lwqc.passes.rtn import quantize_rtn
 
 CLIP_MODES = ("mse", "minmax", "output")
 # The quantizer the sensitivity analysis predicts for, and its policy plans for, unless told
-# otherwise: float-offset groups of 32 with 6-bit scales and offsets, the best of lwqc's
-# formats on SmolLM2-135M within 4.5 bits (bench/quality-smollm2.md); ONNX Runtime runs them
-# on MatMulNBits (backends/offset_nbits.py).
+# otherwise: float-offset groups with 6-bit scales and offsets, the best of lwqc's formats on
+# SmolLM2-135M within 4.5 bits (bench/quality-smollm2.md); ONNX Runtime runs them on
+# MatMulNBits (backends/offset_nbits.py). Groups of 32, 64 or 128 per site: larger groups
+# store fewer scales, which pays for wider codes elsewhere (bench/quality-smollm2-defaults.md).
 SENSITIVITY_SCHEME = "float-offset-dq"
-SENSITIVITY_GROUP_SIZE = 32
+SENSITIVITY_GROUP_SIZES = (32, 64, 128)
 
 
-def quantizer_label(scheme: str, group_size: int | None) -> str:
-    """The name of a scheme at a group size, e.g. ``float-offset-dq g32`` (per row: the scheme
-    alone)."""
-    return scheme if group_size is None else f"{scheme} g{group_size}"
+def quantizer_label(scheme: str, group_size: int | tuple[int, ...] | None) -> str:
+    """The name of a scheme at a group size or several, e.g. ``float-offset-dq g32`` or
+    ``float-offset-dq g32+64`` (per row: the scheme alone)."""
+    if group_size is None:
+        return scheme
+    sizes = group_size if isinstance(group_size, tuple) else (group_size,)
+    return f"{scheme} g{'+'.join(map(str, sizes))}"
 
 # A quantizer takes weights [out, in], the spec and per-input-column error weights (None:
 # no range search).

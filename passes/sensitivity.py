@@ -27,7 +27,10 @@
 5. Block value = sum of its sites' values (errors are treated as additive).
 Q_b is the quantize pass's own quantizer for the given scheme, group size and clip (by
 default those the sensitivity policy plans for: ``SENSITIVITY_SCHEME``,
-``SENSITIVITY_GROUP_SIZE``).
+``SENSITIVITY_GROUP_SIZES``). With several group sizes (``group_size=32+64+128``) every width
+is predicted at each of them, so the policy can trade scale storage for code width; measured
+delta-KL measures every (width, group size), kl-scaled scales every group size's output error
+by its one measurement (4 bits, the first group size).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +50,10 @@ from lwqc.ir.errors import LwqcError, PipelineError
 from lwqc.ir.graph import Graph
 from lwqc.ir.source import CAUSAL_LM
 from lwqc.ir.spec import QUANT_WIDTHS, SCHEMES, make_spec
-from lwqc.passes.base import Option, Pass, PassContext, PassKind, choice, positive_int
+from lwqc.passes.base import Option, Pass, PassContext, PassKind, choice, group_size_list
 from lwqc.passes.quantizers import (
     CLIP_MODES,
-    SENSITIVITY_GROUP_SIZE,
+    SENSITIVITY_GROUP_SIZES,
     SENSITIVITY_SCHEME,
     quantize_weight,
     quantizer_label,
@@ -62,18 +66,39 @@ BATCH = 4
 
 @dataclasses.dataclass(frozen=True)
 class SensitivityStat(Annotation):
-    """Predicted damage of each width (lower = safer); ``importance`` is the 4-bit damage."""
+    """Predicted damage of each width (lower = safer) at the first group size predicted for,
+    and at each further one in ``coarser``; ``importance`` is the 4-bit damage at the first."""
 
     key = "sensitivity"
     metric: str
-    quantizer: str  # the scheme and group size predicted for (``quantizer_label``)
+    quantizer: str  # the scheme and group sizes predicted for (``quantizer_label``)
+    group_size: int  # the group size of err2 ... err8
     err2: float
     err3: float
     err4: float
     err8: float
+    coarser: tuple[tuple[int, float, float, float, float], ...] = ()  # (group size, errors)
 
-    def error(self, bits: int) -> float:
-        return 0.0 if bits == 16 else getattr(self, f"err{bits}")
+    @property
+    def group_sizes(self) -> tuple[int, ...]:
+        return (self.group_size, *(c[0] for c in self.coarser))
+
+    def predicts(self, scheme: str, group_sizes: tuple[int, ...]) -> bool:
+        """Whether the damage of ``scheme`` at each of ``group_sizes`` is predicted."""
+        return (self.quantizer == quantizer_label(scheme, self.group_sizes)
+                and set(group_sizes) <= set(self.group_sizes))
+
+    def error(self, bits: int, group_size: int | None = None) -> float:
+        """The damage of ``bits`` in groups of ``group_size`` (None: the first)."""
+        if bits == 16:
+            return 0.0
+        if group_size is None or group_size == self.group_size:
+            return getattr(self, f"err{bits}")
+        for size, *errors in self.coarser:
+            if size == group_size:
+                return errors[WIDTHS.index(bits)]
+        raise PipelineError(f"sensitivity predicted {self.quantizer}, not group size "
+                            f"{group_size}")
 
     def importance(self) -> float:
         return self.err4
@@ -102,14 +127,16 @@ class SensitivityPass(Pass):
         "metric": Option(choice("auto", "fisher", "output-error", "delta-kl", "kl-scaled"),
                          "auto", "what is measured (auto: fisher where the source gives "
                          "gradients, else output-error)"),
-        "group_size": Option(positive_int, SENSITIVITY_GROUP_SIZE, "quantizer group size"),
+        "group_size": Option(group_size_list, SENSITIVITY_GROUP_SIZES,
+                             "quantizer group size(s), e.g. 32+64+128"),
         "scheme": Option(choice(*SCHEMES), SENSITIVITY_SCHEME, "quantizer scheme"),
         "clip": Option(choice(*CLIP_MODES), "mse", "quantizer range choice"),
     }
 
-    def quantized(self, graph: Graph, site_id: str, bits: int) -> np.ndarray:
+    def quantized(self, graph: Graph, site_id: str, bits: int,
+                  group_size: int | None = None) -> np.ndarray:
         v = self.values
-        spec = make_spec(bits, v["scheme"], group_size=v["group_size"])
+        spec = make_spec(bits, v["scheme"], group_size=group_size or v["group_size"][0])
         return quantize_weight(graph.weight(site_id), spec, v["clip"],
                                graph.grams.get(site_id)).dequantize()
 
@@ -122,27 +149,35 @@ class SensitivityPass(Pass):
                 raise PipelineError("sensitivity{metric=fisher} needs the gradients of a torch "
                                     "model; an ONNX input gives none: use metric=output-error")
             metric = "output-error" if fisher is None else "fisher"
+        sizes = self.values["group_size"]
         if fisher is not None:
             errors = self._fisher_errors(graph, context, fisher)
         elif metric == "output-error":
             errors = self._output_errors(graph, context)
         elif metric == "delta-kl":
-            errors = self._measured(graph, context, WIDTHS)
+            pairs = [(b, g) for g in sizes for b in WIDTHS]
+            errors = {s: [e[i : i + len(WIDTHS)] for i in range(0, len(e), len(WIDTHS))]
+                      for s, e in self._measured(graph, context, pairs).items()}
         else:
-            measured = self._measured(graph, context, (SCALED_AT,))
+            measured = self._measured(graph, context, [(SCALED_AT, sizes[0])])
             errors = {}
-            for site_id, per_width in self._output_errors(graph, context).items():
-                at = per_width[WIDTHS.index(SCALED_AT)]
+            for site_id, per_size in self._output_errors(graph, context).items():
+                at = per_size[0][WIDTHS.index(SCALED_AT)]
                 scale = measured[site_id][0] / at if at > 0 else 0.0
-                errors[site_id] = [scale * e for e in per_width]
-        quantizer = quantizer_label(self.values["scheme"], self.values["group_size"])
-        for site_id, per_width in errors.items():
-            graph.annotate_site(site_id, SensitivityStat(self.name, metric, quantizer,
-                                                         *per_width))
+                errors[site_id] = [[scale * e for e in per_width] for per_width in per_size]
+        quantizer = quantizer_label(self.values["scheme"], sizes)
+
+        def stat(per_size: list[list[float]]) -> SensitivityStat:
+            first, *further = per_size
+            return SensitivityStat(self.name, metric, quantizer, sizes[0], *first,
+                                   tuple((g, *e) for g, e in zip(sizes[1:], further,
+                                                                 strict=True)))
+
+        for site_id, per_size in errors.items():
+            graph.annotate_site(site_id, stat(per_size))
         for block in graph.blocks:
-            total = np.sum([errors[s] for s in block.sites], axis=0).tolist()
-            graph.annotate_block(block.index, SensitivityStat(self.name, metric, quantizer,
-                                                              *total))
+            graph.annotate_block(block.index,
+                                 stat(np.sum([errors[s] for s in block.sites], axis=0).tolist()))
 
     @property
     def measures(self) -> bool:
@@ -169,42 +204,50 @@ class SensitivityPass(Pass):
         return sums
 
     def _fisher_errors(self, graph: Graph, context: PassContext,
-                       fisher: dict[str, np.ndarray]) -> dict[str, list[float]]:
+                       fisher: dict[str, np.ndarray]) -> dict[str, list[list[float]]]:
+        """Per site, per group size, per width: the Fisher-weighted output error."""
         tokens = graph.calibration.size
-        errors = {}
-        for site in context.progress(graph, total=len(graph.sites), desc=self.name):
-            weight, gram = graph.weight(site.id).astype(np.float64), graph.grams[site.id]
-            per_width = []
-            for bits in WIDTHS:
-                delta = weight - self.quantized(graph, site.id, bits)
-                per_row = np.sum((delta @ gram) * delta, axis=1)
-                per_width.append(0.5 * float(fisher[site.id] @ per_row) / tokens**2)
-            errors[site.id] = per_width
-        return errors
 
-    def _output_errors(self, graph: Graph, context: PassContext) -> dict[str, list[float]]:
+        def error(site_id: str, bits: int, group_size: int) -> float:
+            weight, gram = graph.weight(site_id).astype(np.float64), graph.grams[site_id]
+            delta = weight - self.quantized(graph, site_id, bits, group_size)
+            per_row = np.sum((delta @ gram) * delta, axis=1)
+            return 0.5 * float(fisher[site_id] @ per_row) / tokens**2
+
+        return self._per_size(graph, context, error)
+
+    def _output_errors(self, graph: Graph, context: PassContext) -> dict[str, list[list[float]]]:
+        """Per site, per group size, per width: the relative output error."""
+
+        def error(site_id: str, bits: int, group_size: int) -> float:
+            return relative_output_error(graph.weight(site_id),
+                                         self.quantized(graph, site_id, bits, group_size),
+                                         graph.grams[site_id])
+
+        return self._per_size(graph, context, error)
+
+    def _per_size(self, graph: Graph, context: PassContext,
+                  error: Callable[[str, int, int], float]) -> dict[str, list[list[float]]]:
         return {
-            site.id: [relative_output_error(graph.weight(site.id),
-                                            self.quantized(graph, site.id, b),
-                                            graph.grams[site.id])
-                      for b in WIDTHS]
+            site.id: [[error(site.id, b, g) for b in WIDTHS] for g in self.values["group_size"]]
             for site in context.progress(graph, total=len(graph.sites), desc=self.name)
         }
 
-    def _cache_file(self, graph: Graph, widths: tuple[int, ...]) -> Path:
+    def _cache_file(self, graph: Graph, pairs: list[tuple[int, int]]) -> Path:
         key = hashlib.sha256()
-        key.update(f"{widths}|".encode())
+        key.update(f"{pairs}|".encode())
         key.update(graph.weights_sha256.encode())
         windows = np.ascontiguousarray(graph.calibration)
         key.update(f"{windows.shape}|{windows.dtype}|".encode())
         key.update(windows.tobytes())
-        settings = {k: v for k, v in self.values.items() if k != "metric"}
+        settings = {k: v for k, v in self.values.items() if k not in ("metric", "group_size")}
         key.update(json.dumps(settings, sort_keys=True).encode())
         return cache_dir() / f"sensitivity-{key.hexdigest()[:24]}.json"
 
     def _measured(self, graph: Graph, context: PassContext,
-                  widths: tuple[int, ...]) -> dict[str, list[float]]:
-        path = self._cache_file(graph, widths)
+                  pairs: list[tuple[int, int]]) -> dict[str, list[float]]:
+        """Per site, the measured damage of each (width, group size) in ``pairs``."""
+        path = self._cache_file(graph, pairs)
         if path.exists():
             cached = json.loads(path.read_text())
             if set(cached) == set(graph.sites):
@@ -212,20 +255,20 @@ class SensitivityPass(Pass):
         if context.pool is None:
             reference = Damage(graph)
             errors = {
-                site.id: [reference.of({site.id: self.quantized(graph, site.id, b)})
-                          for b in widths]
+                site.id: [reference.of({site.id: self.quantized(graph, site.id, b, g)})
+                          for b, g in pairs]
                 for site in context.progress(graph, total=len(graph.sites), desc=self.name)
             }
-        else:  # one task per (site, width); the pool's workers hold the float model
-            tasks = ((site.id, b, self.quantized(graph, site.id, b))
-                     for site in graph for b in widths)
+        else:  # one task per (site, pair); the pool's workers hold the float model
+            tasks = ((site.id, i, self.quantized(graph, site.id, b, g))
+                     for site in graph for i, (b, g) in enumerate(pairs))
             found: dict[tuple[str, int], float] = {}
             setup = (graph.model_id, graph.weights_sha256, graph.calibration)
-            for site_id, bits, value in context.progress(
+            for site_id, index, value in context.progress(
                     context.pool.map(DamageWorker, setup, "measure", tasks),
-                    total=len(graph.sites) * len(widths), desc=self.name):
-                found[site_id, bits] = value
-            errors = {site.id: [found[site.id, b] for b in widths] for site in graph}
+                    total=len(graph.sites) * len(pairs), desc=self.name):
+                found[site_id, index] = value
+            errors = {site.id: [found[site.id, i] for i in range(len(pairs))] for site in graph}
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(errors))
@@ -247,8 +290,9 @@ class DamageWorker:
         graph.calibration = windows
         self.damage = Damage(graph)
 
-    def measure(self, site_id: str, bits: int, weight: np.ndarray) -> tuple[str, int, float]:
-        return site_id, bits, self.damage.of({site_id: weight})
+    def measure(self, site_id: str, key: int, weight: np.ndarray) -> tuple[str, int, float]:
+        """The damage of ``weight`` at ``site_id``, returned with the caller's ``key``."""
+        return site_id, key, self.damage.of({site_id: weight})
 
 
 class Damage:

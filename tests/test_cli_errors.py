@@ -42,6 +42,16 @@ def test_infeasible_bits(capsys, tiny_llama_dir, tmp_path):
                                    str(out)], out, "--bits 1.5 is infeasible")
 
 
+def test_several_group_sizes_outside_policy_sensitivity(capsys, tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    _run_and_expect_error(capsys, ["compile", str(tiny_llama_dir), "--policy", "lim", "--bits",
+                                   "4.5", "--group-size", "32+64", "-o", str(out)], out,
+                          "group_size='32+64': one group size; choosing among several")
+    _run_and_expect_error(capsys, ["compile", str(tiny_llama_dir), "--policy", "sensitivity",
+                                   "--bits", "4.5", "--group-size", "32+x", "-o", str(out)], out,
+                          "group_size='32+x': must be a positive integer")
+
+
 def test_nan_weights(capsys, tmp_path):
     model = save_tiny_model("llama", tmp_path / "model")
     tensors = load_file(model / "model.safetensors")

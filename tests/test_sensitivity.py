@@ -316,20 +316,23 @@ def test_delta_kl_results_are_cached_and_read_back(tiny, monkeypatch, tmp_path):
 
 
 def check_delta_kl_cache(tiny, tmp_path) -> None:
-    run(tiny, "sensitivity{metric=delta-kl}")
+    run(tiny, "sensitivity{metric=delta-kl,group_size=32+64}")
     files = list(tmp_path.glob("sensitivity-*.json"))
     assert len(files) == 1
     cached = json.loads(files[0].read_text())
     assert set(cached) == set(tiny.sites)
-    for site_id, per_width in cached.items():
+    for site_id, measured in cached.items():  # widths 2, 3, 4, 8 in groups of 32, then of 64
         stat = tiny.sites[site_id].stats["sensitivity"]
         assert stat.metric == "delta-kl"
-        assert per_width == [stat.err2, stat.err3, stat.err4, stat.err8]
+        assert stat.quantizer == "float-offset-dq g32+64" and stat.group_size == 32
+        assert measured == [stat.err2, stat.err3, stat.err4, stat.err8, *stat.coarser[0][1:]]
+        assert stat.coarser[0][0] == 64
+        assert [stat.error(b, 64) for b in (2, 3, 4, 8)] == measured[4:]
         assert stat.err2 > stat.err8 >= 0.0, site_id
     # the second run reads the file: an edited value comes back in the annotation
     cached["lm_head"][2] = 123.5
     files[0].write_text(json.dumps(cached))
-    run(tiny, "sensitivity{metric=delta-kl}")
+    run(tiny, "sensitivity{metric=delta-kl,group_size=32+64}")
     assert tiny.sites["lm_head"].stats["sensitivity"].err4 == 123.5
     assert list(tmp_path.glob("sensitivity-*.json")) == files
     # other quantizer settings are another cache entry
@@ -420,35 +423,48 @@ def plan_of(graph, pipeline: str) -> dict[str, int]:
     return {s: spec.bits for s, spec in graph.plan.specs.items()}
 
 
-def loss_of(graph, bits: dict[str, int]) -> float:
-    assert all(graph.sites[s].stats["sensitivity"].metric == "output-error" for s in bits)
-    return sum(graph.sites[s].stats["sensitivity"].error(b) for s, b in bits.items())
+def choices_of(graph) -> dict[str, tuple[int, int]]:
+    """The plan's (width, group size) per site."""
+    return {s: (spec.bits, spec.group_size) for s, spec in graph.plan.specs.items()}
 
 
-def used_bits(graph, bits: dict[str, int]) -> int:
-    return 8 * sum(physical_bytes(graph.sites[s].shape, b) for s, b in bits.items())
+def loss_of(graph, choices: dict[str, tuple[int, int]]) -> float:
+    assert all(graph.sites[s].stats["sensitivity"].metric == "output-error" for s in choices)
+    return sum(graph.sites[s].stats["sensitivity"].error(b, g) for s, (b, g) in choices.items())
 
 
-# float-offset-dq at 64 and 128 inputs costs its width + 0.625 to 0.875 bits
+def used_bits(graph, choices: dict[str, tuple[int, int]]) -> int:
+    return 8 * sum(physical_bytes(graph.sites[s].shape, b, g) for s, (b, g) in choices.items())
+
+
+GROUP_SIZES = (32, 64, 128)  # the policy's and the analysis's default
+
+
+def candidates(widths) -> list[tuple[int, int]]:
+    return [(w, g) for w in widths for g in GROUP_SIZES]
+
+
+# float-offset-dq at 64 and 128 inputs costs its width + 0.625 to 0.875 bits in groups of 32,
+# + 0.31 to 0.5 in groups of 64 or 128
 @pytest.mark.parametrize("budget", [3.0, 3.5, 4.5, 5.5, 7.0, 9.0])
 def test_policy_sensitivity_matches_brute_force_at_layer_granularity(
     tiny, output_error, budget
 ):
-    widths = (2, 3, 4, 8)
-    bits = plan_of(tiny, f"policy-sensitivity{{bits={budget},granularity=layer,widths=2+3+4+8}}")
+    plan_of(tiny, f"policy-sensitivity{{bits={budget},granularity=layer,widths=2+3+4+8}}")
+    chosen = choices_of(tiny)
     capacity = Fraction(str(budget)) * tiny.total_params
-    assert used_bits(tiny, bits) <= capacity
+    assert used_bits(tiny, chosen) <= capacity
     units = make_units(tiny, "layer")
     assert [u.name for u in units] == ["model.layers.0", "model.layers.1", "lm_head"]
     best = math.inf
-    for combo in itertools.product(widths, repeat=len(units)):
-        plan = {s: w for u, w in zip(units, combo, strict=True) for s in u.sites}
+    for combo in itertools.product(candidates((2, 3, 4, 8)), repeat=len(units)):
+        plan = {s: c for u, c in zip(units, combo, strict=True) for s in u.sites}
         if used_bits(tiny, plan) <= capacity:
             best = min(best, loss_of(tiny, plan))
     assert best < math.inf
-    assert loss_of(tiny, bits) == pytest.approx(best, rel=1e-12, abs=1e-15)
-    for unit in units:  # one width per block
-        assert len({bits[s] for s in unit.sites}) == 1
+    assert loss_of(tiny, chosen) == pytest.approx(best, rel=1e-12, abs=1e-15)
+    for unit in units:  # one width and group size per block
+        assert len({chosen[s] for s in unit.sites}) == 1
 
 
 @pytest.mark.parametrize("budget", [3.0, 3.6, 4.5, 5.5, 7.5])
@@ -456,32 +472,53 @@ def test_policy_sensitivity_is_optimal_at_matmul_granularity(tiny, output_error,
     widths = (2, 3, 4, 8)
     bits = plan_of(tiny, f"policy-sensitivity{{bits={budget},widths=2+3+4+8}}")
     capacity = Fraction(str(budget)) * tiny.total_params
-    assert used_bits(tiny, bits) <= capacity
+    assert used_bits(tiny, choices_of(tiny)) <= capacity
     assert set(bits.values()) <= set(widths)
     assert len(set(bits.values())) >= 2  # these budgets force a mixed plan
-    assert_optimal(tiny, bits, widths, capacity)
+    assert_optimal(tiny, candidates(widths), capacity)
+
+
+def test_policy_sensitivity_plans_among_its_own_group_sizes(tiny, output_error):
+    """Predictions for 32, 64 and 128; the policy offered 32 and 64 uses only those."""
+    bits = plan_of(tiny, "policy-sensitivity{bits=3.6,widths=2+3+4+8,group_size=32+64}")
+    assert {g for _, g in choices_of(tiny).values()} <= {32, 64}
+    assert_optimal(tiny, [(w, g) for w in (2, 3, 4, 8) for g in (32, 64)],
+                   Fraction("3.6") * tiny.total_params)
+    assert len(set(bits.values())) >= 2
+
+
+def test_policy_sensitivity_with_one_group_size_plans_that_size(tiny):
+    run(tiny, "gram,sensitivity{metric=output-error,group_size=32}")
+    try:
+        bits = plan_of(tiny, "policy-sensitivity{bits=3.6,widths=2+3+4+8,group_size=32}")
+        assert set(choices_of(tiny).values()) == {(b, 32) for b in bits.values()}
+        assert tiny.sites["lm_head"].stats["sensitivity"].quantizer == "float-offset-dq g32"
+        assert_optimal(tiny, [(w, 32) for w in (2, 3, 4, 8)], Fraction("3.6") * tiny.total_params)
+    finally:
+        run(tiny, "gram,sensitivity{metric=output-error}")
 
 
 @pytest.mark.parametrize("budget", [3.0, 3.6, 4.5, 5.5, 7.5])
 def test_policy_sensitivity_mixes_the_two_rungs_around_the_budget(tiny, output_error, budget):
     capacity = Fraction(str(budget)) * tiny.total_params
-    fitting = [w for w in (2, 3, 4, 8)
-               if used_bits(tiny, dict.fromkeys(tiny.sites, w)) <= capacity]
+    fitting = [w for w in (2, 3, 4, 8)  # at the cheapest group size
+               if used_bits(tiny, dict.fromkeys(tiny.sites, (w, 128))) <= capacity]
     ladder = [fitting[-1], {2: 3, 3: 4, 4: 8}[fitting[-1]]]
     bits = plan_of(tiny, f"policy-sensitivity{{bits={budget}}}")
     assert tiny.plan.budget["widths"] == ladder
     assert set(bits.values()) == set(ladder)
-    assert used_bits(tiny, bits) <= capacity
-    assert_optimal(tiny, bits, ladder, capacity)
+    assert used_bits(tiny, choices_of(tiny)) <= capacity
+    assert_optimal(tiny, candidates(ladder), capacity)
 
 
-def assert_optimal(graph, bits: dict[str, int], widths, capacity: Fraction) -> None:
-    """The plan's summed loss is the least of any plan over ``widths`` within ``capacity``."""
+def assert_optimal(graph, choices, capacity: Fraction) -> None:
+    """The plan's summed loss is the least of any plan over ``choices`` (width, group size)
+    within ``capacity``."""
     sites = list(graph.sites.values())
-    costs = [[physical_bytes(s.shape, w) for w in widths] for s in sites]
-    losses = [[s.stats["sensitivity"].error(w) for w in widths] for s in sites]
+    costs = [[physical_bytes(s.shape, b, g) for b, g in choices] for s in sites]
+    losses = [[s.stats["sensitivity"].error(b, g) for b, g in choices] for s in sites]
     best = best_by_dynamic_program(costs, losses, int(capacity // 8))
-    assert loss_of(graph, bits) == pytest.approx(best, rel=1e-9, abs=1e-15)
+    assert loss_of(graph, choices_of(graph)) == pytest.approx(best, rel=1e-9, abs=1e-15)
 
 
 def test_policy_sensitivity_with_room_for_everything_takes_the_widest_width(tiny, output_error):
@@ -502,14 +539,23 @@ def test_cache_key_tells_window_shapes_apart(tmp_path, monkeypatch):
     graph = Graph("m", "a", {}, [], None, weights_sha256="0" * 64)
     sensitivity = SensitivityPass(metric="delta-kl")
     graph.calibration = tokens.reshape(1, 64)
-    one = sensitivity._cache_file(graph, (2, 3, 4, 8))
+    four = [(b, 32) for b in (2, 3, 4, 8)]
+    one = sensitivity._cache_file(graph, four)
     graph.calibration = tokens.reshape(8, 8)
-    assert sensitivity._cache_file(graph, (2, 3, 4, 8)) != one
-    assert sensitivity._cache_file(graph, (4,)) != sensitivity._cache_file(graph, (2, 3, 4, 8))
+    assert sensitivity._cache_file(graph, four) != one
+    assert sensitivity._cache_file(graph, [(4, 32)]) != sensitivity._cache_file(graph, four)
+    assert sensitivity._cache_file(graph, [(4, 32)]) != sensitivity._cache_file(graph, [(4, 64)])
 
 
 def test_policy_refuses_predictions_for_another_quantizer(tiny, output_error):
-    assert {s.stats["sensitivity"].quantizer for s in tiny} == {"float-offset-dq g32"}
+    assert {s.stats["sensitivity"].quantizer for s in tiny} == {"float-offset-dq g32+64+128"}
     with pytest.raises(PipelineError, match="sensitivity predicted the damage of "
-                       "float-offset-dq g32 and policy-sensitivity plans rtn-asym g128"):
+                       "float-offset-dq g32\\+64\\+128 and policy-sensitivity plans rtn-asym g128"):
         plan_of(tiny, "policy-sensitivity{bits=4.5,scheme=rtn-asym,group_size=128}")
+    with pytest.raises(PipelineError, match="plans float-offset-dq g16\\+32:"):
+        plan_of(tiny, "policy-sensitivity{bits=4.5,group_size=16+32}")
+    with pytest.raises(PipelineError, match="solver=greedy.* plans one group size"):
+        plan_of(tiny, "policy-sensitivity{bits=4.5,solver=greedy}")
+    assert tiny.sites["lm_head"].stats["sensitivity"].error(4, 32) > 0
+    with pytest.raises(PipelineError, match="not group size 16"):
+        tiny.sites["lm_head"].stats["sensitivity"].error(4, 16)

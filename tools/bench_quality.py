@@ -114,11 +114,14 @@ def smollm2_gguf() -> str:
 
 
 # what `lwqc compile MODEL --policy sensitivity --bits B` does, in its own sweep (its analyses
-# are the compile's defaults); at --bits 2.5 and below the compile plans for rtn-asym g128:
+# are the compile's defaults), beside the same with groups of 32 alone (`--group-size 32`: the
+# predictions at 32 are the same); at --bits 2.5 and below the compile plans for rtn-asym g128:
 # the quality-smollm2 row "sensitivity --bits 2.5, rtn-asym g128, GPTQ"
 SMOLLM2_DEFAULTS = tuple(
-    (f"lwqc compile --policy sensitivity --bits {b} (defaults)", f"policy-sensitivity{{bits={b}}}",
-     format_pass(QuantizePass(**CALIBRATED_QUANTIZE)), None) for b in (4.5, 3.5))
+    (f"lwqc compile --policy sensitivity --bits {b}{flag}", f"policy-sensitivity{{bits={b}{opt}}}",
+     format_pass(QuantizePass(**CALIBRATED_QUANTIZE)), None)
+    for b in (4.5, 3.5)
+    for flag, opt in ((" (defaults)", ""), (" --group-size 32", ",group_size=32")))
 
 
 def compile_analyses() -> str:
