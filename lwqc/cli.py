@@ -44,7 +44,8 @@ def _add_compile(sub) -> None:
                    help="unit sharing one width (default: matmul)")
     p.add_argument("--group-size",
                    help="group size along the input dim (128; policy sensitivity above --bits "
-                        "2.5: 32+64+128, one chosen per matmul with its width)")
+                        "2.5: 32; several joined by +, e.g. 32+64+128, let it choose one per "
+                        "matmul with its width)")
     p.add_argument("--scheme", choices=SCHEMES,
                    help="rtn-asym (default; policy sensitivity above --bits 2.5: "
                         "float-offset-dq): integer zero "

@@ -47,8 +47,9 @@ def policy_pass(policy: str, values: dict[str, Any]) -> Pass:
 
 
 # `--policy sensitivity` without --scheme and --group-size plans for float-offset-dq in groups
-# of 32, 64 or 128 (passes/quantizers.py); at or below 2.5 bits per weight it gets rtn-asym in
-# groups of 128 (2 bits: 2.31).
+# of 32 (passes/quantizers.py), whose narrowest width costs about 2.5 bits per weight (2.486 on
+# rows of 576 inputs), leaving nothing to mix; a budget at or below that gets rtn-asym in groups
+# of 128 (2 bits: 2.31).
 FLOAT_OFFSET_DQ_FLOOR_BITS = 2.5
 NARROW_BUDGET_QUANTIZER = {"scheme": "rtn-asym", "group_size": 128}
 

@@ -4,9 +4,10 @@ The loss of a unit at b bits in groups of g is the sum of its sites' sensitivity
 (by default the Fisher-weighted output error, a second-order estimate of the KL each site's
 quantization costs; or the relative output error, or measured delta-KL); kept sites cost
 nothing. Its quantizer defaults to the one the sensitivity analysis predicts for
-(float-offset-dq in groups of 32, 64 or 128, chosen per unit with its width); a pipeline that
-names another scheme names it in both, and the policy's group sizes must be among those
-predicted (a mismatch is an error).
+(float-offset-dq in groups of 32); given several group sizes (``group_size=32+64+128``, in both
+passes) the exact solver chooses each unit's group size with its width. A pipeline that names
+another scheme names it in both, and the policy's group sizes must be among those predicted (a
+mismatch is an error).
 """
 
 from __future__ import annotations

@@ -186,3 +186,24 @@ def test_sensitivity_defaults_pick_a_quantizer_that_can_meet_the_budget(
     assert {(site["scheme"], site["group_size"]) for site in sites
             if site["bits"] != 16} == {(scheme, group_size)}
     assert document["totals"]["avg_bits_physical"] <= bits
+
+
+def test_sensitivity_choosing_group_sizes_lowers_each_as_planned(ref_llama_dir, tmp_path):
+    """`--group-size 32+64+128`: predictions and plan at all three; ONNX Runtime and torch
+    dequantize every site, whatever its group size, to the same weights."""
+    out = _compile(ref_llama_dir, tmp_path / "out", "--policy", "sensitivity", "--bits", "3.5",
+                   "--group-size", "32+64+128", "--calib-samples", "2", "--calib-seq-len", "64",
+                   "--no-gptq")
+    document = json.loads((out / "plan.json").read_text())
+    assert "sensitivity{metric=auto,group_size=32+64+128," in document["pipeline"]
+    assert "policy-sensitivity{bits=3.5,group_size=32+64+128," in document["pipeline"]
+    chosen = {(site["scheme"], site["group_size"]) for site in document["sites"].values()}
+    assert {g for _, g in chosen} == {32, 64, 128}  # all three in use on ref-llama-6L
+    assert {s for s, _ in chosen} == {"float-offset-dq"}
+    assert document["totals"]["avg_bits_physical"] <= 3.5
+    module = load_model(str(ref_llama_dir)).module
+    path = out / "model.onnx"
+    quantized = torch_eager.build(module, ort_backend.read_packed(path, set(document["sites"])))
+    for site_id, weight in ort_dequantized(path).items():
+        expected = quantized.get_submodule(site_id).dequantized_weight().numpy()
+        np.testing.assert_array_equal(weight, expected, err_msg=site_id)

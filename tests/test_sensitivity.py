@@ -80,9 +80,13 @@ def run(graph, pipeline: str) -> None:
     PassManager(parse(pipeline)).run(graph)
 
 
+# predictions at three group sizes, for the policy's choice among them
+OUTPUT_ERROR = "gram,sensitivity{metric=output-error,group_size=32+64+128}"
+
+
 @pytest.fixture(scope="module")
 def output_error(tiny):
-    run(tiny, "gram,sensitivity{metric=output-error}")
+    run(tiny, OUTPUT_ERROR)
     return {s.id: s.stats["sensitivity"] for s in tiny}, [b.stats["sensitivity"]
                                                           for b in tiny.blocks]
 
@@ -158,7 +162,7 @@ def test_output_error_follows_the_quantizer_options(tiny, output_error):
             assert stat.error(bits) == pytest.approx(direct, rel=1e-9)
         assert stat.err4 != sites[site_id].err4
     finally:
-        run(tiny, "gram,sensitivity{metric=output-error}")
+        run(tiny, OUTPUT_ERROR)
 
 
 # ---------------------------------------------------------------- fisher
@@ -230,7 +234,7 @@ def test_fisher_errors_follow_their_formula_and_predict_measured_kl(tiny):
         # a second-order estimate of the KL the quantized site causes: the right size
         assert 0.7 < float(np.median(ratios)) < 1.4 and 0.3 < min(ratios) < max(ratios) < 2
     finally:
-        run(tiny, "gram,sensitivity{metric=output-error}")
+        run(tiny, OUTPUT_ERROR)
 
 
 def test_encoder_fisher_is_zero_where_the_output_does_not_depend_on_a_site(tmp_path):
@@ -251,7 +255,7 @@ def test_fisher_is_the_default_where_gradients_exist(tiny):
     try:
         assert {s.stats["sensitivity"].metric for s in tiny} == {"fisher"}
     finally:
-        run(tiny, "gram,sensitivity{metric=output-error}")
+        run(tiny, OUTPUT_ERROR)
 
 
 # ---------------------------------------------------------------- delta-KL
@@ -312,7 +316,7 @@ def test_delta_kl_results_are_cached_and_read_back(tiny, monkeypatch, tmp_path):
         check_delta_kl_cache(tiny, tmp_path)
     finally:
         # leave the output-error annotations for later tests
-        run(tiny, "gram,sensitivity{metric=output-error}")
+        run(tiny, OUTPUT_ERROR)
 
 
 def check_delta_kl_cache(tiny, tmp_path) -> None:
@@ -362,14 +366,14 @@ def test_ray_workers_measure_the_local_numbers(tiny, monkeypatch, tmp_path):
         assert len(cached) == 1 and set(cached[0]) == set(tiny.sites)
     finally:
         # leave the output-error annotations for later tests
-        run(tiny, "gram,sensitivity{metric=output-error}")
+        run(tiny, OUTPUT_ERROR)
 
 
 def test_kl_scaled_keeps_output_error_ratios_and_the_measured_4_bit_damage(
         tiny, monkeypatch, tmp_path):
     monkeypatch.setenv("LWQC_CACHE", str(tmp_path))
     try:
-        run(tiny, "gram,sensitivity{metric=output-error}")
+        run(tiny, OUTPUT_ERROR)
         output = {s.id: s.stats["sensitivity"] for s in tiny}
         run(tiny, "sensitivity{metric=delta-kl}")
         measured = {s.id: s.stats["sensitivity"] for s in tiny}
@@ -385,7 +389,7 @@ def test_kl_scaled_keeps_output_error_ratios_and_the_measured_4_bit_damage(
         # the 4-bit measurement alone is cached, apart from the four-width one
         assert len(list(tmp_path.glob("sensitivity-*.json"))) == 2
     finally:
-        run(tiny, "gram,sensitivity{metric=output-error}")
+        run(tiny, OUTPUT_ERROR)
 
 
 # ---------------------------------------------------------------- policy-sensitivity
@@ -437,7 +441,8 @@ def used_bits(graph, choices: dict[str, tuple[int, int]]) -> int:
     return 8 * sum(physical_bytes(graph.sites[s].shape, b, g) for s, (b, g) in choices.items())
 
 
-GROUP_SIZES = (32, 64, 128)  # the policy's and the analysis's default
+GROUP_SIZES = (32, 64, 128)  # those the fixture predicts for
+SIZES = "group_size=32+64+128"
 
 
 def candidates(widths) -> list[tuple[int, int]]:
@@ -450,7 +455,8 @@ def candidates(widths) -> list[tuple[int, int]]:
 def test_policy_sensitivity_matches_brute_force_at_layer_granularity(
     tiny, output_error, budget
 ):
-    plan_of(tiny, f"policy-sensitivity{{bits={budget},granularity=layer,widths=2+3+4+8}}")
+    plan_of(tiny,
+            f"policy-sensitivity{{bits={budget},granularity=layer,widths=2+3+4+8,{SIZES}}}")
     chosen = choices_of(tiny)
     capacity = Fraction(str(budget)) * tiny.total_params
     assert used_bits(tiny, chosen) <= capacity
@@ -470,7 +476,7 @@ def test_policy_sensitivity_matches_brute_force_at_layer_granularity(
 @pytest.mark.parametrize("budget", [3.0, 3.6, 4.5, 5.5, 7.5])
 def test_policy_sensitivity_is_optimal_at_matmul_granularity(tiny, output_error, budget):
     widths = (2, 3, 4, 8)
-    bits = plan_of(tiny, f"policy-sensitivity{{bits={budget},widths=2+3+4+8}}")
+    bits = plan_of(tiny, f"policy-sensitivity{{bits={budget},widths=2+3+4+8,{SIZES}}}")
     capacity = Fraction(str(budget)) * tiny.total_params
     assert used_bits(tiny, choices_of(tiny)) <= capacity
     assert set(bits.values()) <= set(widths)
@@ -487,15 +493,15 @@ def test_policy_sensitivity_plans_among_its_own_group_sizes(tiny, output_error):
     assert len(set(bits.values())) >= 2
 
 
-def test_policy_sensitivity_with_one_group_size_plans_that_size(tiny):
-    run(tiny, "gram,sensitivity{metric=output-error,group_size=32}")
+def test_policy_sensitivity_by_default_plans_groups_of_32(tiny):
+    run(tiny, "gram,sensitivity{metric=output-error}")
     try:
-        bits = plan_of(tiny, "policy-sensitivity{bits=3.6,widths=2+3+4+8,group_size=32}")
+        bits = plan_of(tiny, "policy-sensitivity{bits=3.6,widths=2+3+4+8}")
         assert set(choices_of(tiny).values()) == {(b, 32) for b in bits.values()}
         assert tiny.sites["lm_head"].stats["sensitivity"].quantizer == "float-offset-dq g32"
         assert_optimal(tiny, [(w, 32) for w in (2, 3, 4, 8)], Fraction("3.6") * tiny.total_params)
     finally:
-        run(tiny, "gram,sensitivity{metric=output-error}")
+        run(tiny, OUTPUT_ERROR)
 
 
 @pytest.mark.parametrize("budget", [3.0, 3.6, 4.5, 5.5, 7.5])
@@ -504,7 +510,7 @@ def test_policy_sensitivity_mixes_the_two_rungs_around_the_budget(tiny, output_e
     fitting = [w for w in (2, 3, 4, 8)  # at the cheapest group size
                if used_bits(tiny, dict.fromkeys(tiny.sites, (w, 128))) <= capacity]
     ladder = [fitting[-1], {2: 3, 3: 4, 4: 8}[fitting[-1]]]
-    bits = plan_of(tiny, f"policy-sensitivity{{bits={budget}}}")
+    bits = plan_of(tiny, f"policy-sensitivity{{bits={budget},{SIZES}}}")
     assert tiny.plan.budget["widths"] == ladder
     assert set(bits.values()) == set(ladder)
     assert used_bits(tiny, choices_of(tiny)) <= capacity
@@ -522,9 +528,10 @@ def assert_optimal(graph, choices, capacity: Fraction) -> None:
 
 
 def test_policy_sensitivity_with_room_for_everything_takes_the_widest_width(tiny, output_error):
-    assert set(plan_of(tiny, "policy-sensitivity{bits=9,widths=2+3+4+8}").values()) == {8}
+    bits = plan_of(tiny, f"policy-sensitivity{{bits=9,widths=2+3+4+8,{SIZES}}}")
+    assert set(bits.values()) == {8}
     # without widths, a budget between the uniform 8-bit plan and float mixes both
-    bits = plan_of(tiny, "policy-sensitivity{bits=20}")
+    bits = plan_of(tiny, f"policy-sensitivity{{bits=20,{SIZES}}}")
     assert tiny.plan.budget["widths"] == [8, 16]
     assert set(bits.values()) == {8, 16}
     assert 8 * totals(tiny, tiny.plan.specs).bytes <= 20 * tiny.total_params
@@ -555,7 +562,7 @@ def test_policy_refuses_predictions_for_another_quantizer(tiny, output_error):
     with pytest.raises(PipelineError, match="plans float-offset-dq g16\\+32:"):
         plan_of(tiny, "policy-sensitivity{bits=4.5,group_size=16+32}")
     with pytest.raises(PipelineError, match="solver=greedy.* plans one group size"):
-        plan_of(tiny, "policy-sensitivity{bits=4.5,solver=greedy}")
+        plan_of(tiny, f"policy-sensitivity{{bits=4.5,solver=greedy,{SIZES}}}")
     assert tiny.sites["lm_head"].stats["sensitivity"].error(4, 32) > 0
     with pytest.raises(PipelineError, match="not group size 16"):
         tiny.sites["lm_head"].stats["sensitivity"].error(4, 16)

@@ -113,20 +113,26 @@ def smollm2_gguf() -> str:
     return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-# what `lwqc compile MODEL --policy sensitivity --bits B` does, in its own sweep (its analyses
-# are the compile's defaults), beside the same with groups of 32 alone (`--group-size 32`: the
+# what `lwqc compile MODEL --policy sensitivity --bits B` does, in its own sweep, beside the
+# same choosing each matmul's group size among 32, 64 and 128 (`--group-size 32+64+128`); the
+# sweep's analyses are the compile's defaults but for predicting at 64 and 128 as well (the
 # predictions at 32 are the same); at --bits 2.5 and below the compile plans for rtn-asym g128:
 # the quality-smollm2 row "sensitivity --bits 2.5, rtn-asym g128, GPTQ"
+MIXED_GROUP_SIZES = "32+64+128"
 SMOLLM2_DEFAULTS = tuple(
     (f"lwqc compile --policy sensitivity --bits {b}{flag}", f"policy-sensitivity{{bits={b}{opt}}}",
      format_pass(QuantizePass(**CALIBRATED_QUANTIZE)), None)
     for b in (4.5, 3.5)
-    for flag, opt in ((" (defaults)", ""), (" --group-size 32", ",group_size=32")))
+    for flag, opt in ((" (defaults)", ""), (f" --group-size {MIXED_GROUP_SIZES}",
+                                            f",group_size={MIXED_GROUP_SIZES}")))
 
 
-def compile_analyses() -> str:
-    """The analysis passes `lwqc compile --policy sensitivity` runs by default."""
-    passes = default_passes(policy_pass("sensitivity", {"bits": 4.5}), "onnx")
+def compile_analyses(group_size: str | None = None) -> str:
+    """The analysis passes `lwqc compile --policy sensitivity` runs by default (with
+    ``group_size``: those of `--group-size GROUP_SIZE`)."""
+    options = {"bits": 4.5, "group_size": group_size}
+    passes = default_passes(policy_pass("sensitivity", options), "onnx",
+                            analysis_options={"sensitivity": {"group_size": group_size}})
     return format_pipeline([p for p in passes if p.kind is PassKind.ANALYSIS])
 
 
@@ -138,7 +144,7 @@ MODELS = {
                 f"zd,entropy,outliers,calib{{samples=16}},lim,gram,"
                 f"sensitivity{{clip=output,{ASYM128}}}",
                 "quality-smollm2"),
-    "smollm2-defaults": (smollm2_gguf, SMOLLM2_DEFAULTS, 32, compile_analyses(),
+    "smollm2-defaults": (smollm2_gguf, SMOLLM2_DEFAULTS, 32, compile_analyses(MIXED_GROUP_SIZES),
                          "quality-smollm2-defaults"),
 }
 
