@@ -40,13 +40,10 @@ SENSITIVITY_SCHEME = "float-offset-dq"
 SENSITIVITY_GROUP_SIZES = (32,)
 
 
-def quantizer_label(scheme: str, group_size: int | tuple[int, ...] | None) -> str:
-    """The name of a scheme at a group size or several, e.g. ``float-offset-dq g32`` or
+def quantizer_label(scheme: str, group_sizes: tuple[int, ...] | None) -> str:
+    """The name of a scheme at its group sizes, e.g. ``float-offset-dq g32`` or
     ``float-offset-dq g32+64`` (per row: the scheme alone)."""
-    if group_size is None:
-        return scheme
-    sizes = group_size if isinstance(group_size, tuple) else (group_size,)
-    return f"{scheme} g{'+'.join(map(str, sizes))}"
+    return scheme if group_sizes is None else f"{scheme} g{'+'.join(map(str, group_sizes))}"
 
 # A quantizer takes weights [out, in], the spec and per-input-column error weights (None:
 # no range search).
