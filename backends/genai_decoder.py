@@ -196,14 +196,14 @@ class DecoderRewrite:
             shared = sites[0][0] if len(sites) == 1 else SiteRewrite(
                 self.model.graph, name, node, False, PACKED_STORAGE.code_bits,
                 self._decision(site_ids))
-            self.int2_dequantized |= weight.spec.bits == 2
+            self.int2_dequantized |= 2 in weight.spec.code_widths()
             output, tables = offset_nbits.lower(shared, sites, activation, self.accuracy_level)
             self.tables.update(tables)
             return output
         else:
             rewrite = SiteRewrite(self.model.graph, name, node, True, PACKED_STORAGE.code_bits,
                                   self.metadata[name])
-            self.int2_dequantized |= weight.spec.bits == 2
+            self.int2_dequantized |= 2 in weight.spec.code_widths()
             dequantized = lower_weight(rewrite, weight)
             self.tables[name] = functools.cache(functools.partial(self._transposed, name,
                                                                   dequantized))

@@ -2,7 +2,7 @@
 builds for llvm-cpu, and the check that the compiled module computes what ONNX Runtime does.
 
 1. ``lower-iree`` rewrites the source's float export like ``lower-onnx``'s export route, with
-   standard ops on byte tensors only (``onnx_formats`` step 6): IREE miscompiles int4 tensors
+   standard ops on byte tensors only (``onnx_formats`` step 8): IREE miscompiles int4 tensors
    and cannot legalize a blocked ``DequantizeLinear``, and reads no ORT contrib ops
    (MatMulNBits, GroupQueryAttention), so codes are packed in uint8 and dequantized with
    ``Cast``/``Sub``/``Mul``. The file also runs in ONNX Runtime, with the same weights.

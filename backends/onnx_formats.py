@@ -22,9 +22,11 @@ for Gemm with transB), initializers named ``<site>.weight_<array>``:
    unpacked with standard ops: Reshape to byte triples, Cast, Mul by (1, 256, 65536),
    ReduceSum, BitShift right by 0, bits, 2 bits, ..., BitwiseAnd 2^bits - 1, Reshape, Slice,
    Cast.
-6. Outliers of any format: ``ScatterElements(reduction=add)`` of the float16 residuals at
+6. ``row-mix``: each part lowered as above from its arrays (``<site>.p<k>.weight_*``), the
+   parts concatenated along the output dimension and ``Gather(order)`` along it.
+7. Outliers of any format: ``ScatterElements(reduction=add)`` of the float16 residuals at
    their int32 positions (re-indexed to B's orientation) into the flattened weight.
-7. ``bytes_only`` (for compilers that read no sub-byte tensors or blocked ``DequantizeLinear``,
+8. ``bytes_only`` (for compilers that read no sub-byte tensors or blocked ``DequantizeLinear``,
    e.g. IREE): 2- and 4-bit codes are packed four or two to a uint8 (signed codes offset by
    2^(bits-1)) and unpacked with ``BitShift`` and ``BitwiseAnd``; 3- and 6-bit codes as in 5
    (unpacked in uint8 ops);
@@ -43,7 +45,13 @@ import numpy as np
 import onnx_ir as ir
 
 from lwqc.ir.errors import LwqcError
-from lwqc.ir.formats import CodebookWeight, FloatOffsetDqWeight, SparseOutliers, WeightFormat
+from lwqc.ir.formats import (
+    CodebookWeight,
+    FloatOffsetDqWeight,
+    RowMixWeight,
+    SparseOutliers,
+    WeightFormat,
+)
 from lwqc.ir.formats.float_offset_dq import PARAM_BITS, super_group_size
 from lwqc.ir.spec import GroupSpec
 
@@ -90,7 +98,7 @@ class SiteRewrite:
     transposed: bool  # B is [in, out]
     code_bits: Callable[[int], int]  # code width -> stored bits
     metadata: dict[str, str]
-    bytes_only: bool = False  # no sub-byte tensors, no blocked DequantizeLinear (step 6)
+    bytes_only: bool = False  # no sub-byte tensors, no blocked DequantizeLinear (step 8)
     nodes: int = 0
 
     @property
@@ -189,7 +197,7 @@ class SiteRewrite:
 
     def unpack_bytes(self, packed: ir.Value, name: str, shape: tuple[int, ...], width: int,
                      signed: bool) -> ir.Value:
-        """2- or 4-bit codes packed ``8 // width`` to a byte, lowest first (step 6)."""
+        """2- or 4-bit codes packed ``8 // width`` to a byte, lowest first (step 8)."""
         constant = functools.partial(self.array_constant, name)
         per_byte = 8 // width
         value = self.node("Reshape", [packed, constant("column", [-1, 1])])
@@ -430,11 +438,35 @@ def add_outliers(rewrite: SiteRewrite, weight: WeightFormat, base: ir.Value) -> 
                         output="weight_with_outliers")
 
 
+def part_rewrite(rewrite: SiteRewrite, index: int) -> SiteRewrite:
+    """The rewrite storing part ``index`` of a row-mixed site (arrays ``<site>.p<index>.*``)."""
+    return dataclasses.replace(rewrite, site_id=f"{rewrite.site_id}.p{index}", metadata={},
+                               nodes=0)
+
+
+def row_order_indices(rewrite: SiteRewrite, weight: RowMixWeight) -> ir.Value:
+    """The stored ``order`` of a row-mixed site, as the int64 indices Gather reads."""
+    order = rewrite.initializer(f"{rewrite.site_id}.weight_order", weight.order)
+    return rewrite.node("Cast", [order], {"to": ir.DataType.INT64})
+
+
+def lower_row_mix(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
+    """Each part lowered as its format is, the parts stacked along the output dimension, the
+    rows put in place by ``Gather(order)``."""
+    assert isinstance(weight, RowMixWeight)
+    axis = 1 if rewrite.transposed else 0  # the output dimension of B
+    parts = [lower_weight(part_rewrite(rewrite, i), part) for i, part in enumerate(weight.parts)]
+    stacked = rewrite.node("Concat", parts, {"axis": axis})
+    return rewrite.node("Gather", [stacked, row_order_indices(rewrite, weight)], {"axis": axis},
+                        output="weight_dequantized")
+
+
 FORMAT_LOWERINGS: dict[str, Callable[[SiteRewrite, WeightFormat], ir.Value]] = {
     "affine": lower_affine,
     "float-offset": lower_float_offset,
     "float-offset-dq": lower_float_offset,
     "codebook": lower_codebook,
+    "row-mix": lower_row_mix,
 }
 
 

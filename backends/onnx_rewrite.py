@@ -42,7 +42,7 @@ from lwqc.ir.formats import AffineWeight, WeightFormat, load_weight
 from lwqc.ir.graph import Graph
 from lwqc.ir.onnx_source import SCOPES, SITE_KEY, reads_table, weight_is_transposed
 from lwqc.ir.plan_json import SCHEMA
-from lwqc.ir.spec import SPECS, GroupSpec, QuantSpec, spec_from_json
+from lwqc.ir.spec import SPECS, GroupSpec, QuantSpec, RowMixSpec, spec_from_json
 
 OPSET_INT2 = 25
 IR_VERSION_INT2 = 13  # int2/uint2 tensors arrived with IR version 13 (opset 25)
@@ -53,7 +53,7 @@ _DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy
 DEFAULT_ACCURACY_LEVEL = 4
 CAPABILITIES = Capabilities(
     backend="onnx",
-    widths={name: PACKED_STORAGE.widths[name] for name in FORMAT_LOWERINGS},
+    widths={name: w for name, w in PACKED_STORAGE.widths.items() if name in FORMAT_LOWERINGS},
     containers=PACKED_STORAGE.containers,
     layout_bytes=matmul_nbits.layout_bytes,
 )
@@ -86,15 +86,18 @@ def site_matmuls(model: ir.Model, site_ids: list[str]) -> dict[str, ir.Node]:
 
 
 def spec_metadata(spec: QuantSpec) -> dict[str, str]:
-    """The spec's fields as ``lwqc.<field>`` strings (None -> "")."""
-    return {f"lwqc.{k}": "" if v is None else str(v) for k, v in spec.to_json().items()}
+    """The spec's fields as ``lwqc.<field>`` strings (None -> "", a list as JSON)."""
+    return {f"lwqc.{k}": "" if v is None else json.dumps(v) if isinstance(v, list) else str(v)
+            for k, v in spec.to_json().items()}
 
 
 def _metadata_value(key: str, text: str) -> object:
-    if key == "scheme":
+    if key in ("scheme", "rows"):
         return text
     if text == "":
         return None
+    if text.startswith("["):
+        return json.loads(text)
     try:
         return int(text)
     except ValueError:
@@ -126,7 +129,7 @@ def lower(graph: Graph, model: ir.Model, accuracy_level: int = DEFAULT_ACCURACY_
     where it holds the weight (and GatherBlockQuantized the tied table, if any), MatMulNBits
     with a group-sum correction for float-offset groups (``offset_nbits``), else the format's
     standard-op lowering feeding the site's MatMul/Gemm, its codes in ``capabilities``'
-    containers. ``bytes_only``: standard ops on byte tensors only (``onnx_formats`` step 6),
+    containers. ``bytes_only``: standard ops on byte tensors only (``onnx_formats`` step 8),
     for compilers other than ORT."""
     matmuls = site_matmuls(model, list(graph.sites))
     int2_codes = False
@@ -158,7 +161,7 @@ def lower(graph: Graph, model: ir.Model, accuracy_level: int = DEFAULT_ACCURACY_
             output, tables = offset_nbits.lower(rewrite, [(rewrite, weight)], node.inputs[0],
                                                 accuracy_level, bias)
             replace_node(model.graph, node, output)
-            int2_codes |= weight.spec.bits == 2
+            int2_codes |= 2 in weight.spec.code_widths()
             table = _dequantized_rows(tables[site_id], False)
         else:
             rewrite = SiteRewrite(model.graph, site_id, node, transposed,
@@ -166,7 +169,7 @@ def lower(graph: Graph, model: ir.Model, accuracy_level: int = DEFAULT_ACCURACY_
                                   bytes_only=bytes_only)
             dequantized = lower_weight(rewrite, weight)
             node.replace_input_with(1, dequantized)
-            int2_codes |= weight.spec.bits == 2 and not bytes_only
+            int2_codes |= 2 in weight.spec.code_widths() and not bytes_only
             table = _dequantized_rows(lambda value=dequantized: value, transposed)
         if tied:
             _share_table(model.graph, site_id, old, graph.weight(site_id), weight, table)
@@ -272,8 +275,8 @@ def read_packed(path: Path, expected: set[str]) -> dict[str, WeightFormat]:
         transposed = node.op_type != "MatMulNBits" and weight_is_transposed(node)
         site_ids = [meta["lwqc.site"]] if "lwqc.site" in meta else json.loads(meta["lwqc.sites"])
         for site_id in site_ids:
-            arrays = stored_arrays(initializers, site_id, transposed, spec.scheme == "rtn-sym")
-            if arrays and arrays["codes"].ndim == 3:  # stored as MatMulNBits' B
+            arrays = _stored_site_arrays(initializers, site_id, transposed, spec)
+            if "codes" in arrays and arrays["codes"].ndim == 3:  # stored as MatMulNBits' B
                 arrays["codes"] = offset_nbits.read_codes(
                     arrays["codes"], node.attributes.get_int("bits"), node.attributes.get_int("K"))
             if arrays:
@@ -283,6 +286,19 @@ def read_packed(path: Path, expected: set[str]) -> dict[str, WeightFormat]:
         raise LwqcError(f"{path} holds no quantized weight for site {missing[0]}: the artifact "
                         "does not match its plan; recompile")
     return packed
+
+
+def _stored_site_arrays(initializers: dict[str, np.ndarray], site_id: str, transposed: bool,
+                        spec: QuantSpec) -> dict[str, np.ndarray]:
+    """``stored_arrays`` of a site; a row-mix's parts under their prefixes, and its order."""
+    if not isinstance(spec, RowMixSpec):
+        return stored_arrays(initializers, site_id, transposed, spec.scheme == "rtn-sym")
+    arrays = {"order": initializers[f"{site_id}.weight_order"]}
+    for index, part in enumerate(spec.parts):
+        stored = stored_arrays(initializers, f"{site_id}.p{index}", transposed,
+                               part.scheme == "rtn-sym")
+        arrays.update({f"p{index}.{key}": value for key, value in stored.items()})
+    return arrays
 
 
 def _read_nbits(node: ir.Node, initializers: dict[str, np.ndarray]) -> dict[str, WeightFormat]:

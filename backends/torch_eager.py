@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +28,20 @@ from lwqc.passes.base import Pass, PassContext, PassKind
 # included); the eager module and packed.safetensors hold codes unpacked, one byte each.
 CAPABILITIES = Capabilities(
     backend="torch",
-    widths={name: PACKED_STORAGE.widths[name] for name in FORMATS},
+    widths={name: w for name, w in PACKED_STORAGE.widths.items() if name in FORMATS},
     containers=PACKED_STORAGE.containers,
     layout_bytes=matmul_nbits.layout_bytes,
 )
 SPECS_KEY = "lwqc.specs"
+
+
+# a site's array names: the format's own, or ``p<k>.<name>`` for part k of a row-mix
+ARRAY_NAME = re.compile(r"(p[0-9]+\.)?[^.]+")
+
+
+def buffer_name(array: str) -> str:
+    """The buffer holding a format's array (buffer names hold no dots)."""
+    return array.replace(".", "_")
 
 
 class PackedLinear(torch.nn.Module):
@@ -42,11 +52,12 @@ class PackedLinear(torch.nn.Module):
         self.spec = weight.spec
         self.names = tuple(weight.arrays())
         for name, array in weight.arrays().items():
-            self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(array).copy()))
+            self.register_buffer(buffer_name(name),
+                                 torch.from_numpy(np.ascontiguousarray(array).copy()))
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), False)
 
     def dequantized_weight(self) -> torch.Tensor:
-        tensors = {name: getattr(self, name) for name in self.names}
+        tensors = {name: getattr(self, buffer_name(name)) for name in self.names}
         return format_class(self.spec).dequantize_tensors(self.spec, tensors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +109,7 @@ def read_packed(path: Path, expected: set[str]) -> dict[str, WeightFormat]:
     for site_id, entry in specs.items():
         prefix = f"{site_id}."
         arrays = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)
-                  and "." not in k.removeprefix(prefix)}
+                  and ARRAY_NAME.fullmatch(k.removeprefix(prefix))}
         packed[site_id] = load_weight(spec_from_json(entry), arrays)
     missing = sorted(expected - set(packed))
     if missing:

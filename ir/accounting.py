@@ -7,7 +7,7 @@ from fractions import Fraction
 from typing import Any
 
 from lwqc.ir.graph import Graph
-from lwqc.ir.spec import QuantSpec
+from lwqc.ir.spec import KEEP_BITS, QuantSpec
 
 
 def site_bytes(graph: Graph, site_id: str, spec: QuantSpec) -> int:
@@ -40,13 +40,12 @@ def totals(graph: Graph, specs: dict[str, QuantSpec]) -> Totals:
     """Size of the quantizable weights under ``specs`` (everything a site stores counted)."""
     params = graph.total_params
     nbytes = sum(site_bytes(graph, s, spec) for s, spec in specs.items())
-    logical = sum(
-        (graph.keep_bits if spec.kept else spec.bits) * graph.sites[s].params
-        for s, spec in specs.items()
-    )
     by_bits: dict[int, int] = {}
     for s, spec in specs.items():
-        by_bits[spec.bits] = by_bits.get(spec.bits, 0) + graph.sites[s].params
+        for bits, count in spec.params_by_bits(graph.sites[s].shape).items():
+            by_bits[bits] = by_bits.get(bits, 0) + count
+    logical = sum((graph.keep_bits if bits == KEEP_BITS else bits) * count
+                  for bits, count in by_bits.items())
     return Totals(
         params=params,
         bytes=nbytes,

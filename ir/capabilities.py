@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 from lwqc.ir.errors import PlanError
 from lwqc.ir.formats import format_class
-from lwqc.ir.spec import QUANT_WIDTHS, GroupSpec, QuantSpec
+from lwqc.ir.formats.row_mix import order_bytes
+from lwqc.ir.spec import QUANT_WIDTHS, GroupSpec, QuantSpec, RowMixSpec
 
 
 def any_group_size(group_size: int | None) -> bool:
@@ -36,6 +37,8 @@ class Capabilities:
     def supports(self, spec: QuantSpec) -> bool:
         if spec.kept:
             return True
+        if isinstance(spec, RowMixSpec):
+            return all(self.supports(part) for part in spec.parts)
         if spec.bits not in self.widths.get(spec.format or "", ()):
             return False
         return not isinstance(spec, GroupSpec) or self.group_size_ok(spec.group_size)
@@ -57,6 +60,10 @@ class Capabilities:
         """Physical bytes of a weight of ``shape`` under ``spec`` on this backend."""
         if spec.kept:
             return shape[0] * shape[1] * keep_bits // 8
+        if isinstance(spec, RowMixSpec):  # each part as the backend stores it, and the order
+            return order_bytes(shape[0]) + sum(
+                self.bytes((len(rows), shape[1]), part, keep_bits)
+                for part, rows in zip(spec.parts, spec.part_rows(), strict=True))
         own = None if self.layout_bytes is None else self.layout_bytes(shape, spec)
         if own is not None:
             return own

@@ -71,6 +71,10 @@ class Graph:
     # Gram matrix sum(x x^T) of each site's input over the calibration tokens, float64
     # [in, in]; sites reading the same activation share one array (not persisted)
     grams: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # predicted damage of each output row of a site at each (width, group size), float64
+    # [out], where the sensitivity analysis predicts per row (not persisted)
+    row_damage: dict[str, dict[tuple[int, int], np.ndarray]] = dataclasses.field(
+        default_factory=dict)
     target: Capabilities = PACKED_STORAGE
     lowered: dict[str, Any] = dataclasses.field(default_factory=dict)
     available: set[str] = dataclasses.field(default_factory=set)

@@ -10,6 +10,9 @@ its class and is the one list of schemes (and ``WIDTHS`` the one list of widths)
    quantized in turn (double quantization, the parameter layout of llama.cpp's K-quants):
    6-bit codes against two float16 steps shared by a super-group of about 8 groups.
 4. ``codebook``: one codebook of 2^bits float centroids per input column (CLAQ's K-means).
+5. ``row-mix``: the output rows split among several group specs (``parts``), ``rows`` naming
+   each row's part; every output row is computed from its own row of weights alone, so each
+   part is an exact sub-matrix of the site (row-level mixed precision).
 Every quantized spec may reserve a fraction ``outliers`` of its weights, stored sparsely in
 full precision and added to the dequantized base (0 = none).
 """
@@ -19,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Any, ClassVar
+
+import numpy as np
 
 from lwqc.ir.errors import PlanError
 
@@ -45,6 +50,14 @@ class QuantSpec:
 
     def label(self) -> str:
         return "keep"
+
+    def params_by_bits(self, shape: tuple[int, int]) -> dict[int, int]:
+        """Weights of a site of ``shape`` at each width."""
+        return {self.bits: shape[0] * shape[1]}
+
+    def code_widths(self) -> frozenset[int]:
+        """The widths of the codes the spec stores."""
+        return frozenset((self.bits,))
 
     def to_json(self) -> dict[str, Any]:
         """The spec as plan.json writes it: ``bits``, the scheme's own fields, ``scheme``."""
@@ -194,12 +207,89 @@ class CodebookSpec(_Quantized):
         return f"w{self.bits} codebook{high}{self._outlier_label()}"
 
 
+ROW_PART_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"  # a row's part, one character
+
+
+@dataclasses.dataclass(frozen=True)
+class RowMixSpec(QuantSpec):
+    """Output rows split among ``parts`` (quantized group specs, each used by some row):
+    ``rows[r]`` is the digit (``ROW_PART_DIGITS``) of row r's part. ``bits`` is the widest
+    part's width. Quantizing and storing each part is that of its rows as a sub-matrix."""
+
+    scheme: ClassVar[str] = "row-mix"
+    format: ClassVar[str] = "row-mix"
+    bits: int = 0
+    parts: tuple[GroupSpec, ...] = ()
+    rows: str = ""
+    outliers: float = 0.0  # the parts reserve their own
+
+    def __post_init__(self) -> None:
+        if not self.parts or len(self.parts) > len(ROW_PART_DIGITS):
+            raise PlanError(f"row-mix needs 1 to {len(ROW_PART_DIGITS)} parts, got "
+                            f"{len(self.parts)}")
+        if not all(isinstance(p, GroupSpec) for p in self.parts):
+            raise PlanError("row-mix parts must be quantized group specs (rtn-asym, rtn-sym, "
+                            "float-offset, float-offset-dq)")
+        if len(set(self.parts)) != len(self.parts):
+            raise PlanError("row-mix parts must differ from one another")
+        if self.bits != max(p.bits for p in self.parts):
+            raise PlanError(f"row-mix bits must be its widest part's, "
+                            f"{max(p.bits for p in self.parts)}, got {self.bits!r}")
+        if self.outliers:
+            raise PlanError("row-mix reserves no outliers of its own (its parts may)")
+        digits = ROW_PART_DIGITS[: len(self.parts)]
+        if not isinstance(self.rows, str) or not self.rows or set(self.rows) - set(digits):
+            raise PlanError(f"row-mix rows must be a string of part digits ({digits}), one per "
+                            "output row")
+        if set(self.rows) != set(digits):
+            raise PlanError("every row-mix part must hold at least one row")
+
+    def part_rows(self) -> list[np.ndarray]:
+        """The output rows of each part, ascending."""
+        codes = np.frombuffer(self.rows.encode(), np.uint8)
+        return [np.flatnonzero(codes == ord(digit))
+                for digit in ROW_PART_DIGITS[: len(self.parts)]]
+
+    def params_by_bits(self, shape: tuple[int, int]) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for part, rows in zip(self.parts, self.part_rows(), strict=True):
+            counts[part.bits] = counts.get(part.bits, 0) + len(rows) * shape[1]
+        return counts
+
+    def code_widths(self) -> frozenset[int]:
+        return frozenset(p.bits for p in self.parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bits": self.bits, "parts": [p.to_json() for p in self.parts],
+                "rows": self.rows, "scheme": self.scheme}
+
+    def label(self) -> str:
+        shares = [len(rows) / len(self.rows) for rows in self.part_rows()]
+        mixed = " + ".join(f"{share:.0%} {part.label()}"
+                           for share, part in sorted(zip(shares, self.parts, strict=True),
+                                                     key=lambda x: -x[0]))
+        return f"rows: {mixed}"
+
+
+def row_mix(specs: list[GroupSpec], choice: np.ndarray) -> QuantSpec:
+    """The spec of a site whose row r takes ``specs[choice[r]]``: that spec if every row takes
+    it, else a row-mix of the specs used (in the order given)."""
+    used = sorted(set(choice.tolist()))
+    if len(used) == 1:
+        return specs[used[0]]
+    digit = {index: ROW_PART_DIGITS[i] for i, index in enumerate(used)}
+    parts = tuple(specs[i] for i in used)
+    return RowMixSpec(bits=max(p.bits for p in parts), parts=parts,
+                      rows="".join(digit[i] for i in choice.tolist()))
+
+
 SPECS: dict[str, type[QuantSpec]] = {
     cls.scheme: cls
     for cls in (KeepSpec, AsymmetricSpec, SymmetricSpec, FloatOffsetSpec, FloatOffsetDqSpec,
-                CodebookSpec)
+                CodebookSpec, RowMixSpec)
 }
-SCHEMES = tuple(name for name in SPECS if name != "keep")
+# the schemes a policy plans with (a row-mix is made of them)
+SCHEMES = tuple(name for name, cls in SPECS.items() if cls not in (KeepSpec, RowMixSpec))
 
 
 def make_spec(bits: int, scheme: str = "rtn-asym", **fields: Any) -> QuantSpec:
@@ -227,6 +317,8 @@ def spec_from_json(data: Any) -> QuantSpec:
     cls = SPECS.get(scheme) if isinstance(scheme, str) else None
     if cls is None or cls is KeepSpec:
         raise PlanError(f"unknown scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    if cls is RowMixSpec:
+        return _row_mix_from_json(data)
     fields = {}
     for name in cls.field_names():
         if name == "group_size":
@@ -243,3 +335,14 @@ def spec_from_json(data: Any) -> QuantSpec:
         if name in data:
             fields[name] = data[name]
     return cls(**fields)
+
+
+def _row_mix_from_json(data: dict[str, Any]) -> RowMixSpec:
+    parts = data.get("parts")
+    if not isinstance(parts, list):
+        raise PlanError("row-mix needs parts: a list of specs")
+    specs = tuple(spec_from_json(part) for part in parts)
+    if not all(isinstance(p, GroupSpec) for p in specs):
+        raise PlanError("row-mix parts must be quantized group specs (rtn-asym, rtn-sym, "
+                        "float-offset, float-offset-dq)")
+    return RowMixSpec(bits=data["bits"], parts=specs, rows=data.get("rows"))

@@ -40,8 +40,9 @@ def _add_compile(sub) -> None:
     budget.add_argument("--lo", type=int, help="low width")
     budget.add_argument("--share", type=float,
                         help="claq without --bits: share of columns at the high width (0.1)")
-    p.add_argument("--granularity", choices=("layer", "matmul"),
-                   help="unit sharing one width (default: matmul)")
+    p.add_argument("--granularity", choices=("layer", "matmul", "row"),
+                   help="unit sharing one width (default: matmul; row: policy sensitivity gives "
+                        "each output row its own width and group size)")
     p.add_argument("--group-size",
                    help="group size along the input dim (128; policy sensitivity above --bits "
                         "2.5: 32; several joined by +, e.g. 32+64+128, let it choose one per "

@@ -26,13 +26,23 @@ import re
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from lwqc.ir.accounting import site_bytes
 from lwqc.ir.errors import BudgetError, PipelineError
+from lwqc.ir.formats.row_mix import order_bytes
 from lwqc.ir.graph import Graph
 from lwqc.ir.plan import Plan
-from lwqc.ir.spec import KEEP_BITS, SCHEMES, WIDTHS, QuantSpec, make_spec
+from lwqc.ir.spec import KEEP_BITS, SCHEMES, WIDTHS, QuantSpec, make_spec, row_mix
 from lwqc.passes.base import Option, choice, positive_int, width_list
-from lwqc.passes.solver import Unit, fill_by_importance, make_units, solve_exact, split_by_ratio
+from lwqc.passes.solver import (
+    Unit,
+    fill_by_importance,
+    make_units,
+    solve_exact,
+    solve_rows,
+    split_by_ratio,
+)
 
 if TYPE_CHECKING:
     from lwqc.passes.policy import PolicyPass
@@ -170,36 +180,39 @@ class Budget:
                 self.require(v[name], f"--{name} {v[name]}")
         pinned = self.pins()
         granularity = v["granularity"] or policy.default_granularity()
-        units = make_units(graph, granularity, exclude=set(pinned))
+        units = make_units(graph, "matmul" if granularity == "row" else granularity,
+                           exclude=set(pinned))
         importance = policy.importance(graph, units)
         budget: dict[str, Any] = {"granularity": granularity, "group_size": v["group_size"],
                                   "scheme": v["scheme"], "overrides": list(v["override"] or [])}
         if v["outliers"]:
             budget["outliers"] = v["outliers"]
         notes: list[str] = []
+        if granularity == "row" and v["bits"] is None:
+            raise PipelineError(f"{policy.name}{{granularity=row}} needs bits=B")
         if v["bits"] is not None:
-            choices, extra = self._within_bits(units, importance, pinned)
+            choices, extra = self._within_bits(units, importance, pinned, granularity)
             budget.update(extra)
         elif v["ratio"] is not None:
             lo, hi = (self.require(w, "ratio widths") for w in policy.rule_widths)
             widths = split_by_ratio(units, importance, Fraction(str(v["ratio"])), lo, hi)
-            choices = [(w, None) for w in widths]
+            choices = [self.spec(w) for w in widths]
             budget.update(mode="ratio", ratio=v["ratio"], widths=[lo, hi])
         else:
             widths = [self.require(w, f"policy {policy.name}'s rule")
                       for w in policy.rule(graph, units, importance)]
-            choices = [(w, None) for w in widths]
+            choices = [self.spec(w) for w in widths]
             budget.update(mode="rule", widths=sorted(set(widths)))
             notes.extend(policy.rule_notes())
         specs = {s: self.spec(b) for s, b in pinned.items()}
-        for unit, (bits, group_size) in zip(units, choices, strict=True):
-            specs.update(dict.fromkeys(unit.sites, self.spec(bits, group_size)))
+        for unit, spec in zip(units, choices, strict=True):
+            specs.update(dict.fromkeys(unit.sites, spec))
         return Plan(specs={s: specs[s] for s in graph.sites}, policy=policy.name,
                     budget=budget, notes=notes)
 
-    def _within_bits(self, units: list[Unit], importance: list[float], pinned: dict[str, int]
-                     ) -> tuple[list[tuple[int, int | None]], dict[str, Any]]:
-        """(width, group size) per unit (None: the first group size), and the budget record."""
+    def _within_bits(self, units: list[Unit], importance: list[float], pinned: dict[str, int],
+                     granularity: str) -> tuple[list[QuantSpec], dict[str, Any]]:
+        """The spec of each unit, and the budget record."""
         v, graph = self.values, self.graph
         capacity = Fraction(str(v["bits"])) * graph.total_params
         pinned_bits = 8 * sum(site_bytes(graph, s, self.spec(b)) for s, b in pinned.items())
@@ -213,15 +226,19 @@ class Budget:
                 ladder = [self.require(w, f"width {w}") for w in v["widths"]]
             else:
                 ladder = self.ladder(units, capacity, pinned_bits)
-            loss = self.policy.loss_function(graph, units, importance)
             candidates = [(w, g) for w in ladder for g in self.group_sizes]
-            choices = solve_exact(units, candidates, lambda u, c: self.cost(u, *c),
-                                  lambda u, c: loss(u, *c), capacity - pinned_bits)
+            if granularity == "row":
+                choices = self._by_rows(units, candidates, capacity - pinned_bits)
+            else:
+                loss = self.policy.loss_function(graph, units, importance)
+                pairs = solve_exact(units, candidates, lambda u, c: self.cost(u, *c),
+                                    lambda u, c: loss(u, *c), capacity - pinned_bits)
+                choices = None if pairs is None else [self.spec(*c) for c in pairs]
         else:
             ladder = self.policy.rungs(self.ladder(units, capacity, pinned_bits))
             widths = fill_by_importance(units, importance, ladder, self.cost,
                                         capacity - pinned_bits)
-            choices = None if widths is None else [(w, None) for w in widths]
+            choices = None if widths is None else [self.spec(w) for w in widths]
         if choices is None:
             raise BudgetError(
                 f"--bits {v['bits']:g} is infeasible with widths {ladder}: even every site at "
@@ -229,3 +246,28 @@ class Budget:
             )
         return choices, {"mode": "bits", "bits": v["bits"], "widths": ladder,
                          "solver": v["solver"]}
+
+    def _by_rows(self, units: list[Unit], candidates: list[tuple[int, int]],
+                 capacity_bits: Fraction) -> list[QuantSpec] | None:
+        """Each unit's spec with a candidate per output row (``solve_rows``); rows take
+        quantized widths only (a row-mix has no float part)."""
+        graph = self.graph
+        row_loss = self.policy.row_loss_function(graph)
+        candidates = [c for c in candidates if c[0] != KEEP_BITS]
+        specs = [self.spec(*c) for c in candidates]
+        losses, costs, mixing = [], [], []
+        for unit in units:
+            (site_id,) = unit.sites
+            losses.append(np.stack([row_loss(site_id, *c) for c in candidates], axis=1))
+            costs.append(np.array([self.cost(unit, *c) for c in candidates], dtype=np.float64))
+            mixing.append(order_bytes(graph.sites[site_id].shape[0]))
+
+        def unit_specs(picks: list[np.ndarray]) -> list[QuantSpec]:
+            return [row_mix(specs, pick) for pick in picks]
+
+        def plan_cost(picks: list[np.ndarray]) -> int:
+            return sum(site_bytes(graph, u.sites[0], spec)
+                       for u, spec in zip(units, unit_specs(picks), strict=True))
+
+        picks = solve_rows(losses, costs, mixing, plan_cost, capacity_bits)
+        return None if picks is None else unit_specs(picks)

@@ -75,6 +75,12 @@ class PolicyPass(PlanningPass):
                   for position, i in enumerate(order)}
         return lambda unit, bits, group_size: weight[unit.name] * unit.params * 4.0 ** -bits
 
+    def row_loss_function(self, graph: Graph):
+        """row_loss(site, bits, group_size) -> the loss of each output row (``granularity=row``);
+        only policies with a per-row loss plan per row."""
+        raise PipelineError(f"policy '{self.name}' has no per-row loss: granularity=row is "
+                            "policy sensitivity's")
+
     def rule(self, graph: Graph, units: list[Unit], importance: list[float]) -> list[int]:
         """Widths without a budget; policies that have no such rule need bits= or ratio=."""
         raise PipelineError(

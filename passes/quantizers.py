@@ -2,15 +2,17 @@
 
 ``quantize_weight(weights, spec, clip, gram, gptq)``:
 1. refuses non-2-D or non-finite weights and schemes without a quantizer;
-2. with ``spec.outliers = f > 0``: the floor(f * size) weights farthest from the matrix mean
+2. a row-mix quantizes each part's rows as a sub-matrix by 3. to 6., the same Gram matrix
+   for all (GPTQ's error feedback runs within a row);
+3. with ``spec.outliers = f > 0``: the floor(f * size) weights farthest from the matrix mean
    are reserved (ties: lower flat index first) and set to the mean for the base quantizer;
-3. ``clip`` chooses group ranges: ``minmax`` (the full range), ``mse`` (the least squared
+4. ``clip`` chooses group ranges: ``minmax`` (the full range), ``mse`` (the least squared
    weight error of the shrink grid), ``output`` (the least output error of uncorrelated
    inputs: squared errors weighted by each input's mean square, the diagonal of the input
    Gram matrix ``gram``); codebooks have no range to choose;
-4. quantizes with the scheme's quantizer, or with GPTQ (``passes/gptq.py``) when ``gptq``
+5. quantizes with the scheme's quantizer, or with GPTQ (``passes/gptq.py``) when ``gptq``
    settings are given (needs ``gram``);
-5. stores each reserved weight as its float16 residual over the dequantized base (a residual
+6. stores each reserved weight as its float16 residual over the dequantized base (a residual
    beyond the float16 range is refused).
 """
 
@@ -22,8 +24,9 @@ from collections.abc import Callable
 import numpy as np
 
 from lwqc.ir.errors import NonFiniteWeightError, PlanError
-from lwqc.ir.formats import SparseOutliers, WeightFormat
-from lwqc.ir.spec import QuantSpec
+from lwqc.ir.formats import RowMixWeight, SparseOutliers, WeightFormat
+from lwqc.ir.formats.row_mix import row_order
+from lwqc.ir.spec import QuantSpec, RowMixSpec
 from lwqc.passes.float_offset import quantize_float_offset, quantize_float_offset_dq
 from lwqc.passes.gptq import GptqSettings, gptq
 from lwqc.passes.kmeans import quantize_codebook
@@ -87,6 +90,13 @@ def quantize_weight(weights: np.ndarray, spec: QuantSpec, clip: str = "mse",
         raise ValueError(f"expected a 2-D weight, got shape {weights.shape}")
     if not np.all(np.isfinite(weights)):
         raise NonFiniteWeightError("cannot quantize a weight holding NaN or Inf values")
+    if isinstance(spec, RowMixSpec):  # each part's rows as a sub-matrix of the site
+        if len(spec.rows) != weights.shape[0]:
+            raise PlanError(f"row-mix assigns {len(spec.rows)} rows, the weight has "
+                            f"{weights.shape[0]}")
+        parts = tuple(quantize_weight(weights[rows], part, clip, gram, gptq_settings)
+                      for part, rows in zip(spec.parts, spec.part_rows(), strict=True))
+        return RowMixWeight(spec, parts, row_order(spec))
     quantizer = QUANTIZERS.get(spec.scheme)
     if quantizer is None:
         raise PlanError(f"no quantizer for scheme {spec.scheme!r} (schemes: "

@@ -104,12 +104,14 @@ class SensitivityStat(Annotation):
         return self.err4
 
 
-def relative_output_error(weight: np.ndarray, approx: np.ndarray, gram: np.ndarray) -> float:
-    """tr(dW G dW^T) / tr(W G W^T) for dW = weight - approx."""
+def relative_row_errors(weight: np.ndarray, approx: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """(dW G dW^T)_ii / tr(W G W^T) for each row i of dW = weight - approx: the rows' shares
+    of the relative output error tr(dW G dW^T) / tr(W G W^T)."""
     delta = weight.astype(np.float64) - approx
     w = weight.astype(np.float64)
     reference = float(np.sum((w @ gram) * w))
-    return float(np.sum((delta @ gram) * delta)) / reference if reference > 0 else 0.0
+    rows = np.sum((delta @ gram) * delta, axis=1)
+    return rows / reference if reference > 0 else np.zeros_like(rows)
 
 
 def cache_dir() -> Path:
@@ -150,6 +152,7 @@ class SensitivityPass(Pass):
                                     "model; an ONNX input gives none: use metric=output-error")
             metric = "output-error" if fisher is None else "fisher"
         sizes = self.values["group_size"]
+        graph.row_damage = {}
         if fisher is not None:
             errors = self._fisher_errors(graph, context, fisher)
         elif metric == "output-error":
@@ -165,6 +168,8 @@ class SensitivityPass(Pass):
                 at = per_size[0][WIDTHS.index(SCALED_AT)]
                 scale = measured[site_id][0] / at if at > 0 else 0.0
                 errors[site_id] = [[scale * e for e in per_width] for per_width in per_size]
+                for rows in graph.row_damage[site_id].values():
+                    rows *= scale
         quantizer = quantizer_label(self.values["scheme"], sizes)
 
         def stat(per_size: list[list[float]]) -> SensitivityStat:
@@ -208,30 +213,36 @@ class SensitivityPass(Pass):
         """Per site, per group size, per width: the Fisher-weighted output error."""
         tokens = graph.calibration.size
 
-        def error(site_id: str, bits: int, group_size: int) -> float:
+        def row_errors(site_id: str, bits: int, group_size: int) -> np.ndarray:
             weight, gram = graph.weight(site_id).astype(np.float64), graph.grams[site_id]
             delta = weight - self.quantized(graph, site_id, bits, group_size)
-            per_row = np.sum((delta @ gram) * delta, axis=1)
-            return 0.5 * float(fisher[site_id] @ per_row) / tokens**2
+            return 0.5 * fisher[site_id] * np.sum((delta @ gram) * delta, axis=1) / tokens**2
 
-        return self._per_size(graph, context, error)
+        return self._per_size(graph, context, row_errors)
 
     def _output_errors(self, graph: Graph, context: PassContext) -> dict[str, list[list[float]]]:
         """Per site, per group size, per width: the relative output error."""
 
-        def error(site_id: str, bits: int, group_size: int) -> float:
-            return relative_output_error(graph.weight(site_id),
-                                         self.quantized(graph, site_id, bits, group_size),
-                                         graph.grams[site_id])
+        def row_errors(site_id: str, bits: int, group_size: int) -> np.ndarray:
+            return relative_row_errors(graph.weight(site_id),
+                                       self.quantized(graph, site_id, bits, group_size),
+                                       graph.grams[site_id])
 
-        return self._per_size(graph, context, error)
+        return self._per_size(graph, context, row_errors)
 
     def _per_size(self, graph: Graph, context: PassContext,
-                  error: Callable[[str, int, int], float]) -> dict[str, list[list[float]]]:
-        return {
-            site.id: [[error(site.id, b, g) for b in WIDTHS] for g in self.values["group_size"]]
-            for site in context.progress(graph, total=len(graph.sites), desc=self.name)
-        }
+                  row_errors: Callable[[str, int, int], np.ndarray]
+                  ) -> dict[str, list[list[float]]]:
+        """Per site, per group size, per width: the summed row errors (each row's kept in
+        ``graph.row_damage``)."""
+        errors = {}
+        for site in context.progress(graph, total=len(graph.sites), desc=self.name):
+            rows = {(b, g): row_errors(site.id, b, g)
+                    for g in self.values["group_size"] for b in WIDTHS}
+            graph.row_damage[site.id] = rows
+            errors[site.id] = [[float(rows[b, g].sum()) for b in WIDTHS]
+                               for g in self.values["group_size"]]
+        return errors
 
     def _cache_file(self, graph: Graph, pairs: list[tuple[int, int]]) -> Path:
         key = hashlib.sha256()

@@ -9,6 +9,8 @@ A unit is a set of sites that share a width (a block at ``layer`` granularity, o
    low-precision share of parameters stays at most the ratio.
 3. ``solve_exact`` (``solver=exact``): the optimum of the multiple-choice knapsack over units x
    widths with a loss per (unit, width), e.g. measured sensitivity.
+4. ``solve_rows`` (``granularity=row``): a candidate per output row of each matmul, from a
+   loss per (row, candidate), by Lagrangian relaxation.
 Ties in importance are broken by execution order.
 """
 
@@ -136,3 +138,60 @@ def solve_exact(
             return [widths[j] for j in choice]
         capacity -= used - capacity  # tolerance slipped past the bound: tighten and re-solve
     return None
+
+
+def solve_rows(
+    losses: Sequence[np.ndarray],
+    costs: Sequence[np.ndarray],
+    mixing_costs: Sequence[int],
+    plan_cost: Callable[[list[np.ndarray]], int],
+    capacity_bits: Fraction,
+) -> list[np.ndarray] | None:
+    """One candidate per output row of each unit (a matmul), least total loss within the
+    capacity: ``losses[u]`` ``[rows, candidates]`` is each row's loss under each candidate,
+    ``costs[u]`` the bytes of the whole unit under each, ``mixing_costs[u]`` the bytes a unit
+    pays once its rows take more than one candidate. Lagrangian relaxation: for a price
+    lambda per byte, each unit takes the better of its best row-by-row choice (rows charged
+    their share of a candidate's bytes, plus the mixing cost) and its best single candidate;
+    lambda is bisected (geometrically) to the least price whose plan, costed exactly by
+    ``plan_cost``, fits. Each plan it returns is the least loss among plans spending no more
+    (up to the rounding of a candidate's bytes into row shares); None if the cheapest plan
+    does not fit."""
+    capacity = int(capacity_bits // 8)
+    if not losses:
+        return []
+    cheapest = [np.full(len(rows), int(np.argmin(cost))) for rows, cost in
+                zip(losses, costs, strict=True)]
+    if plan_cost(cheapest) > capacity:
+        return None
+    scale_loss = max(float(sum(rows.max(axis=1).sum() for rows in losses)), 1e-300)
+    scale_cost = max(float(sum(cost.max() for cost in costs)), 1.0)
+
+    def choose(price: float) -> list[np.ndarray]:
+        picks = []
+        for rows, cost, mixing in zip(losses, costs, mixing_costs, strict=True):
+            count = rows.shape[0]
+            value = rows / scale_loss + price * cost[None, :] / (scale_cost * count)
+            by_row = value.argmin(axis=1)
+            mixed = value[np.arange(count), by_row].sum() + price * mixing / scale_cost
+            single = int(value.sum(axis=0).argmin())
+            uniform = np.full(count, single)
+            alone = len(np.unique(by_row)) == 1
+            picks.append(by_row if alone or mixed < value[:, single].sum() else uniform)
+        return picks
+
+    best = choose(0.0)
+    if plan_cost(best) <= capacity:
+        return best
+    low, high = 1e-9, 1.0
+    while plan_cost(choose(high)) > capacity:
+        low, high = high, high * 16
+        if high > 1e30:  # the cheapest plan fits, so a high enough price reaches it
+            return cheapest
+    for _ in range(80):
+        middle = (low * high) ** 0.5
+        if plan_cost(choose(middle)) > capacity:
+            low = middle
+        else:
+            high = middle
+    return choose(high)

@@ -15,11 +15,13 @@ import pytest
 
 from lwqc.ir.plan import Plan
 from lwqc.ir.spec import (
+    ROW_PART_DIGITS,
     AsymmetricSpec,
     CodebookSpec,
     FloatOffsetDqSpec,
     FloatOffsetSpec,
     KeepSpec,
+    RowMixSpec,
     SymmetricSpec,
 )
 
@@ -260,8 +262,17 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
 
 
+def scattered_rows(parts: int, rows: int) -> str:
+    """A row-mix assignment of ``rows`` rows to ``parts`` parts, each used, in no order."""
+    return "".join(ROW_PART_DIGITS[(7 * r + r // 3) % parts] for r in range(rows))
+
+
 def mixed_plan(graph, group_size: int) -> Plan:
-    """Every width, scheme and format across the sites (outliers on some), one site kept."""
+    """Every width, scheme and format across the sites (outliers on some), one site kept, and
+    two sites row-mixed (one holding 2-bit rows under a wider part)."""
+    row_mixes = [(FloatOffsetDqSpec(3, group_size), FloatOffsetDqSpec(4, 2 * group_size),
+                  AsymmetricSpec(2, group_size, outliers=0.02)),
+                 (SymmetricSpec(8, group_size), FloatOffsetSpec(3, None))]
     choices = [
         AsymmetricSpec(2, group_size), AsymmetricSpec(3, group_size),
         SymmetricSpec(4, group_size), FloatOffsetSpec(4, group_size, outliers=0.01),
@@ -272,4 +283,8 @@ def mixed_plan(graph, group_size: int) -> Plan:
         CodebookSpec(2, high_bits=4, high_share=0.1), CodebookSpec(3, 0.01, 4, 0.25),
     ]
     specs = {s: choices[i % len(choices)] for i, s in enumerate(graph.sites)}
+    mixed = [s for s, spec in specs.items() if spec.scheme == "rtn-sym"][:2]
+    for site_id, parts in zip(mixed, row_mixes, strict=True):
+        rows = scattered_rows(len(parts), graph.sites[site_id].shape[0])
+        specs[site_id] = RowMixSpec(bits=max(p.bits for p in parts), parts=parts, rows=rows)
     return Plan(specs=specs, policy="test", budget={})

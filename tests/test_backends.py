@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -141,12 +143,14 @@ def test_stored_bytes_of_every_site_equal_the_plans_bytes(tiny_llama_dir, tmp_pa
     stored: dict[str, int] = {}
     for tensor in onnx.load(str(path)).graph.initializer:
         site, sep, _ = tensor.name.rpartition(".weight_")
-        if sep:
+        if sep:  # a row-mix's parts are <site>.p<k>.weight_*
+            site = re.sub(r"\.p[0-9]+$", "", site)
             stored[site] = stored.get(site, 0) + len(tensor.raw_data)
     assert set(stored) == set(graph.packed)
     for site_id, weight in graph.packed.items():
         assert stored[site_id] == site_bytes(graph, site_id, weight.spec), site_id
     assert any(w.spec.bits == 3 for w in graph.packed.values())  # packed 3-bit included
+    assert any(w.spec.scheme == "row-mix" for w in graph.packed.values())
 
 
 # hand cases: codes 0..7 fill one 3-bit word 0o76543210 = 0xFAC688; codes 1, 2, 3, 63 make

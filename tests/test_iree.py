@@ -17,7 +17,7 @@ from lwqc.passes.manager import PassManager
 from lwqc.registry import parse
 
 BYTE_TYPES = {ir.DataType.UINT8, ir.DataType.INT8, ir.DataType.FLOAT, ir.DataType.FLOAT16,
-              ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL}
+              ir.DataType.INT64, ir.DataType.INT32, ir.DataType.UINT16, ir.DataType.BOOL}
 
 
 def test_codes_pack_lowest_first_into_bytes():

@@ -24,8 +24,10 @@ from lwqc.ir.plan_json import (
 from lwqc.ir.spec import (
     AsymmetricSpec,
     CodebookSpec,
+    FloatOffsetDqSpec,
     FloatOffsetSpec,
     KeepSpec,
+    RowMixSpec,
     SymmetricSpec,
 )
 
@@ -46,7 +48,8 @@ SHAPES = {
 }
 
 SPECS = {
-    "layers.0.q": AsymmetricSpec(4, 8),
+    "layers.0.q": RowMixSpec(bits=4, parts=(AsymmetricSpec(4, 8), FloatOffsetDqSpec(3, 8)),
+                             rows="01100110"),
     "layers.0.up": SymmetricSpec(2, None, outliers=0.01),
     "layers.1.q": FloatOffsetSpec(3, 16, outliers=0.05),
     "layers.1.up": CodebookSpec(2, outliers=0.02),
@@ -116,6 +119,14 @@ def test_plan_document_records_each_site_spec_and_shape(tmp_path):
     # kept lm_head at keep_bits 16
     assert document["sites"]["lm_head"]["bytes"] == 20 * 16 * 2
     assert "outliers" not in document["sites"]["layers.0.q"]
+    # row-mix: rows 0, 3, 4, 7 as w4g8 rtn-asym (4 x 16 codes at 4 bits = 32 bytes, 4 x 2
+    # groups of a float32 scale and a 4-bit zero point = 32 + 4 bytes), rows 1, 2, 5, 6 as
+    # w3g8 float-offset-dq (64 codes at 3 bits = 24 bytes, 2 x 8 6-bit codes = 12 bytes, one
+    # super-group: 4 rows x 2 float16 steps = 16 bytes), the order 8 x uint16
+    assert document["sites"]["layers.0.q"]["parts"][1] == {"bits": 3, "group_size": 8,
+                                                           "scheme": "float-offset-dq"}
+    assert document["sites"]["layers.0.q"]["rows"] == "01100110"
+    assert document["sites"]["layers.0.q"]["bytes"] == (32 + 36) + (24 + 12 + 16) + 16
     assert document["model"] == {"id": "toy/model", "architecture": "ToyForCausalLM",
                                  "weights_sha256": "ab" * 32, "keep_bits": 16}
     assert document["excluded"] == [{"tensor": "embed", "why": "embedding"}]

@@ -17,13 +17,13 @@ from lwqc.ir.hf_source import import_model
 from lwqc.ir.spec import AsymmetricSpec, FloatOffsetDqSpec, SymmetricSpec
 from lwqc.passes.manager import PassManager
 from lwqc.passes.quantizers import quantize_weight
-from lwqc.passes.sensitivity import WIDTHS, Damage, relative_output_error
+from lwqc.passes.sensitivity import WIDTHS, Damage, relative_row_errors
 from lwqc.passes.solver import make_units
 from lwqc.registry import parse
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-# ---------------------------------------------------------------- relative_output_error
+# ---------------------------------------------------------------- relative_row_errors
 
 
 def test_relative_output_error_with_diagonal_gram_by_hand():
@@ -33,7 +33,7 @@ def test_relative_output_error_with_diagonal_gram_by_hand():
     gram = np.diag([1.0, 4.0])
     # dW = [[-0.5, 0], [0, -1]] -> 0.25 * 1 + 1 * 4 = 4.25
     # W  -> (1 + 9) * 1 + (4 + 1) * 4 = 30
-    assert relative_output_error(weight, approx, gram) == pytest.approx(4.25 / 30, rel=1e-15)
+    assert relative_row_errors(weight, approx, gram).sum() == pytest.approx(4.25 / 30, rel=1e-15)
 
 
 def test_relative_output_error_with_off_diagonal_gram_equals_norms_on_activations():
@@ -42,25 +42,25 @@ def test_relative_output_error_with_off_diagonal_gram_equals_norms_on_activation
     weight = rng.standard_normal((4, 6))
     approx = weight + 0.1 * rng.standard_normal((4, 6))
     direct = np.linalg.norm((weight - approx) @ x.T) ** 2 / np.linalg.norm(weight @ x.T) ** 2
-    assert relative_output_error(weight, approx, x.T @ x) == pytest.approx(direct, rel=1e-12)
+    assert relative_row_errors(weight, approx, x.T @ x).sum() == pytest.approx(direct, rel=1e-12)
 
 
 def test_relative_output_error_is_zero_when_approx_is_the_weight():
     weight = np.array([[0.5, -1.25, 3.0]], dtype=np.float32)
-    assert relative_output_error(weight, weight.astype(np.float64), np.eye(3)) == 0.0
+    assert relative_row_errors(weight, weight.astype(np.float64), np.eye(3)).sum() == 0.0
 
 
 def test_relative_output_error_of_zero_reference_is_zero():
     # inputs never reach the weight's columns: nothing to compare against
     weight = np.array([[1.0, 2.0]])
     gram = np.zeros((2, 2))
-    assert relative_output_error(weight, np.zeros((1, 2)), gram) == 0.0
+    assert relative_row_errors(weight, np.zeros((1, 2)), gram).sum() == 0.0
 
 
 def test_relative_output_error_ignores_columns_without_input_energy():
     weight = np.array([[1.0, 7.0]])
     approx = np.array([[1.0, -100.0]])  # only the column with zero input is wrong
-    assert relative_output_error(weight, approx, np.diag([2.0, 0.0])) == 0.0
+    assert relative_row_errors(weight, approx, np.diag([2.0, 0.0])).sum() == 0.0
 
 
 # ---------------------------------------------------------------- the pass on a tiny llama

@@ -16,6 +16,7 @@ from lwqc.ir.spec import (
     FloatOffsetDqSpec,
     FloatOffsetSpec,
     KeepSpec,
+    RowMixSpec,
     SymmetricSpec,
     make_spec,
     spec_from_json,
@@ -33,12 +34,14 @@ EVERY_SPEC = [
     FloatOffsetDqSpec(bits=2, group_size=16, outliers=0.01),
     CodebookSpec(bits=2),
     CodebookSpec(bits=4, outliers=0.1),
+    RowMixSpec(bits=4, parts=(FloatOffsetDqSpec(3, 128), AsymmetricSpec(4, 32, 0.01)),
+               rows="0110"),
 ]
 
 
 def test_schemes_and_widths_are_the_documented_lists():
     assert SCHEMES == ("rtn-asym", "rtn-sym", "float-offset", "float-offset-dq", "codebook")
-    assert set(SPECS) == {"keep", *SCHEMES}
+    assert set(SPECS) == {"keep", "row-mix", *SCHEMES}
     assert WIDTHS == (2, 3, 4, 8, 16)
 
 

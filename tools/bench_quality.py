@@ -114,17 +114,20 @@ def smollm2_gguf() -> str:
 
 
 # what `lwqc compile MODEL --policy sensitivity --bits B` does, in its own sweep, beside the
-# same choosing each matmul's group size among 32, 64 and 128 (`--group-size 32+64+128`); the
-# sweep's analyses are the compile's defaults but for predicting at 64 and 128 as well (the
-# predictions at 32 are the same); at --bits 2.5 and below the compile plans for rtn-asym g128:
-# the quality-smollm2 row "sensitivity --bits 2.5, rtn-asym g128, GPTQ"
+# same choosing each matmul's group size among 32, 64 and 128 (`--group-size 32+64+128`), and
+# each output row's width and group size (`--granularity row`); the sweep's analyses are the
+# compile's defaults but for predicting at 64 and 128 as well (the predictions at 32 are the
+# same); at --bits 2.5 and below the compile plans for rtn-asym g128: the quality-smollm2 row
+# "sensitivity --bits 2.5, rtn-asym g128, GPTQ"
 MIXED_GROUP_SIZES = "32+64+128"
 SMOLLM2_DEFAULTS = tuple(
     (f"lwqc compile --policy sensitivity --bits {b}{flag}", f"policy-sensitivity{{bits={b}{opt}}}",
      format_pass(QuantizePass(**CALIBRATED_QUANTIZE)), None)
     for b in (4.5, 3.5)
-    for flag, opt in ((" (defaults)", ""), (f" --group-size {MIXED_GROUP_SIZES}",
-                                            f",group_size={MIXED_GROUP_SIZES}")))
+    for flag, opt in ((" (defaults)", ""),
+                      (f" --group-size {MIXED_GROUP_SIZES}", f",group_size={MIXED_GROUP_SIZES}"),
+                      (f" --group-size {MIXED_GROUP_SIZES} --granularity row",
+                       f",group_size={MIXED_GROUP_SIZES},granularity=row")))
 
 
 def compile_analyses(group_size: str | None = None) -> str:

@@ -12,14 +12,17 @@ from lwqc.ir.formats.codebook import CodebookWeight
 from lwqc.ir.formats.float_offset import FloatOffsetWeight
 from lwqc.ir.formats.float_offset_dq import FloatOffsetDqWeight
 from lwqc.ir.formats.outliers import SparseOutliers
+from lwqc.ir.formats.row_mix import RowMixWeight
 from lwqc.ir.spec import QuantSpec
 
 __all__ = ["FORMATS", "AffineWeight", "CodebookWeight", "FloatOffsetDqWeight",
-           "FloatOffsetWeight", "SparseOutliers", "WeightFormat", "format_class", "load_weight"]
+           "FloatOffsetWeight", "RowMixWeight", "SparseOutliers", "WeightFormat", "format_class",
+           "load_weight"]
 
 FORMATS: dict[str, type[WeightFormat]] = {
     cls.name: cls
-    for cls in (AffineWeight, FloatOffsetWeight, FloatOffsetDqWeight, CodebookWeight)
+    for cls in (AffineWeight, FloatOffsetWeight, FloatOffsetDqWeight, CodebookWeight,
+                RowMixWeight)
 }
 
 

@@ -1,0 +1,111 @@
+"""Row-mixed weights: the output rows of one site split among formats of different widths or
+group sizes (``RowMixSpec``).
+
+Each part holds its rows as a sub-matrix in its own format (``p<k>.<array>``); ``order[r]`` is
+the position of output row r among the parts' rows stacked in part order, so
+
+    W = concat(dequantize(part_0), dequantize(part_1), ...)[order]
+
+``order`` is stored as uint16 where the rows allow (up to 65536), else int32, and charged at
+that size. Exact: a row of ``W x`` reads only its own row of weights, and every format here
+keeps its groups and parameters within one row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from lwqc.ir.errors import PlanError
+from lwqc.ir.formats.base import CodeBits, WeightFormat
+from lwqc.ir.formats.outliers import SparseOutliers
+from lwqc.ir.spec import QuantSpec, RowMixSpec
+
+UINT16_ROWS = 1 << 16
+
+
+def order_dtype(rows: int) -> type:
+    """The type ``order`` is stored in for a site of ``rows`` output rows."""
+    return np.uint16 if rows <= UINT16_ROWS else np.int32
+
+
+def order_bytes(rows: int) -> int:
+    """Bytes of the ``order`` of a site of ``rows`` output rows."""
+    return rows * np.dtype(order_dtype(rows)).itemsize
+
+
+def row_order(spec: RowMixSpec) -> np.ndarray:
+    """``order`` of ``spec``'s row assignment: each row's position among the stacked parts."""
+    stacked = np.concatenate(spec.part_rows())
+    order = np.empty(len(stacked), np.int64)
+    order[stacked] = np.arange(len(stacked))
+    return order.astype(order_dtype(len(stacked)))
+
+
+def prefix(index: int) -> str:
+    """The array-name prefix of part ``index``."""
+    return f"p{index}."
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RowMixWeight(WeightFormat):
+    name = "row-mix"
+    spec: RowMixSpec
+    parts: tuple[WeightFormat, ...]
+    order: np.ndarray  # [out], uint16 or int32
+    outliers: SparseOutliers | None = None  # always None: the parts hold their own
+
+    def __post_init__(self) -> None:
+        widths = {part.shape[1] for part in self.parts}
+        if len(widths) != 1 or [p.spec for p in self.parts] != list(self.spec.parts):
+            raise PlanError("row-mix parts must match the spec's parts and share their inputs")
+        if sorted(np.asarray(self.order, np.int64).tolist()) != list(range(len(self.order))):
+            raise PlanError("row-mix order must be a permutation of the output rows")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.order), self.parts[0].shape[1]
+
+    @classmethod
+    def base_bytes(cls, shape: tuple[int, int], spec: RowMixSpec, code_bits: CodeBits) -> int:
+        from lwqc.ir.formats import format_class
+
+        total = order_bytes(shape[0])
+        for part, rows in zip(spec.parts, spec.part_rows(), strict=True):
+            total += format_class(part).physical_bytes((len(rows), shape[1]), part, code_bits)
+        return total
+
+    def base_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {"order": self.order}
+        for index, part in enumerate(self.parts):
+            arrays.update({prefix(index) + k: v for k, v in part.arrays().items()})
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, spec: QuantSpec, arrays: dict[str, np.ndarray]) -> WeightFormat:
+        from lwqc.ir.formats import load_weight
+
+        assert isinstance(spec, RowMixSpec)
+        parts = tuple(
+            load_weight(part, {k.removeprefix(prefix(i)): v for k, v in arrays.items()
+                               if k.startswith(prefix(i))})
+            for i, part in enumerate(spec.parts))
+        return cls(spec, parts, arrays["order"].astype(order_dtype(len(arrays["order"]))))
+
+    @classmethod
+    def dequantize_tensors(cls, spec: QuantSpec, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        from lwqc.ir.formats import format_class
+
+        assert isinstance(spec, RowMixSpec)
+        stacked = torch.cat([
+            format_class(part).dequantize_tensors(
+                part, {k.removeprefix(prefix(i)): v for k, v in tensors.items()
+                       if k.startswith(prefix(i))})
+            for i, part in enumerate(spec.parts)])
+        return stacked[tensors["order"].to(torch.int64)]
+
+    @staticmethod
+    def base_dequantize(spec: QuantSpec, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return RowMixWeight.dequantize_tensors(spec, tensors)
