@@ -264,11 +264,16 @@ class RowMixSpec(QuantSpec):
                 "rows": self.rows, "scheme": self.scheme}
 
     def label(self) -> str:
+        """The parts by share of rows, e.g. ``rows: 70% w3g128 + 30% w4g32 float-offset-dq``
+        (the scheme once where the parts share it)."""
         shares = [len(rows) / len(self.rows) for rows in self.part_rows()]
-        mixed = " + ".join(f"{share:.0%} {part.label()}"
-                           for share, part in sorted(zip(shares, self.parts, strict=True),
-                                                     key=lambda x: -x[0]))
-        return f"rows: {mixed}"
+        ordered = sorted(zip(shares, self.parts, strict=True), key=lambda x: -x[0])
+        schemes = {part.scheme for part in self.parts}
+        if len(schemes) == 1 and not any(part.outliers for part in self.parts):
+            mixed = " + ".join(f"{share:.0%} {part.label().split()[0]}"
+                               for share, part in ordered)
+            return f"rows: {mixed} {schemes.pop()}"
+        return "rows: " + " + ".join(f"{share:.0%} {part.label()}" for share, part in ordered)
 
 
 def row_mix(specs: list[GroupSpec], choice: np.ndarray) -> QuantSpec:

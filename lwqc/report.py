@@ -81,7 +81,8 @@ def render(graph: Graph, timings: list[PassTiming]) -> str:
     lines += [_row(headers), _row(["---"] * len(headers))]
     for block in graph.blocks:
         widths = " ".join(
-            f"{graph.sites[s].role}{_width(plan.specs[s].bits)}" for s in block.sites
+            f"{graph.sites[s].role}{'+'.join(map(_width, sorted(plan.specs[s].code_widths())))}"
+            for s in block.sites
         )
         params = sum(graph.sites[s].params for s in block.sites)
         nbytes = sum(site_bytes(graph, s, plan.specs[s])

@@ -250,7 +250,9 @@ class Budget:
     def _by_rows(self, units: list[Unit], candidates: list[tuple[int, int]],
                  capacity_bits: Fraction) -> list[QuantSpec] | None:
         """Each unit's spec with a candidate per output row (``solve_rows``); rows take
-        quantized widths only (a row-mix has no float part)."""
+        quantized widths only (a row-mix has no float part). A plan by matmuls is a plan by
+        rows too: the exact one over the same candidates is taken instead where it predicts
+        less damage (the relaxation may leave budget unspent, which tells on small models)."""
         graph = self.graph
         row_loss = self.policy.row_loss_function(graph)
         candidates = [c for c in candidates if c[0] != KEEP_BITS]
@@ -270,4 +272,15 @@ class Budget:
                        for u, spec in zip(units, unit_specs(picks), strict=True))
 
         picks = solve_rows(losses, costs, mixing, plan_cost, capacity_bits)
-        return None if picks is None else unit_specs(picks)
+        if picks is None:
+            return None
+        index = {unit.name: i for i, unit in enumerate(units)}
+        whole = solve_exact(units, range(len(candidates)),
+                            lambda u, c: int(costs[index[u.name]][c]),
+                            lambda u, c: float(losses[index[u.name]][:, c].sum()), capacity_bits)
+        by_rows = sum(rows[np.arange(len(p)), p].sum() for rows, p in zip(losses, picks,
+                                                                          strict=True))
+        if whole is not None and sum(rows[:, c].sum() for rows, c in zip(losses, whole,
+                                                                         strict=True)) < by_rows:
+            picks = [np.full(len(rows), c) for rows, c in zip(losses, whole, strict=True)]
+        return unit_specs(picks)
