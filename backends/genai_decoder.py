@@ -9,7 +9,8 @@ MatMulNBits, and the embedding reading a tied head's quantized table.
    sites' rows in order. A MatMul holding anything but whole sites is an error.
 3. Each MatMul is rewritten from the plan: ``MatMulNBits`` where the format fits
    (``matmul_nbits.supported``; fused sites sharing one such spec stay one node), float-offset
-   groups as MatMulNBits plus a group-sum correction (``offset_nbits``), else the format's
+   groups as MatMulNBits plus a group-sum correction (``offset_nbits``; a row-mix of them one
+   such kernel per part, the outputs gathered into row order), else the format's
    standard-op lowering (``onnx_formats``) feeding a MatMul; fused sites not sharing one
    MatMulNBits become one node per site and a Concat.
 4. The embedding Gather of a tied head reads the same arrays: ``GatherBlockQuantized`` on
@@ -41,7 +42,7 @@ from lwqc.backends.onnx_formats import (
 )
 from lwqc.ir.capabilities import PACKED_STORAGE
 from lwqc.ir.errors import ModelLoadError
-from lwqc.ir.formats import AffineWeight, WeightFormat
+from lwqc.ir.formats import AffineWeight, RowMixWeight, WeightFormat
 from lwqc.ir.graph import Graph
 
 # Architectures whose builder output lwqc has checked against the float model.
@@ -189,6 +190,14 @@ class DecoderRewrite:
             weights = [w for w in packed if isinstance(w, AffineWeight)]
             new = matmul_nbits.matmul(self.model.graph, node, name, activation, weights,
                                       self.accuracy_level)
+        elif offset_nbits.fits_rows(weight):
+            assert isinstance(weight, RowMixWeight)
+            rewrite = SiteRewrite(self.model.graph, name, node, False, PACKED_STORAGE.code_bits,
+                                  self.metadata[name])
+            self.int2_dequantized |= 2 in weight.spec.code_widths()
+            output, self.tables[name] = offset_nbits.lower_rows(rewrite, weight, activation,
+                                                                self.accuracy_level)
+            return output
         elif offset_nbits.fits(weight):
             sites = [(SiteRewrite(self.model.graph, s, node, False, PACKED_STORAGE.code_bits,
                                   self.metadata[s]), w) for s, w in zip(site_ids, packed,

@@ -16,6 +16,10 @@ packs its weights. So the site runs on MatMulNBits' uint8 zero-point kernel (flo
 take a kernel about ten times slower on CPU) plus a MatMul of ``groups`` inputs. The weight it
 multiplies by is the format's own float32 formula, ``code * scale + offset``, each term rounded
 once as the torch backend computes it.
+
+A row-mix of such parts (``lower_rows``) runs each part this way on the same input, its
+arrays under ``<site>.p<k>``, and puts the outputs side by side in the site's row order:
+``Gather(Concat(part outputs), order)`` along the last axis.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from lwqc.backends.onnx_formats import (
     SiteRewrite,
     float_offset_parameters,
     float_offset_weight,
+    part_rewrite,
+    row_order_indices,
 )
-from lwqc.ir.formats import WeightFormat
+from lwqc.ir.formats import RowMixWeight, WeightFormat
 from lwqc.ir.spec import GroupSpec
 
 FORMATS = ("float-offset", "float-offset-dq")
@@ -48,6 +54,11 @@ def fits(weight: WeightFormat) -> bool:
     assert isinstance(spec, GroupSpec)
     size = spec.group_size
     return size is not None and size >= matmul_nbits.MIN_BLOCK and size & (size - 1) == 0
+
+
+def fits_rows(weight: WeightFormat) -> bool:
+    """Whether the site is a row-mix whose every part can run this way."""
+    return isinstance(weight, RowMixWeight) and all(fits(part) for part in weight.parts)
 
 
 def container(bits: int) -> int:
@@ -190,3 +201,31 @@ def _kernel_codes(rewrite: SiteRewrite, codes: ir.Value, weight: WeightFormat,
         value = rewrite.node("BitwiseOr", [low, high])
     shape = [out_features, blocks, spec.group_size * width // 8]
     return rewrite.node("Reshape", [value, rewrite.constant("kernel_codes_shape", shape)])
+
+
+def lower_rows(rewrite: SiteRewrite, weight: RowMixWeight, activation: ir.Value,
+               accuracy_level: int, bias: ir.Value | None = None
+               ) -> tuple[ir.Value, Callable[[], ir.Value]]:
+    """A row-mixed site: each part's MatMulNBits and correction (``lower``) on ``activation``,
+    the outputs concatenated and put in row order, plus ``bias``. Returns the output and a
+    function building the float weight ``[out, in]`` from the same arrays (once)."""
+    outputs, tables = [], []
+    for index, part in enumerate(weight.parts):
+        part_site = part_rewrite(rewrite, index)
+        output, part_tables = lower(part_site, [(part_site, part)], activation, accuracy_level)
+        outputs.append(output)
+        tables.append(part_tables[part_site.site_id])
+    order = row_order_indices(rewrite, weight)
+    stacked = rewrite.node("Concat", outputs, {"axis": -1})
+    output = rewrite.node("Gather", [stacked, order], {"axis": -1}, output="rows_product")
+    if bias is not None:
+        output = rewrite.node("Add", [output, bias])
+    final = output.producer()
+    assert final is not None
+
+    def table() -> ir.Value:
+        rewrite.matmul = final  # the site's node that stays in the graph
+        stacked_rows = rewrite.node("Concat", [build() for build in tables], {"axis": 0})
+        return rewrite.node("Gather", [stacked_rows, order], {"axis": 0})
+
+    return output, functools.cache(table)

@@ -457,8 +457,9 @@ def lower_row_mix(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
     axis = 1 if rewrite.transposed else 0  # the output dimension of B
     parts = [lower_weight(part_rewrite(rewrite, i), part) for i, part in enumerate(weight.parts)]
     stacked = rewrite.node("Concat", parts, {"axis": axis})
-    return rewrite.node("Gather", [stacked, row_order_indices(rewrite, weight)], {"axis": axis},
-                        output="weight_dequantized")
+    # no decision metadata here: the site's MatMul carries it (a Gather carries it only where
+    # it yields the site's output, ``offset_nbits.lower_rows``)
+    return rewrite.node("Gather", [stacked, row_order_indices(rewrite, weight)], {"axis": axis})
 
 
 FORMAT_LOWERINGS: dict[str, Callable[[SiteRewrite, WeightFormat], ir.Value]] = {

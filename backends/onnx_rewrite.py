@@ -6,8 +6,9 @@ quantized site's weight becomes MatMulNBits or its format's standard-op lowering
    file's own graph), else the one whose ``pkg.torch.onnx.name_scopes`` metadata holds the
    site's module path (torch's export); its constant B input is the float weight.
 2. Replace the node by MatMulNBits (affine groups it holds; float-offset groups with the
-   group-sum correction of ``offset_nbits``), else B by the lowered weight (DequantizeLinear
-   for other affine groups, ...); 2-bit codes raise the opset to 25 (IR version 13).
+   group-sum correction of ``offset_nbits``; a row-mix of those, one kernel per part, the
+   outputs gathered into row order), else B by the lowered weight (DequantizeLinear for other
+   affine groups, ...); 2-bit codes raise the opset to 25 (IR version 13).
 3. Write the site's decision (spec fields, scores) into the nodes' ``metadata_props``.
 4. Drop the exporter's debugging metadata (stack traces with local file paths, class
    hierarchies, FX node names): about 0.9 MB on a 6-layer model, and not portable. The module
@@ -38,7 +39,7 @@ from lwqc.backends.onnx_formats import (
 )
 from lwqc.ir.capabilities import PACKED_STORAGE, Capabilities
 from lwqc.ir.errors import LwqcError
-from lwqc.ir.formats import AffineWeight, WeightFormat, load_weight
+from lwqc.ir.formats import AffineWeight, RowMixWeight, WeightFormat, load_weight
 from lwqc.ir.graph import Graph
 from lwqc.ir.onnx_source import SCOPES, SITE_KEY, reads_table, weight_is_transposed
 from lwqc.ir.plan_json import SCHEMA
@@ -163,6 +164,16 @@ def lower(graph: Graph, model: ir.Model, accuracy_level: int = DEFAULT_ACCURACY_
             replace_node(model.graph, node, output)
             int2_codes |= 2 in weight.spec.code_widths()
             table = _dequantized_rows(tables[site_id], False)
+        elif not bytes_only and _nbits_fits(node) and offset_nbits.fits_rows(weight):
+            assert isinstance(weight, RowMixWeight)
+            rewrite = SiteRewrite(model.graph, site_id, node, False, capabilities.code_bits,
+                                  dict(node.metadata_props))
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+            output, rows = offset_nbits.lower_rows(rewrite, weight, node.inputs[0],
+                                                   accuracy_level, bias)
+            replace_node(model.graph, node, output)
+            int2_codes |= 2 in weight.spec.code_widths()
+            table = _dequantized_rows(rows, False)
         else:
             rewrite = SiteRewrite(model.graph, site_id, node, transposed,
                                   capabilities.code_bits, dict(node.metadata_props),
@@ -263,22 +274,19 @@ def read_packed(path: Path, expected: set[str]) -> dict[str, WeightFormat]:
     packed = {}
     for node in model.graph:
         meta = node.metadata_props
-        if node.op_type not in ("MatMul", "Gemm", "MatMulNBits") or not (
+        if node.op_type not in ("MatMul", "Gemm", "MatMulNBits", "Gather") or not (
                 {"lwqc.site", "lwqc.sites"} & set(meta)):
-            continue
+            continue  # a Gather carries a decision where it yields a row-mix's output
         spec = spec_from_metadata(meta)
         if spec.kept:
             continue
         if node.op_type == "MatMulNBits" and spec.format == "affine":
             packed.update(_read_nbits(node, initializers))
             continue
-        transposed = node.op_type != "MatMulNBits" and weight_is_transposed(node)
+        transposed = node.op_type in ("MatMul", "Gemm") and weight_is_transposed(node)
         site_ids = [meta["lwqc.site"]] if "lwqc.site" in meta else json.loads(meta["lwqc.sites"])
         for site_id in site_ids:
             arrays = _stored_site_arrays(initializers, site_id, transposed, spec)
-            if "codes" in arrays and arrays["codes"].ndim == 3:  # stored as MatMulNBits' B
-                arrays["codes"] = offset_nbits.read_codes(
-                    arrays["codes"], node.attributes.get_int("bits"), node.attributes.get_int("K"))
             if arrays:
                 packed[site_id] = load_weight(spec, arrays)
     missing = sorted(expected - set(packed))
@@ -290,14 +298,25 @@ def read_packed(path: Path, expected: set[str]) -> dict[str, WeightFormat]:
 
 def _stored_site_arrays(initializers: dict[str, np.ndarray], site_id: str, transposed: bool,
                         spec: QuantSpec) -> dict[str, np.ndarray]:
-    """``stored_arrays`` of a site; a row-mix's parts under their prefixes, and its order."""
+    """``stored_arrays`` of a site, codes stored as MatMulNBits' ``B`` unpacked; a row-mix's
+    parts under their prefixes, and its order."""
     if not isinstance(spec, RowMixSpec):
-        return stored_arrays(initializers, site_id, transposed, spec.scheme == "rtn-sym")
+        return _part_arrays(initializers, site_id, transposed, spec)
     arrays = {"order": initializers[f"{site_id}.weight_order"]}
     for index, part in enumerate(spec.parts):
-        stored = stored_arrays(initializers, f"{site_id}.p{index}", transposed,
-                               part.scheme == "rtn-sym")
+        stored = _part_arrays(initializers, f"{site_id}.p{index}", transposed, part)
         arrays.update({f"p{index}.{key}": value for key, value in stored.items()})
+    return arrays
+
+
+def _part_arrays(initializers: dict[str, np.ndarray], site_id: str, transposed: bool,
+                 spec: QuantSpec) -> dict[str, np.ndarray]:
+    arrays = stored_arrays(initializers, site_id, transposed, spec.scheme == "rtn-sym")
+    if arrays and arrays["codes"].ndim == 3:  # float-offset codes stored as MatMulNBits' B
+        assert isinstance(spec, GroupSpec) and spec.group_size is not None
+        blocks = arrays["codes"].shape[1]
+        arrays["codes"] = offset_nbits.read_codes(arrays["codes"], offset_nbits.container(
+            spec.bits), blocks * spec.group_size)
     return arrays
 
 

@@ -204,7 +204,7 @@ def nbits_dequantized(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """The weight each quantized MatMulNBits node multiplies by, ``[out, in]``: ORT runs the
     node (fp32 accuracy) with what computes its inputs, and the group-sum correction a
     float-offset site adds to it, on the identity matrix; fused sites are split by their
-    rows."""
+    rows; a row-mix on MatMulNBits runs its parts up to the Gather putting rows in order."""
     ranks = {v.name: len(v.type.tensor_type.shape.dim)
              for v in [*model.graph.value_info, *model.graph.input]
              if v.type.tensor_type.HasField("shape")}
@@ -215,27 +215,38 @@ def nbits_dequantized(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     weights = {}
     for node in model.graph.node:
         props = {p.key: p.value for p in node.metadata_props}
-        if node.op_type != "MatMulNBits" or props.get("lwqc.bits", "16") == "16":
+        row_mix = node.op_type == "Gather" and props.get("lwqc.scheme") == "row-mix"
+        if not row_mix and (node.op_type != "MatMulNBits" or props.get("lwqc.bits", "16") == "16"):
             continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
-        kernel = next(n for n in probe.graph.node if n.name == node.name)
-        kernel.attribute.remove(next(a for a in kernel.attribute if a.name == "accuracy_level"))
-        kernel.attribute.append(onnx.helper.make_attribute("accuracy_level", 1))
-        if len(kernel.input) > 5:  # without the bias
-            kernel.input[5] = ""
-        users = consumers.get(node.output[0], [])
-        # a float-offset site: the kernel's product plus the group-sum correction
-        corrected = props["lwqc.scheme"].startswith("float-offset")
-        output = users[0].output[0] if corrected else node.output[0]
-        single = _initializer_slice(probe, [output], (node.input[0],))
+        for kernel in probe.graph.node:
+            if kernel.op_type == "MatMulNBits":
+                kernel.attribute.remove(next(a for a in kernel.attribute
+                                             if a.name == "accuracy_level"))
+                kernel.attribute.append(onnx.helper.make_attribute("accuracy_level", 1))
+        if row_mix:  # the parts' kernels, corrections and the Gather into row order
+            first = next(n for n in model.graph.node if n.op_type == "MatMulNBits"
+                         and n.name.startswith(f"{props['lwqc.site']}.p0/"))
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in first.attribute}
+            activation, output = first.input[0], node.output[0]
+        else:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            kernel = next(n for n in probe.graph.node if n.name == node.name)
+            if len(kernel.input) > 5:  # without the bias
+                kernel.input[5] = ""
+            users = consumers.get(node.output[0], [])
+            # a float-offset site: the kernel's product plus the group-sum correction
+            corrected = props["lwqc.scheme"].startswith("float-offset")
+            activation = node.input[0]
+            output = users[0].output[0] if corrected else node.output[0]
+        single = _initializer_slice(probe, [output], (activation,))
         session = ort.InferenceSession(single.SerializeToString(),
                                        providers=["CPUExecutionProvider"])
-        rank = ranks.get(node.input[0], 2)  # the correction reshapes inputs of its rank
+        rank = ranks.get(activation, 2)  # the correction reshapes inputs of its rank
         identity = np.eye(attrs["K"], dtype=np.float32).reshape([1] * (rank - 2)
                                                                  + [attrs["K"]] * 2)
-        weight = session.run(None, {node.input[0]: identity})[0].reshape(attrs["K"], -1).T
+        weight = session.run(None, {activation: identity})[0].reshape(attrs["K"], -1).T
         if "lwqc.site" in props:
             weights[props["lwqc.site"]] = weight
             continue
@@ -269,10 +280,12 @@ def scattered_rows(parts: int, rows: int) -> str:
 
 def mixed_plan(graph, group_size: int) -> Plan:
     """Every width, scheme and format across the sites (outliers on some), one site kept, and
-    two sites row-mixed (one holding 2-bit rows under a wider part)."""
-    row_mixes = [(FloatOffsetDqSpec(3, group_size), FloatOffsetDqSpec(4, 2 * group_size),
-                  AsymmetricSpec(2, group_size, outliers=0.02)),
-                 (SymmetricSpec(8, group_size), FloatOffsetSpec(3, None))]
+    up to three sites row-mixed (2-bit rows under wider parts among them)."""
+    row_mixes = [  # the first on MatMulNBits (offset_nbits.lower_rows) where ORT runs it
+        (FloatOffsetDqSpec(3, 32), FloatOffsetSpec(4, 64), FloatOffsetDqSpec(2, 16)),
+        (FloatOffsetDqSpec(3, group_size), FloatOffsetDqSpec(4, 2 * group_size),
+         AsymmetricSpec(2, group_size, outliers=0.02)),
+        (SymmetricSpec(8, group_size), FloatOffsetSpec(3, None))]
     choices = [
         AsymmetricSpec(2, group_size), AsymmetricSpec(3, group_size),
         SymmetricSpec(4, group_size), FloatOffsetSpec(4, group_size, outliers=0.01),
@@ -284,7 +297,7 @@ def mixed_plan(graph, group_size: int) -> Plan:
     ]
     specs = {s: choices[i % len(choices)] for i, s in enumerate(graph.sites)}
     mixed = [s for s, spec in specs.items() if spec.scheme == "rtn-sym"][:2]
-    for site_id, parts in zip(mixed, row_mixes, strict=True):
+    for site_id, parts in zip(mixed, row_mixes, strict=False):
         rows = scattered_rows(len(parts), graph.sites[site_id].shape[0])
         specs[site_id] = RowMixSpec(bits=max(p.bits for p in parts), parts=parts, rows=rows)
     return Plan(specs=specs, policy="test", budget={})

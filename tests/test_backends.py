@@ -118,8 +118,9 @@ def test_large_models_write_external_data(tiny_llama_dir, tmp_path, monkeypatch)
     stored = onnx.load(str(path), load_external_data=False).graph.initializer
     inline = [len(t.raw_data) for t in stored if t.data_location != onnx.TensorProto.EXTERNAL]
     # the weights moved out; only small constants (at most 256 bytes each) stay in the graph
+    # (the lowering's shapes and indices, one set per part of the row-mixed sites)
     assert data.exists() and max(inline) <= 256
-    assert data.stat().st_size > 10 * sum(inline)
+    assert data.stat().st_size > 5 * sum(inline)
     monkeypatch.undo()
     inline = tmp_path / "inline" / "model.onnx"
     inline.parent.mkdir()

@@ -188,3 +188,29 @@ def test_other_decoder_architectures_match_torch(arch, ref_llama_dir, tmp_path):
     graph = _compile(tmp_path / arch, "policy-uniform{width=4,group_size=32},quantize,"
                                       "lower-onnx{graph=kv-cache,accuracy_level=1}")
     _agree(graph, _save(graph, tmp_path / "out"))
+
+
+def test_row_mixed_sites_run_one_kernel_per_part_and_serve_the_tied_table(ref_llama_dir,
+                                                                          tmp_path):
+    """Every site a row-mix of 3-bit g32, 4-bit g64 and 2-bit g32 float-offset-dq rows: one
+    MatMulNBits per part and site (q/k/v no longer share one), the outputs gathered into row
+    order; the tied head's table is the same arrays; ORT and torch agree."""
+    from conftest import scattered_rows
+    from lwqc.ir.plan import Plan
+    from lwqc.ir.spec import FloatOffsetDqSpec, RowMixSpec
+
+    graph = import_model(str(_tied_llama(tmp_path / "tied", ref_llama_dir)))
+    parts = (FloatOffsetDqSpec(3, 32), FloatOffsetDqSpec(4, 64), FloatOffsetDqSpec(2, 32))
+    graph.plan = Plan(specs={s.id: RowMixSpec(bits=4, parts=parts,
+                                              rows=scattered_rows(3, s.shape[0]))
+                             for s in graph}, policy="test", budget={})
+    graph.available.add("plan")
+    PassManager(parse("quantize,lower-onnx{accuracy_level=1}")).run(graph)
+    out = _save(graph, tmp_path / "out")
+    ops = _ops(out)
+    assert ops.count("MatMulNBits") == 3 * len(graph.sites) and "MatMul" in ops
+    proto = onnx.load(str(out / "model.onnx"))
+    assert not [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+                and 4096 * 96 <= np.prod(t.dims)]
+    _holds_exactly(graph, out)
+    _agree(graph, out)
