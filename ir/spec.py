@@ -346,8 +346,5 @@ def _row_mix_from_json(data: dict[str, Any]) -> RowMixSpec:
     parts = data.get("parts")
     if not isinstance(parts, list):
         raise PlanError("row-mix needs parts: a list of specs")
-    specs = tuple(spec_from_json(part) for part in parts)
-    if not all(isinstance(p, GroupSpec) for p in specs):
-        raise PlanError("row-mix parts must be quantized group specs (rtn-asym, rtn-sym, "
-                        "float-offset, float-offset-dq)")
-    return RowMixSpec(bits=data["bits"], parts=specs, rows=data.get("rows"))
+    return RowMixSpec(bits=data["bits"], parts=tuple(spec_from_json(part) for part in parts),
+                      rows=data.get("rows"))

@@ -16,6 +16,9 @@ A policy only scores (``passes/policy.py``); this module turns scores into width
    low-width sites compounds, so on SmolLM2 a plan that keeps every site near the budget
    measures better than the one the summed estimates favour (README, "Benchmarks"). The rungs
    are those around the budget at the policy's cheapest (largest) group size.
+   ``granularity=row`` (a policy with a per-row loss): every output row of a matmul chooses
+   among the same candidates (``solve_rows``), a matmul whose rows differ becoming a row-mix
+   charged its row order; the exact plan by matmuls is kept where it predicts less damage.
 5. Candidates are only specs the target backend stores; a width the user names that the
    target cannot store is refused before any work.
 """

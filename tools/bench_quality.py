@@ -120,14 +120,23 @@ def smollm2_gguf() -> str:
 # same); at --bits 2.5 and below the compile plans for rtn-asym g128: the quality-smollm2 row
 # "sensitivity --bits 2.5, rtn-asym g128, GPTQ"
 MIXED_GROUP_SIZES = "32+64+128"
+DEFAULT_FLAGS = {  # the compile's flag -> the policy's option
+    " (defaults)": "",
+    f" --group-size {MIXED_GROUP_SIZES}": f",group_size={MIXED_GROUP_SIZES}",
+    f" --group-size {MIXED_GROUP_SIZES} --granularity row":
+        f",group_size={MIXED_GROUP_SIZES},granularity=row",
+    " --granularity row": ",group_size=32,granularity=row",
+}
+DEFAULT_POINTS = (  # (bits, flag); the first six were measured first
+    *((b, flag) for b in (4.5, 3.5) for flag in list(DEFAULT_FLAGS)[:3]),
+    (4.5, " --granularity row"),
+    *((b, flag) for b in (4.0, 3.0) for flag in (" (defaults)", list(DEFAULT_FLAGS)[2])),
+)
 SMOLLM2_DEFAULTS = tuple(
-    (f"lwqc compile --policy sensitivity --bits {b}{flag}", f"policy-sensitivity{{bits={b}{opt}}}",
+    (f"lwqc compile --policy sensitivity --bits {b}{flag}",
+     f"policy-sensitivity{{bits={b}{DEFAULT_FLAGS[flag]}}}",
      format_pass(QuantizePass(**CALIBRATED_QUANTIZE)), None)
-    for b in (4.5, 3.5)
-    for flag, opt in ((" (defaults)", ""),
-                      (f" --group-size {MIXED_GROUP_SIZES}", f",group_size={MIXED_GROUP_SIZES}"),
-                      (f" --group-size {MIXED_GROUP_SIZES} --granularity row",
-                       f",group_size={MIXED_GROUP_SIZES},granularity=row")))
+    for b, flag in DEFAULT_POINTS)
 
 
 def compile_analyses(group_size: str | None = None) -> str:
