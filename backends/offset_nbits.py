@@ -17,14 +17,17 @@ take a kernel about ten times slower on CPU) plus a MatMul of ``groups`` inputs.
 multiplies by is the format's own float32 formula, ``code * scale + offset``, each term rounded
 once as the torch backend computes it.
 
-A row-mix of such parts (``lower_rows``) runs each part this way on the same input, its
-arrays under ``<site>.p<k>``, and puts the outputs side by side in the site's row order:
-``Gather(Concat(part outputs), order)`` along the last axis.
+A row-mix of such parts (``lower_rows``) runs its parts this way on the same input, its
+arrays under ``<site>.p<k>``, consecutive parts of one group size and container on one kernel
+(the planner orders parts by group size), and puts the outputs side by side in the site's row
+order: ``Gather(Concat(outputs), order)`` along the last axis.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -66,11 +69,20 @@ def container(bits: int) -> int:
     return next(width for width in CONTAINERS if width >= bits)
 
 
+def kernel_key(weight: WeightFormat) -> tuple[int | None, int]:
+    """What weights sharing one MatMulNBits must share: group size and code container (3- and
+    4-bit codes both sit in 4 bits; scales and offsets are per group, whatever the width)."""
+    spec = weight.spec
+    assert isinstance(spec, GroupSpec)
+    return spec.group_size, container(spec.bits)
+
+
 def lower(shared: SiteRewrite, sites: list[tuple[SiteRewrite, WeightFormat]],
           activation: ir.Value, accuracy_level: int, bias: ir.Value | None = None
           ) -> tuple[ir.Value, dict[str, Callable[[], ir.Value]]]:
     """One MatMulNBits (and its correction) computing the outputs of ``sites`` side by side for
-    ``activation`` (one spec; several sites when they read one input, as q/k/v do), with the
+    ``activation`` (one ``kernel_key``: several sites when they read one input, as q/k/v do,
+    or the parts of a row-mix), with the
     kernel's ``accuracy_level`` and optional ``bias`` (one value per output). Each site's
     rewrite stores that site's arrays; ``shared`` builds the nodes they share and carries the
     decision metadata; all in ``[out, in]`` orientation. Returns the output and, per site, a
@@ -79,7 +91,8 @@ def lower(shared: SiteRewrite, sites: list[tuple[SiteRewrite, WeightFormat]],
     weight = sites[0][1]
     spec = weight.spec
     assert isinstance(spec, GroupSpec) and spec.group_size is not None
-    assert all(not r.transposed and fits(w) and w.spec == spec for r, w in sites)
+    assert all(not r.transposed and fits(w) and kernel_key(w) == kernel_key(weight)
+               for r, w in sites)
     in_features = weight.shape[1]
     out_features = sum(w.shape[0] for _, w in sites)
     groups, width = spec.groups(in_features), container(spec.bits)
@@ -206,17 +219,21 @@ def _kernel_codes(rewrite: SiteRewrite, codes: ir.Value, weight: WeightFormat,
 def lower_rows(rewrite: SiteRewrite, weight: RowMixWeight, activation: ir.Value,
                accuracy_level: int, bias: ir.Value | None = None
                ) -> tuple[ir.Value, Callable[[], ir.Value]]:
-    """A row-mixed site: each part's MatMulNBits and correction (``lower``) on ``activation``,
-    the outputs concatenated and put in row order, plus ``bias``. Returns the output and a
-    function building the float weight ``[out, in]`` from the same arrays (once)."""
+    """A row-mixed site: each run of consecutive parts sharing a ``kernel_key`` on one
+    MatMulNBits and correction (``lower``) on ``activation``, the outputs concatenated and put
+    in row order, plus ``bias``. Returns the output and a function building the float weight
+    ``[out, in]`` from the same arrays (once)."""
     outputs, tables = [], []
-    for index, part in enumerate(weight.parts):
-        part_site = part_rewrite(rewrite, index)
-        output, part_tables = lower(part_site, [(part_site, part)], activation, accuracy_level)
+    parts = [(part_rewrite(rewrite, i), part) for i, part in enumerate(weight.parts)]
+    for _, run in itertools.groupby(parts, key=lambda site: kernel_key(site[1])):
+        sites = list(run)
+        shared = sites[0][0] if len(sites) == 1 else dataclasses.replace(
+            rewrite, site_id=f"{sites[0][0].site_id}+{len(sites) - 1}", metadata={}, nodes=0)
+        output, part_tables = lower(shared, sites, activation, accuracy_level)
         outputs.append(output)
-        tables.append(part_tables[part_site.site_id])
+        tables.extend(part_tables[site.site_id] for site, _ in sites)
     order = row_order_indices(rewrite, weight)
-    stacked = rewrite.node("Concat", outputs, {"axis": -1})
+    stacked = outputs[0] if len(outputs) == 1 else rewrite.node("Concat", outputs, {"axis": -1})
     output = rewrite.node("Gather", [stacked, order], {"axis": -1}, output="rows_product")
     if bias is not None:
         output = rewrite.node("Add", [output, bias])

@@ -258,7 +258,9 @@ class Budget:
         less damage (the relaxation may leave budget unspent, which tells on small models)."""
         graph = self.graph
         row_loss = self.policy.row_loss_function(graph)
-        candidates = [c for c in candidates if c[0] != KEEP_BITS]
+        # by group size, then width: parts of one group size are neighbours, and a backend
+        # may run them on one kernel (``offset_nbits.lower_rows``)
+        candidates = sorted((c for c in candidates if c[0] != KEEP_BITS), key=lambda c: c[::-1])
         specs = [self.spec(*c) for c in candidates]
         losses, costs, mixing = [], [], []
         for unit in units:

@@ -227,7 +227,7 @@ def nbits_dequantized(model: onnx.ModelProto) -> dict[str, np.ndarray]:
                 kernel.attribute.append(onnx.helper.make_attribute("accuracy_level", 1))
         if row_mix:  # the parts' kernels, corrections and the Gather into row order
             first = next(n for n in model.graph.node if n.op_type == "MatMulNBits"
-                         and n.name.startswith(f"{props['lwqc.site']}.p0/"))
+                         and n.name.startswith(f"{props['lwqc.site']}.p0"))
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in first.attribute}
             activation, output = first.input[0], node.output[0]
         else:
@@ -281,8 +281,10 @@ def scattered_rows(parts: int, rows: int) -> str:
 def mixed_plan(graph, group_size: int) -> Plan:
     """Every width, scheme and format across the sites (outliers on some), one site kept, and
     up to three sites row-mixed (2-bit rows under wider parts among them)."""
-    row_mixes = [  # the first on MatMulNBits (offset_nbits.lower_rows) where ORT runs it
-        (FloatOffsetDqSpec(3, 32), FloatOffsetSpec(4, 64), FloatOffsetDqSpec(2, 16)),
+    row_mixes = [  # the first on MatMulNBits (offset_nbits.lower_rows; its first two parts on
+        # one kernel) where ORT runs it
+        (FloatOffsetDqSpec(3, 32), FloatOffsetSpec(4, 32), FloatOffsetDqSpec(2, 16),
+         FloatOffsetDqSpec(8, 16)),
         (FloatOffsetDqSpec(3, group_size), FloatOffsetDqSpec(4, 2 * group_size),
          AsymmetricSpec(2, group_size, outliers=0.02)),
         (SymmetricSpec(8, group_size), FloatOffsetSpec(3, None))]
