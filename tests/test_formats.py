@@ -15,6 +15,7 @@ from lwqc.ir.formats import (
     CodebookWeight,
     FloatOffsetDqWeight,
     FloatOffsetWeight,
+    RowMixWeight,
     SparseOutliers,
     format_class,
     load_weight,
@@ -26,6 +27,7 @@ from lwqc.ir.spec import (
     FloatOffsetDqSpec,
     FloatOffsetSpec,
     KeepSpec,
+    RowMixSpec,
     SymmetricSpec,
 )
 from lwqc.passes.quantizers import quantize_weight
@@ -312,7 +314,9 @@ def test_format_class_maps_each_scheme_to_its_format():
     assert format_class(FloatOffsetSpec(4)) is FloatOffsetWeight
     assert format_class(CodebookSpec(4)) is CodebookWeight
     assert format_class(FloatOffsetDqSpec(4, 32)) is FloatOffsetDqWeight
-    assert set(FORMATS) == {"affine", "float-offset", "float-offset-dq", "codebook"}
+    mixed = RowMixSpec(bits=4, parts=(FloatOffsetDqSpec(4, 32), AsymmetricSpec(2)), rows="01")
+    assert format_class(mixed) is RowMixWeight
+    assert set(FORMATS) == {"affine", "float-offset", "float-offset-dq", "codebook", "row-mix"}
 
 
 def test_format_class_of_keep_spec_raises_plan_error():

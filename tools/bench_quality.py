@@ -131,6 +131,7 @@ DEFAULT_POINTS = (  # (bits, flag); the first six were measured first
     *((b, flag) for b in (4.5, 3.5) for flag in list(DEFAULT_FLAGS)[:3]),
     (4.5, " --granularity row"),
     *((b, flag) for b in (4.0, 3.0) for flag in (" (defaults)", list(DEFAULT_FLAGS)[2])),
+    (3.5, " --granularity row"), (4.0, " --granularity row"),
 )
 SMOLLM2_DEFAULTS = tuple(
     (f"lwqc compile --policy sensitivity --bits {b}{flag}",
