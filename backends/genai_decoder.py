@@ -10,9 +10,9 @@ MatMulNBits, and the embedding reading a tied head's quantized table.
 3. Each MatMul is rewritten from the plan: ``MatMulNBits`` where the format fits
    (``matmul_nbits.supported``; fused sites sharing one such spec stay one node), float-offset
    groups as MatMulNBits plus a group-sum correction (``offset_nbits``; a row-mix of them one
-   such kernel per part, the outputs gathered into row order), else the format's
-   standard-op lowering (``onnx_formats``) feeding a MatMul; fused sites not sharing one
-   MatMulNBits become one node per site and a Concat.
+   such kernel per run of parts of one group size, the outputs gathered into row order), else
+   the format's standard-op lowering (``onnx_formats``) feeding a MatMul; fused sites not
+   sharing one MatMulNBits become one node per site and a Concat.
 4. The embedding Gather of a tied head reads the same arrays: ``GatherBlockQuantized`` on
    MatMulNBits' B (affine 4 and 8 bits), else a Gather on the float weight the site's
    arrays compute.

@@ -6,9 +6,10 @@ quantized site's weight becomes MatMulNBits or its format's standard-op lowering
    file's own graph), else the one whose ``pkg.torch.onnx.name_scopes`` metadata holds the
    site's module path (torch's export); its constant B input is the float weight.
 2. Replace the node by MatMulNBits (affine groups it holds; float-offset groups with the
-   group-sum correction of ``offset_nbits``; a row-mix of those, one kernel per part, the
-   outputs gathered into row order), else B by the lowered weight (DequantizeLinear for other
-   affine groups, ...); 2-bit codes raise the opset to 25 (IR version 13).
+   group-sum correction of ``offset_nbits``; a row-mix of those, one kernel per run of parts of
+   one group size, the outputs gathered into row order), else B by the lowered weight
+   (DequantizeLinear for other affine groups, ...); 2-bit codes raise the opset to 25 (IR
+   version 13).
 3. Write the site's decision (spec fields, scores) into the nodes' ``metadata_props``.
 4. Drop the exporter's debugging metadata (stack traces with local file paths, class
    hierarchies, FX node names): about 0.9 MB on a 6-layer model, and not portable. The module
