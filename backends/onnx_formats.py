@@ -52,6 +52,7 @@ from lwqc.ir.formats import (
     SparseOutliers,
     WeightFormat,
 )
+from lwqc.ir.formats.base import WORD_BITS, WORD_PACKED
 from lwqc.ir.formats.float_offset_dq import PARAM_BITS, super_group_size
 from lwqc.ir.spec import GroupSpec
 
@@ -61,8 +62,6 @@ CODE_TYPES = {
 }
 # stored in the code container type
 CODE_ARRAYS = ("codes", "zero_points", "codes_high", "scale_codes", "offset_codes")
-WORD_BITS = 24  # 3- and 6-bit codes are packed in 24-bit words of three bytes
-WORD_PACKED = (3, 6)
 UNORIENTED = ("codebooks", "codebooks_high", "column_slots",  # not laid out as [out, x]
               *SparseOutliers.ARRAYS)
 

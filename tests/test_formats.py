@@ -332,24 +332,31 @@ def _ceil_bytes(bits):
     return -(-bits // 8)
 
 
+def _packed_bytes(count, bits):
+    """Whole bytes; 3- and 6-bit codes in whole three-byte words (8 resp. 4 codes each)."""
+    if bits in (3, 6):
+        return 3 * -(-count // (24 // bits))
+    return _ceil_bytes(count * bits)
+
+
 def _expected_bytes(shape, spec):
     """Closed form per format, with codes and zero points packed at their own width."""
     out_features, in_features = shape
     c = spec.bits
-    codes = _ceil_bytes(out_features * in_features * c)
+    codes = _packed_bytes(out_features * in_features, c)
     outliers = math.floor(spec.outliers * out_features * in_features) * 6
     if spec.scheme == "codebook":
         return codes + in_features * 2**spec.bits * 2 + outliers
     group = in_features if spec.group_size is None else spec.group_size
     groups = out_features * -(-in_features // group)
     if spec.scheme == "rtn-asym":
-        return codes + 4 * groups + _ceil_bytes(groups * c) + outliers
+        return codes + 4 * groups + _packed_bytes(groups, c) + outliers
     if spec.scheme == "rtn-sym":
         return codes + 4 * groups + outliers
     if spec.scheme == "float-offset-dq":  # 6-bit parameter codes, float16 steps per ~8 groups
         per_row = -(-in_features // group)
         supers = out_features * {1: 1, 2: 1, 8: 1, 9: 1, 64: 8}[per_row]  # BYTES_SHAPES' rows
-        return codes + 2 * _ceil_bytes(groups * 6) + 4 * supers + outliers
+        return codes + 2 * _packed_bytes(groups, 6) + 4 * supers + outliers
     return codes + 8 * groups + outliers  # float-offset
 
 
@@ -393,16 +400,16 @@ def test_physical_bytes_round_odd_sizes_up_to_whole_bytes():
     # 3 x 5 at 2 bits, group 4: 15 codes = 30 bits -> 4 bytes; 6 groups -> 24 bytes of
     # scales; 6 zero points = 12 bits -> 2 bytes
     assert PACKED_STORAGE.bytes((3, 5), AsymmetricSpec(2, 4), 32) == 4 + 24 + 2
-    # at 3 bits (packed): 45 bits -> 6 bytes; 18 bits of zero points -> 3 bytes
+    # at 3 bits (packed eight to a three-byte word): 15 codes -> 2 words, 6 zero points -> 1
     assert PACKED_STORAGE.bytes((3, 5), AsymmetricSpec(3, 4), 32) == 6 + 24 + 3
-    # a single 3-bit code and a single 3-bit zero point still take a byte each
-    assert PACKED_STORAGE.bytes((1, 1), AsymmetricSpec(3, 128), 32) == 1 + 4 + 1
+    # a single 3-bit code and a single 3-bit zero point still take a word each
+    assert PACKED_STORAGE.bytes((1, 1), AsymmetricSpec(3, 128), 32) == 3 + 4 + 3
     # a single 4-bit code still takes a byte
     assert PACKED_STORAGE.bytes((1, 1), SymmetricSpec(4, 128), 32) == 1 + 4
     assert packed_code_bytes(15, 2) == 4
-    # eight 3-bit codes fill three bytes exactly; a ninth starts a fourth
+    # eight 3-bit codes fill one three-byte word exactly; a ninth starts a second
     assert packed_code_bytes(8, 3) == 3
-    assert packed_code_bytes(9, 3) == 4
+    assert packed_code_bytes(9, 3) == 6
     assert packed_code_bytes(15, 3) == 6
     assert packed_code_bytes(1, 4) == 1
     assert packed_code_bytes(0, 4) == 0
@@ -414,9 +421,10 @@ def test_physical_bytes_round_odd_sizes_up_to_whole_bytes():
 #   17 x 33, group 8: 561 * 3 = 1683 bits -> 211 B codes; 17 * 5 = 85 groups, zero points
 #     255 bits -> 32 B
 THREE_BIT_BYTES = {
-    AsymmetricSpec: [24576 + 512 * 4 + 192, 6 + 6 * 4 + 3, 211 + 85 * 4 + 32],
-    SymmetricSpec: [24576 + 512 * 4, 6 + 6 * 4, 211 + 85 * 4],
-    FloatOffsetSpec: [24576 + 512 * 8, 6 + 6 * 8, 211 + 85 * 8],
+    # 17 x 33 in groups of 8: 561 codes in 71 three-byte words, 85 zero points in 11
+    AsymmetricSpec: [24576 + 512 * 4 + 192, 6 + 6 * 4 + 3, 213 + 85 * 4 + 33],
+    SymmetricSpec: [24576 + 512 * 4, 6 + 6 * 4, 213 + 85 * 4],
+    FloatOffsetSpec: [24576 + 512 * 8, 6 + 6 * 8, 213 + 85 * 8],
 }
 
 
@@ -430,8 +438,9 @@ def test_3bit_group_formats_are_charged_three_bits_per_code_and_zero_point(cls):
 
 
 def test_3bit_codebook_codes_cost_3_bits_and_it_has_only_8_centroids():
-    # 17 x 33: 561 codes * 3 bits = 1683 bits -> 211 bytes; 33 columns * 8 centroids * 2 bytes
-    assert PACKED_STORAGE.bytes((17, 33), CodebookSpec(3), 32) == 211 + 33 * 8 * 2
+    # 17 x 33: 561 codes, eight to a three-byte word -> 71 words, 213 bytes; 33 columns * 8
+    # centroids * 2 bytes
+    assert PACKED_STORAGE.bytes((17, 33), CodebookSpec(3), 32) == 213 + 33 * 8 * 2
     # at 4 bits: 561 * 4 bits -> 281 bytes; 33 columns * 16 centroids * 2 bytes
     assert PACKED_STORAGE.bytes((17, 33), CodebookSpec(4), 32) == 281 + 33 * 16 * 2
 

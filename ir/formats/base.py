@@ -32,8 +32,15 @@ def expand_groups(per_group: torch.Tensor, block: int, in_features: int) -> torc
     return per_group.repeat_interleave(block, dim=1)[:, :in_features]
 
 
+WORD_BITS = 24  # 3- and 6-bit codes are packed in 24-bit words of three bytes
+WORD_PACKED = (3, 6)
+
+
 def packed_code_bytes(count: int, code_bits: int) -> int:
-    """Bytes of ``count`` codes stored at ``code_bits`` each."""
+    """Bytes of ``count`` codes stored at ``code_bits`` each (3- and 6-bit codes in whole
+    24-bit words, the last one padded)."""
+    if code_bits in WORD_PACKED:
+        return -(-count * code_bits // WORD_BITS) * (WORD_BITS // 8)
     return -(-count * code_bits // 8)
 
 
