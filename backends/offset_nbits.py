@@ -25,7 +25,6 @@ order: ``Gather(Concat(outputs), order)`` along the last axis.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 from collections.abc import Callable
@@ -224,11 +223,12 @@ def lower_rows(rewrite: SiteRewrite, weight: RowMixWeight, activation: ir.Value,
     in row order, plus ``bias``. Returns the output and a function building the float weight
     ``[out, in]`` from the same arrays (once)."""
     outputs, tables = [], []
-    parts = [(part_rewrite(rewrite, i), part) for i, part in enumerate(weight.parts)]
-    for _, run in itertools.groupby(parts, key=lambda site: kernel_key(site[1])):
-        sites = list(run)
-        shared = sites[0][0] if len(sites) == 1 else dataclasses.replace(
-            rewrite, site_id=f"{sites[0][0].site_id}+{len(sites) - 1}", metadata={}, nodes=0)
+    for _, run in itertools.groupby(enumerate(weight.parts),
+                                    key=lambda indexed: kernel_key(indexed[1])):
+        run = list(run)
+        sites = [(part_rewrite(rewrite, f"p{i}"), part) for i, part in run]
+        shared = sites[0][0] if len(run) == 1 else part_rewrite(
+            rewrite, f"p{run[0][0]}+{len(run) - 1}")
         output, part_tables = lower(shared, sites, activation, accuracy_level)
         outputs.append(output)
         tables.extend(part_tables[site.site_id] for site, _ in sites)

@@ -437,9 +437,10 @@ def add_outliers(rewrite: SiteRewrite, weight: WeightFormat, base: ir.Value) -> 
                         output="weight_with_outliers")
 
 
-def part_rewrite(rewrite: SiteRewrite, index: int) -> SiteRewrite:
-    """The rewrite storing part ``index`` of a row-mixed site (arrays ``<site>.p<index>.*``)."""
-    return dataclasses.replace(rewrite, site_id=f"{rewrite.site_id}.p{index}", metadata={},
+def part_rewrite(rewrite: SiteRewrite, name: str) -> SiteRewrite:
+    """The rewrite of a row-mixed site's part ``name`` (``p<k>``: its arrays are
+    ``<site>.p<k>.*``), without the site's decision metadata."""
+    return dataclasses.replace(rewrite, site_id=f"{rewrite.site_id}.{name}", metadata={},
                                nodes=0)
 
 
@@ -454,7 +455,8 @@ def lower_row_mix(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
     rows put in place by ``Gather(order)``."""
     assert isinstance(weight, RowMixWeight)
     axis = 1 if rewrite.transposed else 0  # the output dimension of B
-    parts = [lower_weight(part_rewrite(rewrite, i), part) for i, part in enumerate(weight.parts)]
+    parts = [lower_weight(part_rewrite(rewrite, f"p{i}"), part)
+             for i, part in enumerate(weight.parts)]
     stacked = rewrite.node("Concat", parts, {"axis": axis})
     # no decision metadata here: the site's MatMul carries it (a Gather carries it only where
     # it yields the site's output, ``offset_nbits.lower_rows``)

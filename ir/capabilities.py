@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from lwqc.ir.errors import PlanError
 from lwqc.ir.formats import format_class
-from lwqc.ir.formats.row_mix import order_bytes
+from lwqc.ir.formats.row_mix import row_mix_bytes
 from lwqc.ir.spec import QUANT_WIDTHS, GroupSpec, QuantSpec, RowMixSpec
 
 
@@ -61,9 +61,8 @@ class Capabilities:
         if spec.kept:
             return shape[0] * shape[1] * keep_bits // 8
         if isinstance(spec, RowMixSpec):  # each part as the backend stores it, and the order
-            return order_bytes(shape[0]) + sum(
-                self.bytes((len(rows), shape[1]), part, keep_bits)
-                for part, rows in zip(spec.parts, spec.part_rows(), strict=True))
+            return row_mix_bytes(shape, spec, lambda part_shape, part: self.bytes(
+                part_shape, part, keep_bits))
         own = None if self.layout_bytes is None else self.layout_bytes(shape, spec)
         if own is not None:
             return own

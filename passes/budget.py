@@ -279,13 +279,16 @@ class Budget:
         picks = solve_rows(losses, costs, mixing, plan_cost, capacity_bits)
         if picks is None:
             return None
+        def predicted(picks: list[np.ndarray]) -> float:
+            return sum(rows[np.arange(len(p)), p].sum() for rows, p in zip(losses, picks,
+                                                                           strict=True))
+
         index = {unit.name: i for i, unit in enumerate(units)}
         whole = solve_exact(units, range(len(candidates)),
                             lambda u, c: int(costs[index[u.name]][c]),
                             lambda u, c: float(losses[index[u.name]][:, c].sum()), capacity_bits)
-        by_rows = sum(rows[np.arange(len(p)), p].sum() for rows, p in zip(losses, picks,
-                                                                          strict=True))
-        if whole is not None and sum(rows[:, c].sum() for rows, c in zip(losses, whole,
-                                                                         strict=True)) < by_rows:
-            picks = [np.full(len(rows), c) for rows, c in zip(losses, whole, strict=True)]
+        if whole is not None:
+            by_matmuls = [np.full(len(rows), c) for rows, c in zip(losses, whole, strict=True)]
+            if predicted(by_matmuls) < predicted(picks):
+                picks = by_matmuls
         return unit_specs(picks)

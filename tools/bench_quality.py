@@ -120,23 +120,23 @@ def smollm2_gguf() -> str:
 # same); at --bits 2.5 and below the compile plans for rtn-asym g128: the quality-smollm2 row
 # "sensitivity --bits 2.5, rtn-asym g128, GPTQ"
 MIXED_GROUP_SIZES = "32+64+128"
-DEFAULT_FLAGS = {  # the compile's flag -> the policy's option
-    " (defaults)": "",
-    f" --group-size {MIXED_GROUP_SIZES}": f",group_size={MIXED_GROUP_SIZES}",
-    f" --group-size {MIXED_GROUP_SIZES} --granularity row":
-        f",group_size={MIXED_GROUP_SIZES},granularity=row",
-    " --granularity row": ",group_size=32,granularity=row",
-    # below the floor of float-offset-dq in groups of 32 (2.49 bits) the compile plans for
-    # rtn-asym g128, which this sweep's analyses do not predict; rows in groups of 128 fit
-    f" --scheme float-offset-dq --group-size {MIXED_GROUP_SIZES} --granularity row":
-        f",scheme=float-offset-dq,group_size={MIXED_GROUP_SIZES},granularity=row",
+DEFAULTS, GROUPS = " (defaults)", f" --group-size {MIXED_GROUP_SIZES}"
+ROWS, GROUPS_ROWS = " --granularity row", f"{GROUPS} --granularity row"
+# below the floor of float-offset-dq in groups of 32 (2.49 bits) the compile plans for
+# rtn-asym g128, which this sweep's analyses do not predict; rows in groups of 128 fit
+DQ_GROUPS_ROWS = f" --scheme float-offset-dq{GROUPS_ROWS}"
+DEFAULT_FLAGS = {  # the compile's flags -> the policy's options
+    DEFAULTS: "",
+    GROUPS: f",group_size={MIXED_GROUP_SIZES}",
+    GROUPS_ROWS: f",group_size={MIXED_GROUP_SIZES},granularity=row",
+    ROWS: ",group_size=32,granularity=row",
+    DQ_GROUPS_ROWS: f",scheme=float-offset-dq,group_size={MIXED_GROUP_SIZES},granularity=row",
 }
-DEFAULT_POINTS = (  # (bits, flag); the first six were measured first
-    *((b, flag) for b in (4.5, 3.5) for flag in list(DEFAULT_FLAGS)[:3]),
-    (4.5, " --granularity row"),
-    *((b, flag) for b in (4.0, 3.0) for flag in (" (defaults)", list(DEFAULT_FLAGS)[2])),
-    (3.5, " --granularity row"), (4.0, " --granularity row"),
-    (2.5, list(DEFAULT_FLAGS)[4]),
+DEFAULT_POINTS = (  # (bits, flags), in the order they were measured
+    *((b, flags) for b in (4.5, 3.5) for flags in (DEFAULTS, GROUPS, GROUPS_ROWS)),
+    (4.5, ROWS),
+    *((b, flags) for b in (4.0, 3.0) for flags in (DEFAULTS, GROUPS_ROWS)),
+    (3.5, ROWS), (4.0, ROWS), (2.5, DQ_GROUPS_ROWS),
 )
 SMOLLM2_DEFAULTS = tuple(
     (f"lwqc compile --policy sensitivity --bits {b}{flag}",

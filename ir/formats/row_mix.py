@@ -14,6 +14,8 @@ keeps its groups and parameters within one row.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -44,9 +46,27 @@ def row_order(spec: RowMixSpec) -> np.ndarray:
     return order.astype(order_dtype(len(stacked)))
 
 
+def row_mix_bytes(shape: tuple[int, int], spec: RowMixSpec,
+                  part_bytes: Callable[[tuple[int, int], QuantSpec], int]) -> int:
+    """Bytes of a row-mixed site of ``shape``: its order, and each part's rows as
+    ``part_bytes(shape, spec)`` counts them."""
+    return order_bytes(shape[0]) + sum(
+        part_bytes((len(rows), shape[1]), part)
+        for part, rows in zip(spec.parts, spec.part_rows(), strict=True))
+
+
 def prefix(index: int) -> str:
     """The array-name prefix of part ``index``."""
     return f"p{index}."
+
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
+
+
+def part_arrays(arrays: Mapping[str, Array], index: int) -> dict[str, Array]:
+    """Part ``index``'s own arrays from a row-mix's, their prefix removed."""
+    return {k.removeprefix(prefix(index)): v for k, v in arrays.items()
+            if k.startswith(prefix(index))}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -72,10 +92,8 @@ class RowMixWeight(WeightFormat):
     def base_bytes(cls, shape: tuple[int, int], spec: RowMixSpec, code_bits: CodeBits) -> int:
         from lwqc.ir.formats import format_class
 
-        total = order_bytes(shape[0])
-        for part, rows in zip(spec.parts, spec.part_rows(), strict=True):
-            total += format_class(part).physical_bytes((len(rows), shape[1]), part, code_bits)
-        return total
+        return row_mix_bytes(shape, spec, lambda part_shape, part: format_class(
+            part).physical_bytes(part_shape, part, code_bits))
 
     def base_arrays(self) -> dict[str, np.ndarray]:
         arrays = {"order": self.order}
@@ -88,10 +106,8 @@ class RowMixWeight(WeightFormat):
         from lwqc.ir.formats import load_weight
 
         assert isinstance(spec, RowMixSpec)
-        parts = tuple(
-            load_weight(part, {k.removeprefix(prefix(i)): v for k, v in arrays.items()
-                               if k.startswith(prefix(i))})
-            for i, part in enumerate(spec.parts))
+        parts = tuple(load_weight(part, part_arrays(arrays, i))
+                      for i, part in enumerate(spec.parts))
         return cls(spec, parts, arrays["order"].astype(order_dtype(len(arrays["order"]))))
 
     @classmethod
@@ -99,11 +115,8 @@ class RowMixWeight(WeightFormat):
         from lwqc.ir.formats import format_class
 
         assert isinstance(spec, RowMixSpec)
-        stacked = torch.cat([
-            format_class(part).dequantize_tensors(
-                part, {k.removeprefix(prefix(i)): v for k, v in tensors.items()
-                       if k.startswith(prefix(i))})
-            for i, part in enumerate(spec.parts)])
+        stacked = torch.cat([format_class(part).dequantize_tensors(part, part_arrays(tensors, i))
+                             for i, part in enumerate(spec.parts)])
         return stacked[tensors["order"].to(torch.int64)]
 
     @staticmethod
