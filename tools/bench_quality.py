@@ -30,9 +30,15 @@ import json
 import sys
 from pathlib import Path
 
-from lwqc.compile import CALIBRATED_QUANTIZE, default_passes, policy_pass
+from lwqc.compile import (
+    CALIBRATED_QUANTIZE,
+    default_passes,
+    policy_pass,
+    sensitivity_granularity,
+    sensitivity_quantizer,
+)
 from lwqc.ir.errors import LwqcError
-from lwqc.passes.base import PassKind
+from lwqc.passes.base import Pass, PassKind
 from lwqc.passes.pipeline import format_pass, format_pipeline
 from lwqc.passes.quantize import QuantizePass
 from lwqc.registry import parse
@@ -113,36 +119,44 @@ def smollm2_gguf() -> str:
     return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-# what `lwqc compile MODEL --policy sensitivity --bits B` does, in its own sweep, beside the
-# same choosing each matmul's group size among 32, 64 and 128 (`--group-size 32+64+128`), and
-# each output row's width and group size (`--granularity row`); the sweep's analyses are the
-# compile's defaults but for predicting at 64 and 128 as well (the predictions at 32 are the
-# same); at --bits 2.5 and below the compile plans for rtn-asym g128: the quality-smollm2 row
-# "sensitivity --bits 2.5, rtn-asym g128, GPTQ"
-MIXED_GROUP_SIZES = "32+64+128"
-DEFAULTS, GROUPS = " (defaults)", f" --group-size {MIXED_GROUP_SIZES}"
-ROWS, GROUPS_ROWS = " --granularity row", f"{GROUPS} --granularity row"
-# below the floor of float-offset-dq in groups of 32 (2.49 bits) the compile plans for
-# rtn-asym g128, which this sweep's analyses do not predict; rows in groups of 128 fit
-DQ_GROUPS_ROWS = f" --scheme float-offset-dq{GROUPS_ROWS}"
-DEFAULT_FLAGS = {  # the compile's flags -> the policy's options
-    DEFAULTS: "",
-    GROUPS: f",group_size={MIXED_GROUP_SIZES}",
-    GROUPS_ROWS: f",group_size={MIXED_GROUP_SIZES},granularity=row",
-    ROWS: ",group_size=32,granularity=row",
-    DQ_GROUPS_ROWS: f",scheme=float-offset-dq,group_size={MIXED_GROUP_SIZES},granularity=row",
-}
+# `lwqc compile MODEL --policy sensitivity --bits B` with its flags spelled out, in its own
+# sweep: groups of 32 or a choice among 32, 64 and 128 (`--group-size 32+64+128`), per matmul or
+# per output row (`--granularity`); the sweep's analyses are the compile's defaults but for
+# predicting at 64 and 128 as well (the predictions at 32 are the same). The table marks the
+# configuration the compile gives without these flags (`sensitivity_quantizer`,
+# `sensitivity_granularity`).
+G32, MIXED_GROUPS = " --group-size 32", " --group-size 32+64+128"
+MATMUL, ROW = " --granularity matmul", " --granularity row"
 DEFAULT_POINTS = (  # (bits, flags), in the order they were measured
-    *((b, flags) for b in (4.5, 3.5) for flags in (DEFAULTS, GROUPS, GROUPS_ROWS)),
-    (4.5, ROWS),
-    *((b, flags) for b in (4.0, 3.0) for flags in (DEFAULTS, GROUPS_ROWS)),
-    (3.5, ROWS), (4.0, ROWS), (2.5, DQ_GROUPS_ROWS),
+    *((b, flags) for b in (4.5, 3.5) for flags in (G32 + MATMUL, MIXED_GROUPS + MATMUL,
+                                                   MIXED_GROUPS + ROW)),
+    (4.5, G32 + ROW),
+    *((b, flags) for b in (4.0, 3.0) for flags in (G32 + MATMUL, MIXED_GROUPS + ROW)),
+    (3.5, G32 + ROW), (4.0, G32 + ROW),
+    (2.5, " --scheme float-offset-dq" + MIXED_GROUPS + ROW),
 )
+
+
+def compile_policy(bits: float, flags: str) -> Pass:
+    """The policy pass of `lwqc compile --policy sensitivity --bits BITS FLAGS` (flags among
+    --scheme, --group-size and --granularity, the rest at the compile's defaults)."""
+    words = flags.split()
+    given = {flag[2:].replace("-", "_"): value
+             for flag, value in zip(words[::2], words[1::2], strict=True)}
+    defaults = {**sensitivity_quantizer(bits),
+                "granularity": sensitivity_granularity(bits, None, False) or "matmul"}
+    if "scheme" in given or "group_size" in given:
+        del defaults["scheme"], defaults["group_size"]
+    return policy_pass("sensitivity", {"bits": bits, **defaults, **given})
+
+
 SMOLLM2_DEFAULTS = tuple(
-    (f"lwqc compile --policy sensitivity --bits {b}{flag}",
-     f"policy-sensitivity{{bits={b}{DEFAULT_FLAGS[flag]}}}",
+    (f"lwqc compile --policy sensitivity --bits {b}{flags}", format_pass(compile_policy(b, flags)),
      format_pass(QuantizePass(**CALIBRATED_QUANTIZE)), None)
-    for b, flag in DEFAULT_POINTS)
+    for b, flags in DEFAULT_POINTS)
+DEFAULT_LABELS = {label for (b, flags), (label, *_) in zip(DEFAULT_POINTS, SMOLLM2_DEFAULTS,
+                                                             strict=True)
+                  if compile_policy(b, flags).values == compile_policy(b, "").values}
 
 
 def compile_analyses(group_size: str | None = None) -> str:
@@ -162,7 +176,7 @@ MODELS = {
                 f"zd,entropy,outliers,calib{{samples=16}},lim,gram,"
                 f"sensitivity{{clip=output,{ASYM128}}}",
                 "quality-smollm2"),
-    "smollm2-defaults": (smollm2_gguf, SMOLLM2_DEFAULTS, 32, compile_analyses(MIXED_GROUP_SIZES),
+    "smollm2-defaults": (smollm2_gguf, SMOLLM2_DEFAULTS, 32, compile_analyses("32+64+128"),
                          "quality-smollm2-defaults"),
 }
 
@@ -229,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                                     gptq=quantize.settings())
 
         result = sweeper.point(label, compute, pipeline=f"{policy},{format_pass(quantize)}")
-        rows.append({**result, "config": label, "baseline": None if baseline is None else
+        shown = f"{label} (the default)" if label in DEFAULT_LABELS else label
+        rows.append({**result, "config": shown, "baseline": None if baseline is None else
                      dict(zip(("avg_bits_physical", "delta_ppl_percent", "kld"), baseline,
                               strict=True))})
         print(f"{label}: {result['avg_bits_physical']:.3f} bpw, "
