@@ -52,13 +52,6 @@ def policy_pass(policy: str, values: dict[str, Any]) -> Pass:
 # of 128 (2 bits: 2.31).
 FLOAT_OFFSET_DQ_FLOOR_BITS = 2.5
 NARROW_BUDGET_QUANTIZER = {"scheme": "rtn-asym", "group_size": 128}
-# Without --granularity, a --bits budget of 4 bits or more is planned per output row: on
-# SmolLM2-135M rows in groups of 32 measured less damage than whole matmuls at 4.0 and 4.5 bits
-# (bench/quality-smollm2-defaults.md) for a file within 0.2 % of the same size; below 4 bits
-# the rows that measured best mix group sizes, whose parts lower to separate kernels and
-# weight-building subgraphs, a file too large for the bits (README, "Quality"), so plans there
-# stay per matmul. Measured damage (--measure) has no rows, and the greedy solver plans none.
-ROWS_FROM_BITS = 4.0
 
 
 def sensitivity_quantizer(bits: float | None) -> dict[str, Any]:
@@ -67,17 +60,6 @@ def sensitivity_quantizer(bits: float | None) -> dict[str, Any]:
     if bits is not None and bits <= FLOAT_OFFSET_DQ_FLOOR_BITS:
         return dict(NARROW_BUDGET_QUANTIZER)
     return {"scheme": SENSITIVITY_SCHEME, "group_size": SENSITIVITY_GROUP_SIZES}
-
-
-def sensitivity_granularity(bits: float | None, solver: str | None,
-                            measured: bool) -> str | None:
-    """The granularity ``lwqc compile --policy sensitivity`` plans at when not given:
-    ``row`` at ``--bits`` of ``ROWS_FROM_BITS`` or more with the exact solver (``solver``:
-    ``--solver``, None for the default) and predicted damage (``measured``: ``--measure``);
-    otherwise None, the pass's own default (per matmul)."""
-    if bits is None or bits < ROWS_FROM_BITS or solver == "greedy" or measured:
-        return None
-    return "row"
 
 
 # The quantizer of a pipeline that calibrates anyway (lim, sensitivity): GPTQ with output-error

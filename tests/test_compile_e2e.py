@@ -14,7 +14,6 @@ from lwqc.backends import onnx_rewrite as ort_backend
 from lwqc.backends import torch_eager
 from lwqc.backends.decoder_session import DecoderSession
 from lwqc.cli import main
-from lwqc.compile import sensitivity_granularity
 from lwqc.ir.datasets import wikitext2_text
 from lwqc.ir.hf_load import load_model
 
@@ -170,38 +169,23 @@ def test_minilm_uniform_8_bit_keeps_sts_quality(minilm_dir, tmp_path, capsys):
     assert result["cosine_to_fp"] > 0.999
 
 
-@pytest.mark.parametrize(("bits", "scheme", "group_size", "granularity"), [
-    (4.5, "float-offset-dq", 32, "granularity=row,"),
-    (2.5, "rtn-asym", 128, ""),  # float-offset-dq costs 2.5 bits or more at 2 bits
+@pytest.mark.parametrize(("bits", "scheme", "group_size"), [
+    (4.5, "float-offset-dq", 32),
+    (2.5, "rtn-asym", 128),  # float-offset-dq costs 2.5 bits or more at 2 bits
 ])
 def test_sensitivity_defaults_pick_a_quantizer_that_can_meet_the_budget(
-        ref_llama_dir, tmp_path, bits, scheme, group_size, granularity):
-    """`--policy sensitivity --bits B` alone: its quantizer, planned per output row from 4 bits
-    up, per matmul below."""
+        ref_llama_dir, tmp_path, bits, scheme, group_size):
     out = tmp_path / "out"
     _compile(ref_llama_dir, out, "--policy", "sensitivity", "--bits", str(bits),
              "--calib-samples", "2", "--calib-seq-len", "64", "--no-gptq", "--backend", "torch")
     document = json.loads((out / "plan.json").read_text())
     pipeline = document["pipeline"]
     assert f"sensitivity{{metric=auto,group_size={group_size},scheme={scheme}" in pipeline
-    assert (f"policy-sensitivity{{bits={bits},{granularity}group_size={group_size},"
-            f"scheme={scheme}" in pipeline)
-    parts = [part for site in document["sites"].values() for part in site.get("parts", [site])]
-    assert {(part["scheme"], part["group_size"]) for part in parts
-            if part["bits"] != 16} == {(scheme, group_size)}
+    assert f"policy-sensitivity{{bits={bits},group_size={group_size},scheme={scheme}" in pipeline
+    sites = document["sites"].values()
+    assert {(site["scheme"], site["group_size"]) for site in sites
+            if site["bits"] != 16} == {(scheme, group_size)}
     assert document["totals"]["avg_bits_physical"] <= bits
-
-
-@pytest.mark.parametrize(("bits", "solver", "measured", "granularity"), [
-    (4.5, None, False, "row"),
-    (4.0, None, False, "row"),
-    (3.99, None, False, None),  # below 4 bits rows mix group sizes: too large a file
-    (4.5, None, True, None),  # measured damage has no rows
-    (4.5, "greedy", False, None),  # the greedy solver plans per unit
-    (None, None, False, None),  # --ratio: no budget in bits
-])
-def test_sensitivity_granularity_follows_the_budget(bits, solver, measured, granularity):
-    assert sensitivity_granularity(bits, solver, measured) == granularity
 
 
 def test_sensitivity_choosing_group_sizes_lowers_each_as_planned(ref_llama_dir, tmp_path):
