@@ -9,10 +9,11 @@ MatMulNBits, and the embedding reading a tied head's quantized table.
    sites' rows in order. A MatMul holding anything but whole sites is an error.
 3. Each MatMul is rewritten from the plan: ``MatMulNBits`` where the format fits
    (``matmul_nbits.supported``; fused sites sharing one such spec stay one node), float-offset
-   groups as MatMulNBits plus a group-sum correction (``offset_nbits``; a row-mix of them one
-   such kernel per run of parts of one group size, the outputs gathered into row order), else
-   the format's standard-op lowering (``onnx_formats``) feeding a MatMul; fused sites not
-   sharing one MatMulNBits become one node per site and a Concat.
+   groups as MatMulNBits plus a group-sum correction (``offset_nbits``; fused sites of one
+   group size and code container stay one node, whatever their widths, row-mixes of such parts
+   included; another row-mix one kernel per run of parts of one group size, the outputs
+   gathered into row order), else the format's standard-op lowering (``onnx_formats``) feeding
+   a MatMul; fused sites not sharing one MatMulNBits become one node per site and a Concat.
 4. The embedding Gather of a tied head reads the same arrays: ``GatherBlockQuantized`` on
    MatMulNBits' B (affine 4 and 8 bits), else a Gather on the float weight the site's
    arrays compute.
@@ -34,6 +35,7 @@ import onnx_ir as ir
 
 from lwqc.backends import matmul_nbits, offset_nbits
 from lwqc.backends.onnx_formats import (
+    SPECS_KEY,
     LoweringError,
     SiteRewrite,
     add_initializer,
@@ -44,6 +46,7 @@ from lwqc.ir.capabilities import PACKED_STORAGE
 from lwqc.ir.errors import ModelLoadError
 from lwqc.ir.formats import AffineWeight, RowMixWeight, WeightFormat
 from lwqc.ir.graph import Graph
+from lwqc.ir.spec import RowMixSpec
 
 # Architectures whose builder output lwqc has checked against the float model.
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -166,13 +169,16 @@ class DecoderRewrite:
         return matmul_nbits.supported(weight)
 
     def _shares_nbits(self, site_ids: list[str], packed: list[WeightFormat | None]) -> bool:
-        """The sites can share one MatMulNBits: one spec it holds (affine, or float offsets
-        with their correction)."""
+        """The sites can share one MatMulNBits: one affine spec it holds, or float offsets
+        (plain or row-mixed) of one ``offset_nbits.kernel_key`` with their correction."""
         first = packed[0]
-        return first is not None and all(
-            w is not None and w.spec == first.spec
-            and (self._nbits_holds(s, w) or offset_nbits.fits(w))
-            for s, w in zip(site_ids, packed, strict=True))
+        if first is None or any(w is None for w in packed):
+            return False
+        if self._nbits_holds(site_ids[0], first):
+            return all(w.spec == first.spec and self._nbits_holds(s, w)
+                       for s, w in zip(site_ids, packed, strict=True))
+        return all(offset_nbits.fits(w) and offset_nbits.kernel_key(w)
+                   == offset_nbits.kernel_key(first) for w in packed)
 
     def _lower(self, node: ir.Node, site_ids: list[str], packed: list[WeightFormat | None],
                start: int = 0) -> ir.Value:
@@ -190,14 +196,6 @@ class DecoderRewrite:
             weights = [w for w in packed if isinstance(w, AffineWeight)]
             new = matmul_nbits.matmul(self.model.graph, node, name, activation, weights,
                                       self.accuracy_level)
-        elif offset_nbits.fits_rows(weight):
-            assert isinstance(weight, RowMixWeight)
-            rewrite = SiteRewrite(self.model.graph, name, node, False, PACKED_STORAGE.code_bits,
-                                  self.metadata[name])
-            self.int2_dequantized |= 2 in weight.spec.code_widths()
-            output, self.tables[name] = offset_nbits.lower_rows(rewrite, weight, activation,
-                                                                self.accuracy_level)
-            return output
         elif offset_nbits.fits(weight):
             sites = [(SiteRewrite(self.model.graph, s, node, False, PACKED_STORAGE.code_bits,
                                   self.metadata[s]), w) for s, w in zip(site_ids, packed,
@@ -205,9 +203,17 @@ class DecoderRewrite:
             shared = sites[0][0] if len(sites) == 1 else SiteRewrite(
                 self.model.graph, name, node, False, PACKED_STORAGE.code_bits,
                 self._decision(site_ids))
-            self.int2_dequantized |= 2 in weight.spec.code_widths()
+            self.int2_dequantized |= any(2 in w.spec.code_widths() for _, w in sites)
             output, tables = offset_nbits.lower(shared, sites, activation, self.accuracy_level)
             self.tables.update(tables)
+            return output
+        elif offset_nbits.fits_rows(weight):
+            assert isinstance(weight, RowMixWeight)
+            rewrite = SiteRewrite(self.model.graph, name, node, False, PACKED_STORAGE.code_bits,
+                                  self.metadata[name])
+            self.int2_dequantized |= 2 in weight.spec.code_widths()
+            output, self.tables[name] = offset_nbits.lower_rows(rewrite, weight, activation,
+                                                                self.accuracy_level)
             return output
         else:
             rewrite = SiteRewrite(self.model.graph, name, node, True, PACKED_STORAGE.code_bits,
@@ -229,12 +235,20 @@ class DecoderRewrite:
         return table.outputs[0]
 
     def _decision(self, site_ids: list[str]) -> dict[str, str]:
-        """The decision metadata of one site, or of sites sharing one spec."""
+        """The decision metadata of one site, or of sites sharing a kernel: their spec, or
+        where their specs differ (or a row-mix's rows would be ambiguous) each site's
+        (``SPECS_KEY``)."""
         first = self.metadata[site_ids[0]]
         if len(site_ids) == 1:
             return first
+        specs = [self.graph.plan.specs[s] for s in site_ids]
+        one_spec = all(spec == specs[0] for spec in specs) and not isinstance(specs[0],
+                                                                              RowMixSpec)
         shared = {k: v for k, v in first.items()
-                  if k not in ("lwqc.site", "lwqc.role", "lwqc.scores")}
+                  if k not in ("lwqc.site", "lwqc.role", "lwqc.scores")
+                  and (one_spec or k.removeprefix("lwqc.") not in specs[0].to_json())}
+        if not one_spec:
+            shared[SPECS_KEY] = json.dumps([spec.to_json() for spec in specs])
         return {**shared, "lwqc.sites": json.dumps(site_ids),
                 "lwqc.rows": json.dumps([self.graph.sites[s].shape[0] for s in site_ids]),
                 "lwqc.scores": json.dumps({s: json.loads(self.metadata[s]["lwqc.scores"])

@@ -17,10 +17,13 @@ take a kernel about ten times slower on CPU) plus a MatMul of ``groups`` inputs.
 multiplies by is the format's own float32 formula, ``code * scale + offset``, each term rounded
 once as the torch backend computes it.
 
-A row-mix of such parts (``lower_rows``) runs its parts this way on the same input, its
-arrays under ``<site>.p<k>``, consecutive parts of one group size and container on one kernel
-(the planner orders parts by group size), and puts the outputs side by side in the site's row
-order: ``Gather(Concat(outputs), order)`` along the last axis.
+A row-mix whose parts share one format, group size and container (3- and 4-bit rows in groups
+of 32, say) runs as a site of that format: its parts' codes under ``<site>.p<k>``, put in row
+order by a Gather folded at session start, its scales and offsets stored once in row order; so
+it shares a kernel with the sites reading its input (q/k/v) as any site does. Another row-mix
+(``lower_rows``) runs its parts this way on the same input, consecutive parts of one group size
+and container on one kernel (the planner orders parts by group size), and puts the outputs side
+by side in the site's row order: ``Gather(Concat(outputs), order)`` along the last axis.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from lwqc.backends.onnx_formats import (
     part_rewrite,
     row_order_indices,
 )
-from lwqc.ir.formats import RowMixWeight, WeightFormat
+from lwqc.ir.formats import RowMixWeight, WeightFormat, load_weight
+from lwqc.ir.formats.row_mix import in_row_order
 from lwqc.ir.spec import GroupSpec
 
 FORMATS = ("float-offset", "float-offset-dq")
@@ -49,7 +53,16 @@ CONTAINERS = (4, 8)  # MatMulNBits widths holding the codes: narrower codes sit 
 
 def fits(weight: WeightFormat) -> bool:
     """Whether the site can run this way: a float-offset format without outliers, groups of a
-    power of two of at least MatMulNBits' smallest block."""
+    power of two of at least MatMulNBits' smallest block; or a row-mix of such parts of one
+    format sharing one ``kernel_key``, which runs as a site of that format (``_kernel_inputs``).
+    """
+    if isinstance(weight, RowMixWeight):
+        return fits_rows(weight) and len({(part.name, kernel_key(part))
+                                          for part in weight.parts}) == 1
+    return _fits_part(weight)
+
+
+def _fits_part(weight: WeightFormat) -> bool:
     spec = weight.spec
     if weight.name not in FORMATS or weight.outliers is not None:
         return False
@@ -59,8 +72,9 @@ def fits(weight: WeightFormat) -> bool:
 
 
 def fits_rows(weight: WeightFormat) -> bool:
-    """Whether the site is a row-mix whose every part can run this way."""
-    return isinstance(weight, RowMixWeight) and all(fits(part) for part in weight.parts)
+    """Whether the site is a row-mix whose every part can run this way (on one kernel where
+    ``fits``, else ``lower_rows``)."""
+    return isinstance(weight, RowMixWeight) and all(_fits_part(part) for part in weight.parts)
 
 
 def container(bits: int) -> int:
@@ -70,7 +84,10 @@ def container(bits: int) -> int:
 
 def kernel_key(weight: WeightFormat) -> tuple[int | None, int]:
     """What weights sharing one MatMulNBits must share: group size and code container (3- and
-    4-bit codes both sit in 4 bits; scales and offsets are per group, whatever the width)."""
+    4-bit codes both sit in 4 bits; scales and offsets are per group, whatever the width); a
+    row-mix that ``fits``: its parts'."""
+    if isinstance(weight, RowMixWeight):
+        return kernel_key(weight.parts[0])
     spec = weight.spec
     assert isinstance(spec, GroupSpec)
     return spec.group_size, container(spec.bits)
@@ -87,18 +104,14 @@ def lower(shared: SiteRewrite, sites: list[tuple[SiteRewrite, WeightFormat]],
     decision metadata; all in ``[out, in]`` orientation. Returns the output and, per site, a
     function building its float weight ``[out, in]`` from the same arrays, once however often
     it is called (for the rows of a tied embedding)."""
-    weight = sites[0][1]
-    spec = weight.spec
-    assert isinstance(spec, GroupSpec) and spec.group_size is not None
-    assert all(not r.transposed and fits(w) and kernel_key(w) == kernel_key(weight)
+    group_size, width = kernel_key(sites[0][1])
+    assert all(not r.transposed and fits(w) and kernel_key(w) == (group_size, width)
                for r, w in sites)
+    parts = [_kernel_inputs(rewrite, site_weight, width) for rewrite, site_weight in sites]
+    weight = parts[0][0]
     in_features = weight.shape[1]
-    out_features = sum(w.shape[0] for _, w in sites)
-    groups, width = spec.groups(in_features), container(spec.bits)
-    parts = []
-    for rewrite, site_weight in sites:
-        parts.append((*_codes(rewrite, site_weight, width),
-                      *float_offset_parameters(rewrite, site_weight)))
+    out_features = sum(part[0].shape[0] for part in parts)
+    groups = weight.spec.groups(in_features)
 
     def joined(index: int) -> ir.Value:
         values = [part[index] for part in parts]
@@ -108,32 +121,66 @@ def lower(shared: SiteRewrite, sites: list[tuple[SiteRewrite, WeightFormat]],
         "ConstantOfShape", [shared.constant("zero_points_shape",
                                             [out_features, -(-groups * width // 8)])],
         {"value": ir.tensor(np.zeros(1, np.uint8))})
-    inputs = [activation, joined(1), joined(2), zero_points]
+    inputs = [activation, joined(2), joined(3), zero_points]
     if bias is not None:
         inputs += [None] * (matmul_nbits.BIAS_INPUT - len(inputs)) + [bias]
     product = shared.node(
         "MatMulNBits", inputs, {"K": in_features, "N": out_features, "bits": width,
-                                "block_size": spec.group_size, "accuracy_level": accuracy_level},
+                                "block_size": group_size, "accuracy_level": accuracy_level},
         output="kernel_product", domain=matmul_nbits.DOMAIN)
     sums = _group_sums(shared, activation, weight)
-    offsets = shared.node("Transpose", [joined(3)], {"perm": [1, 0]})
+    offsets = shared.node("Transpose", [joined(4)], {"perm": [1, 0]})
     output = shared.node("Add", [product, shared.node("MatMul", [sums, offsets])])
     kernel = product.producer()
     assert kernel is not None
 
-    def dense(rewrite: SiteRewrite, site_weight: WeightFormat, codes: Callable[[], ir.Value],
+    def dense(rewrite: SiteRewrite, layout: WeightFormat, codes: Callable[[], ir.Value],
               scales: ir.Value, site_offsets: ir.Value) -> Callable[[], ir.Value]:
         def build() -> ir.Value:
             rewrite.matmul = kernel  # the node that stays in the graph
-            return float_offset_weight(rewrite, site_weight, codes(), scales, site_offsets)
+            return float_offset_weight(rewrite, layout, codes(), scales, site_offsets)
 
         return build
 
-    tables = {rewrite.site_id: functools.cache(dense(rewrite, site_weight, codes, scales,
+    tables = {rewrite.site_id: functools.cache(dense(rewrite, layout, codes, scales,
                                                      site_offsets))
-              for (rewrite, site_weight), (codes, _, scales, site_offsets)
+              for (rewrite, _), (layout, codes, _, scales, site_offsets)
               in zip(sites, parts, strict=True)}
     return output, tables
+
+
+def _kernel_inputs(rewrite: SiteRewrite, weight: WeightFormat, width: int
+                   ) -> tuple[WeightFormat, Callable[[], ir.Value], ir.Value, ir.Value, ir.Value]:
+    """A site's share of a kernel: the weight whose layout (spec, shape) its arrays have, a
+    function giving its codes ``[out, in]`` (``_codes``), MatMulNBits' ``B``, its scales and its
+    offsets, all in the site's row order. A row-mix's parts keep their codes under
+    ``<site>.p<k>``, put in row order by a Gather on constants (folded at session start); their
+    parameters are stored once for the site, in row order, as one weight of the widest part's
+    spec stores them: one decoding of each, as for an unmixed site."""
+    if not isinstance(weight, RowMixWeight):
+        return (weight, *_codes(rewrite, weight, width),
+                *float_offset_parameters(rewrite, weight))
+    order = row_order_indices(rewrite, weight)
+    rewrites = [part_rewrite(rewrite, f"p{i}") for i in range(len(weight.parts))]
+    codes, blobs = zip(*(_codes(part_site, part, width)
+                         for part_site, part in zip(rewrites, weight.parts, strict=True)),
+                       strict=True)
+
+    def in_rows(values: list[ir.Value]) -> ir.Value:
+        stacked = rewrite.node("Concat", values, {"axis": 0})
+        return rewrite.node("Gather", [stacked, order], {"axis": 0})
+
+    def codes_in_rows() -> ir.Value:
+        for part in rewrites:  # their nodes go where the site's go now
+            part.matmul = rewrite.matmul
+        return in_rows([rewrite.node("Cast", [build()], {"to": ir.DataType.UINT8})
+                        for build in codes])  # 2-bit codes are uint2
+
+    widest = max(weight.parts, key=lambda part: part.spec.bits)
+    layout = load_weight(widest.spec, in_row_order([part.arrays() for part in weight.parts],
+                                                   weight.order))
+    return (layout, functools.cache(codes_in_rows), in_rows(list(blobs)),
+            *float_offset_parameters(rewrite, layout))
 
 
 def _codes(rewrite: SiteRewrite, weight: WeightFormat,

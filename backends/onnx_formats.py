@@ -66,6 +66,11 @@ UNORIENTED = ("codebooks", "codebooks_high", "column_slots",  # not laid out as 
               *SparseOutliers.ARRAYS)
 
 
+# node metadata of sites sharing a kernel under different specs (or row-mixes): each site's
+# spec, as JSON
+SPECS_KEY = "lwqc.specs"
+
+
 class LoweringError(LwqcError):
     """The exported graph does not have the shape the lowering expects."""
 
@@ -485,10 +490,9 @@ def lower_weight(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
 def stored_arrays(initializers: dict[str, np.ndarray], site_id: str, transposed: bool,
                   signed: bool) -> dict[str, np.ndarray]:
     """A site's format arrays read back from its initializers, in ``[out, in]`` orientation
-    (empty if the site has none); packed arrays are unpacked."""
+    (empty if the site has none; a row-mix's own: its order, and where its parts share one
+    kernel their parameters in row order, ``offset_nbits``); packed arrays are unpacked."""
     prefix = f"{site_id}.weight_"
-    if f"{prefix}codes" not in initializers:
-        return {}
     stored = {}
     for name, array in initializers.items():
         if not name.startswith(prefix):
@@ -504,6 +508,8 @@ def stored_arrays(initializers: dict[str, np.ndarray], site_id: str, transposed:
             if signed:
                 array = array.astype(np.int32) - (1 << (width - 1))
         stored[key] = array
+    if "codes" not in stored:
+        return stored
     codes = stored["codes"]
     shape = codes.shape[::-1] if transposed else codes.shape
     if "column_slots" in stored:  # codes hold the low columns only

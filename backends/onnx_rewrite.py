@@ -6,8 +6,9 @@ quantized site's weight becomes MatMulNBits or its format's standard-op lowering
    file's own graph), else the one whose ``pkg.torch.onnx.name_scopes`` metadata holds the
    site's module path (torch's export); its constant B input is the float weight.
 2. Replace the node by MatMulNBits (affine groups it holds; float-offset groups with the
-   group-sum correction of ``offset_nbits``; a row-mix of those, one kernel per run of parts of
-   one group size, the outputs gathered into row order), else B by the lowered weight
+   group-sum correction of ``offset_nbits``; a row-mix of those on one kernel where its parts
+   share one, else one kernel per run of parts of one group size, the outputs gathered into row
+   order), else B by the lowered weight
    (DequantizeLinear for other affine groups, ...); 2-bit codes raise the opset to 25 (IR
    version 13).
 3. Write the site's decision (spec fields, scores) into the nodes' ``metadata_props``.
@@ -32,6 +33,7 @@ import onnx_ir as ir
 from lwqc.backends import matmul_nbits, offset_nbits
 from lwqc.backends.onnx_formats import (
     FORMAT_LOWERINGS,
+    SPECS_KEY,
     LoweringError,
     SiteRewrite,
     lower_weight,
@@ -41,6 +43,7 @@ from lwqc.backends.onnx_formats import (
 from lwqc.ir.capabilities import PACKED_STORAGE, Capabilities
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.formats import AffineWeight, RowMixWeight, WeightFormat, load_weight
+from lwqc.ir.formats.row_mix import split_row_order
 from lwqc.ir.graph import Graph
 from lwqc.ir.onnx_source import SCOPES, SITE_KEY, reads_table, weight_is_transposed
 from lwqc.ir.plan_json import SCHEMA
@@ -278,15 +281,15 @@ def read_packed(path: Path, expected: set[str]) -> dict[str, WeightFormat]:
         if node.op_type not in ("MatMul", "Gemm", "MatMulNBits", "Gather") or not (
                 {"lwqc.site", "lwqc.sites"} & set(meta)):
             continue  # a Gather carries a decision where it yields a row-mix's output
-        spec = spec_from_metadata(meta)
-        if spec.kept:
+        specs = _site_specs(meta)
+        first = next(iter(specs.values()))
+        if first.kept:
             continue
-        if node.op_type == "MatMulNBits" and spec.format == "affine":
+        if node.op_type == "MatMulNBits" and first.format == "affine":
             packed.update(_read_nbits(node, initializers))
             continue
         transposed = node.op_type in ("MatMul", "Gemm") and weight_is_transposed(node)
-        site_ids = [meta["lwqc.site"]] if "lwqc.site" in meta else json.loads(meta["lwqc.sites"])
-        for site_id in site_ids:
+        for site_id, spec in specs.items():
             arrays = _stored_site_arrays(initializers, site_id, transposed, spec)
             if arrays:
                 packed[site_id] = load_weight(spec, arrays)
@@ -297,15 +300,34 @@ def read_packed(path: Path, expected: set[str]) -> dict[str, WeightFormat]:
     return packed
 
 
+def _site_specs(meta: dict[str, str]) -> dict[str, QuantSpec]:
+    """The spec of each site whose decision a node carries: one site, or sites sharing a
+    kernel (``lwqc.sites``), under one spec or each under its own (``lwqc.specs``)."""
+    if "lwqc.site" in meta:
+        return {meta["lwqc.site"]: spec_from_metadata(meta)}
+    site_ids = json.loads(meta["lwqc.sites"])
+    if SPECS_KEY in meta:
+        return dict(zip(site_ids, map(spec_from_json, json.loads(meta[SPECS_KEY])),
+                        strict=True))
+    return dict.fromkeys(site_ids, spec_from_metadata(meta))
+
+
 def _stored_site_arrays(initializers: dict[str, np.ndarray], site_id: str, transposed: bool,
                         spec: QuantSpec) -> dict[str, np.ndarray]:
     """``stored_arrays`` of a site, codes stored as MatMulNBits' ``B`` unpacked; a row-mix's
-    parts under their prefixes, and its order."""
+    parts under their prefixes, and its order (parameters stored once in row order are split
+    among the parts)."""
     if not isinstance(spec, RowMixSpec):
         return _part_arrays(initializers, site_id, transposed, spec)
-    arrays = {"order": initializers[f"{site_id}.weight_order"]}
-    for index, part in enumerate(spec.parts):
-        stored = _part_arrays(initializers, f"{site_id}.p{index}", transposed, part)
+    joined = stored_arrays(initializers, site_id, transposed, signed=False)
+    order = joined.pop("order")
+    parts = [_part_arrays(initializers, f"{site_id}.p{index}", transposed, part)
+             for index, part in enumerate(spec.parts)]
+    rows = [len(part_rows) for part_rows in spec.part_rows()]
+    for part, shared in zip(parts, split_row_order(joined, order, rows), strict=True):
+        part.update(shared)
+    arrays = {"order": order}
+    for index, stored in enumerate(parts):
         arrays.update({f"p{index}.{key}": value for key, value in stored.items()})
     return arrays
 

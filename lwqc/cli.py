@@ -219,16 +219,19 @@ def _compile(args: argparse.Namespace) -> int:
     quantize = {"clip": args.clip, "gptq": args.gptq, "damp": args.damp,
                 "act_order": False if args.no_act_order else None}
     lowering = {"graph": args.onnx_graph, "accuracy_level": args.accuracy_level}
+    calibration = {"source": args.calib, "samples": args.calib_samples,
+                   "seq_len": args.calib_seq_len, "seed": args.calib_seed}
     if args.backend != "onnx" and any(v is not None for v in lowering.values()):
         raise LwqcError("--onnx-graph and --accuracy-level apply to --backend onnx only")
     if args.pipeline:
-        if any(v is not None for v in (*quantize.values(), *lowering.values())):
-            raise LwqcError("--clip, --gptq, --damp, --no-act-order, --onnx-graph and "
-                            "--accuracy-level go inside --pipeline "
-                            "(quantize{clip=...,gptq=true},lower-onnx{graph=...})")
+        if any(v is not None for v in (*quantize.values(), *lowering.values(),
+                                          *calibration.values())):
+            raise LwqcError("--clip, --gptq, --damp, --no-act-order, --calib*, --onnx-graph "
+                            "and --accuracy-level go inside --pipeline (quantize{clip=...,"
+                            "gptq=true},calib{samples=...},lower-onnx{graph=...})")
         pass_list = parse(args.pipeline)
     elif args.plan:
-        pass_list = plan_passes(args.plan, args.backend, quantize, lowering)
+        pass_list = plan_passes(args.plan, args.backend, quantize, lowering, calibration)
     else:
         if args.policy == "sensitivity" and args.scheme is None and args.group_size is None:
             chosen = sensitivity_quantizer(args.bits)
@@ -241,8 +244,6 @@ def _compile(args: argparse.Namespace) -> int:
             "solver": args.solver,
             "widths": args.widths,
         }
-        calibration = {"source": args.calib, "samples": args.calib_samples,
-                       "seq_len": args.calib_seq_len, "seed": args.calib_seed}
         policy = policy_pass(args.policy, options)
         passes = default_passes(policy, args.backend, quantize_options=quantize,
                                 lowering_options=lowering)

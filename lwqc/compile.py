@@ -18,14 +18,16 @@ from lwqc.artifacts import (
 from lwqc.backends import onnx_rewrite, torch_eager
 from lwqc.backends.onnxruntime import SIDE_FILES_KEY
 from lwqc.ir.accounting import totals
-from lwqc.ir.errors import LwqcError, PipelineError
+from lwqc.ir.errors import LwqcError, PipelineError, PlanError
 from lwqc.ir.frontends import import_model
 from lwqc.ir.graph import Graph
-from lwqc.ir.plan_json import plan_document, write_plan
+from lwqc.ir.plan_json import plan_document, read_plan, write_plan
 from lwqc.passes.analyses import analysis_passes, calibrated
 from lwqc.passes.apply_plan import ApplyPlanPass
 from lwqc.passes.base import Pass, PassKind, TaskPool
+from lwqc.passes.calibration import CalibrationPass
 from lwqc.passes.manager import PassManager, PassTiming
+from lwqc.passes.pipeline import parse_passes_named
 from lwqc.passes.quantize import QuantizePass
 from lwqc.passes.quantizers import SENSITIVITY_GROUP_SIZES, SENSITIVITY_SCHEME
 from lwqc.registry import LOWERINGS, REGISTRY, policies
@@ -87,9 +89,34 @@ def default_passes(
 
 def plan_passes(plan_file: Path, backend: str,
                 quantize_options: dict[str, Any] | None = None,
-                lowering_options: dict[str, Any] | None = None) -> list[Pass]:
+                lowering_options: dict[str, Any] | None = None,
+                calibration: dict[str, Any] | None = None) -> list[Pass]:
+    """Apply ``plan_file`` and quantize as the pipeline it records did (its quantize and calib
+    options), but where ``quantize_options`` and ``calibration`` give other values."""
+    recorded = recorded_options(plan_file, (QuantizePass.name, CalibrationPass.name))
+
+    def merged(name: str, given: dict[str, Any] | None) -> dict[str, Any]:
+        return {**recorded.get(name, {}),
+                **{k: v for k, v in (given or {}).items() if v is not None}}
+
     return default_passes(ApplyPlanPass(file=str(plan_file)), backend,
-                          quantize_options=quantize_options, lowering_options=lowering_options)
+                          calibration=merged(CalibrationPass.name, calibration),
+                          quantize_options=merged(QuantizePass.name, quantize_options),
+                          lowering_options=lowering_options)
+
+
+def recorded_options(plan_file: Path, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """The options of the passes ``names`` in the pipeline a plan file records, by pass name
+    (none for a pass it does not record)."""
+    text = read_plan(plan_file).get("pipeline")
+    if not isinstance(text, str) or not text:
+        return {}
+    try:
+        passes = parse_passes_named(text, names, REGISTRY)
+    except LwqcError as exc:
+        raise PlanError(f"plan file {plan_file} records a pipeline lwqc cannot read ({exc}); "
+                        "restore its 'pipeline' or recompile") from None
+    return {p.name: dict(p.values) for p in passes}
 
 
 @dataclasses.dataclass

@@ -8,7 +8,7 @@ canonical text, which parses back to equal passes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from lwqc.ir.errors import PipelineError
@@ -84,6 +84,19 @@ def _build(name: str, raw: list[tuple[str, str]], registry: Mapping[str, type[Pa
 
 def parse_pipeline(text: str, registry: Mapping[str, type[Pass]]) -> list[Pass]:
     """Parse pipeline text into configured passes of ``registry`` (name -> pass class)."""
+    return [_build(name, raw, registry) for name, raw in _read(text)]
+
+
+def parse_passes_named(text: str, names: Iterable[str],
+                       registry: Mapping[str, type[Pass]]) -> list[Pass]:
+    """The passes of pipeline text ``text`` named ``names``, configured; the others are read
+    and left unbuilt (their options are not checked)."""
+    wanted = set(names)
+    return [_build(name, raw, registry) for name, raw in _read(text) if name in wanted]
+
+
+def _read(text: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Each pass of pipeline text: its name and its raw options."""
     reader = _Reader(text)
     passes = []
     while True:
@@ -104,7 +117,7 @@ def parse_pipeline(text: str, registry: Mapping[str, type[Pass]]) -> list[Pass]:
                 elif reader.peek() != "}":
                     reader.take("}")
             reader.take("}")
-        passes.append(_build(name, raw, registry))
+        passes.append((name, raw))
         if not reader.peek():
             return passes
         reader.take(",")

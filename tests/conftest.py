@@ -5,6 +5,7 @@ Under CI=true a missing shared file fails the test; elsewhere it skips it.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -216,7 +217,10 @@ def nbits_dequantized(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     for node in model.graph.node:
         props = {p.key: p.value for p in node.metadata_props}
         row_mix = node.op_type == "Gather" and props.get("lwqc.scheme") == "row-mix"
-        if not row_mix and (node.op_type != "MatMulNBits" or props.get("lwqc.bits", "16") == "16"):
+        schemes = ([spec["scheme"] for spec in json.loads(props["lwqc.specs"])]
+                   if "lwqc.specs" in props else [props.get("lwqc.scheme")])
+        quantized = props.get("lwqc.bits", "16") != "16" or "lwqc.specs" in props
+        if not row_mix and (node.op_type != "MatMulNBits" or not quantized):
             continue
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
@@ -236,8 +240,9 @@ def nbits_dequantized(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             if len(kernel.input) > 5:  # without the bias
                 kernel.input[5] = ""
             users = consumers.get(node.output[0], [])
-            # a float-offset site: the kernel's product plus the group-sum correction
-            corrected = props["lwqc.scheme"].startswith("float-offset")
+            # float-offset sites (row-mixed or not): the kernel's product plus the group-sum
+            # correction
+            corrected = all(s.startswith("float-offset") or s == "row-mix" for s in schemes)
             activation = node.input[0]
             output = users[0].output[0] if corrected else node.output[0]
         single = _initializer_slice(probe, [output], (activation,))
@@ -250,8 +255,6 @@ def nbits_dequantized(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         if "lwqc.site" in props:
             weights[props["lwqc.site"]] = weight
             continue
-        import json
-
         rows = np.cumsum(json.loads(props["lwqc.rows"]))[:-1]
         weights.update(zip(json.loads(props["lwqc.sites"]), np.split(weight, rows), strict=True))
     return weights
@@ -281,13 +284,13 @@ def scattered_rows(parts: int, rows: int) -> str:
 def mixed_plan(graph, group_size: int) -> Plan:
     """Every width, scheme and format across the sites (outliers on some), one site kept, and
     up to three sites row-mixed (2-bit rows under wider parts among them)."""
-    row_mixes = [  # the first on MatMulNBits (offset_nbits.lower_rows; its first two parts on
-        # one kernel) where ORT runs it
+    row_mixes = [  # where ORT runs them, the first on MatMulNBits (offset_nbits.lower_rows;
+        # its first two parts on one kernel), the last as one site on one kernel
         (FloatOffsetDqSpec(3, 32), FloatOffsetSpec(4, 32), FloatOffsetDqSpec(2, 16),
          FloatOffsetDqSpec(8, 16)),
         (FloatOffsetDqSpec(3, group_size), FloatOffsetDqSpec(4, 2 * group_size),
          AsymmetricSpec(2, group_size, outliers=0.02)),
-        (SymmetricSpec(8, group_size), FloatOffsetSpec(3, None))]
+        (FloatOffsetDqSpec(4, 32), FloatOffsetDqSpec(2, 32), FloatOffsetDqSpec(3, 32))]
     choices = [
         AsymmetricSpec(2, group_size), AsymmetricSpec(3, group_size),
         SymmetricSpec(4, group_size), FloatOffsetSpec(4, group_size, outliers=0.01),
@@ -298,7 +301,7 @@ def mixed_plan(graph, group_size: int) -> Plan:
         CodebookSpec(2, high_bits=4, high_share=0.1), CodebookSpec(3, 0.01, 4, 0.25),
     ]
     specs = {s: choices[i % len(choices)] for i, s in enumerate(graph.sites)}
-    mixed = [s for s, spec in specs.items() if spec.scheme == "rtn-sym"][:2]
+    mixed = [s for s, spec in specs.items() if spec.scheme == "rtn-sym"][:3]
     for site_id, parts in zip(mixed, row_mixes, strict=False):
         rows = scattered_rows(len(parts), graph.sites[site_id].shape[0])
         specs[site_id] = RowMixSpec(bits=max(p.bits for p in parts), parts=parts, rows=rows)

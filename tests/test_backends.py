@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from conftest import mixed_plan, ort_dequantized, save_tiny_model
+from lwqc.backends import offset_nbits
 from lwqc.backends import onnx_rewrite as ort_backend
 from lwqc.ir.errors import LwqcError
+from lwqc.ir.formats import RowMixWeight
+from lwqc.ir.formats.base import packed_code_bytes
 from lwqc.ir.fx_lift import example_inputs
 from lwqc.ir.hf_source import import_model
 from lwqc.passes.manager import PassManager
@@ -148,10 +151,19 @@ def test_stored_bytes_of_every_site_equal_the_plans_bytes(tiny_llama_dir, tmp_pa
             site = re.sub(r"\.p[0-9]+$", "", site)
             stored[site] = stored.get(site, 0) + len(tensor.raw_data)
     assert set(stored) == set(graph.packed)
+    joined = 0
     for site_id, weight in graph.packed.items():
-        assert stored[site_id] == site_bytes(graph, site_id, weight.spec), site_id
+        expected = site_bytes(graph, site_id, weight.spec)
+        if isinstance(weight, RowMixWeight) and offset_nbits.fits(weight):
+            # one kernel: the parts' 6-bit parameter codes stored once, in whole words
+            groups = [part.scale_codes.size for part in weight.parts]
+            expected += 2 * (packed_code_bytes(sum(groups), 6)
+                             - sum(packed_code_bytes(g, 6) for g in groups))
+            joined += 1
+        assert stored[site_id] == expected, site_id
     assert any(w.spec.bits == 3 for w in graph.packed.values())  # packed 3-bit included
-    assert any(w.spec.scheme == "row-mix" for w in graph.packed.values())
+    assert joined == 1 and any(isinstance(w, RowMixWeight) and not offset_nbits.fits(w)
+                               for w in graph.packed.values())
 
 
 # hand cases: codes 0..7 fill one 3-bit word 0o76543210 = 0xFAC688; codes 1, 2, 3, 63 make

@@ -93,6 +93,24 @@ def test_plan_with_a_bad_width(capsys, tiny_llama_dir, tmp_path):
                                    str(out)], out, "unsupported width 5")
 
 
+def test_plan_recording_a_pipeline_lwqc_cannot_read(capsys, tiny_llama_dir, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"schema": "lwqc.plan/1", "pipeline": "quantize{gptq=maybe}",
+                                "sites": {"lm_head": {"bits": 4, "group_size": 128,
+                                                      "scheme": "rtn-asym"}}}))
+    out = tmp_path / "out"
+    _run_and_expect_error(capsys, ["compile", str(tiny_llama_dir), "--plan", str(plan), "-o",
+                                   str(out)], out, "records a pipeline lwqc cannot read")
+
+
+def test_calibration_flags_beside_a_pipeline(capsys, tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    _run_and_expect_error(capsys, ["compile", str(tiny_llama_dir), "--pipeline",
+                                   "policy-uniform{width=4},quantize,lower-onnx",
+                                   "--calib-samples", "8", "-o", str(out)], out,
+                          "--calib*, --onnx-graph and --accuracy-level go inside --pipeline")
+
+
 def test_option_that_does_not_apply_to_the_policy(capsys, tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
     _run_and_expect_error(capsys, ["compile", str(tiny_llama_dir), "--policy", "zd", "--bits",

@@ -143,6 +143,31 @@ def test_edited_plan_recompiles_with_the_edit(ref_llama_dir, entropy_45, tmp_pat
     assert recompiled["totals"]["bytes"] < plan["totals"]["bytes"]
 
 
+def test_plan_recompiles_with_the_quantizer_and_calibration_it_records(ref_llama_dir,
+                                                                       tmp_path):
+    from lwqc.backends import onnx_rewrite
+
+    calibrated = ("--calib-samples", "4", "--calib-seq-len", "64")
+    first = _compile(ref_llama_dir, tmp_path / "first", "--policy", "uniform", "--width", "3",
+                     "--group-size", "32", "--gptq", "--clip", "minmax", *calibrated)
+    plan = first / "plan.json"
+    again = _compile(ref_llama_dir, tmp_path / "again", "--plan", str(plan))
+    pipeline = json.loads((again / "plan.json").read_text())["pipeline"]
+    assert "calib{source=wikitext2-valid,samples=4,seq_len=64,seed=0}" in pipeline
+    assert "quantize{clip=minmax,gptq=true}" in pipeline
+    sites = set(json.loads(plan.read_text())["sites"])
+    weights = [onnx_rewrite.read_packed(out / "model.onnx", sites) for out in (first, again)]
+    for site in sites:
+        for name, array in weights[0][site].arrays().items():
+            np.testing.assert_array_equal(weights[1][site].arrays()[name], array)
+    # a flag given with --plan wins over the recorded option
+    plain = _compile(ref_llama_dir, tmp_path / "plain", "--plan", str(plan), "--no-gptq")
+    assert "gptq=false" in json.loads((plain / "plan.json").read_text())["pipeline"]
+    rtn = onnx_rewrite.read_packed(plain / "model.onnx", sites)
+    assert any(not np.array_equal(rtn[s].arrays()["codes"], weights[0][s].arrays()["codes"])
+               for s in sites)
+
+
 def test_override_pins_sites_and_budget_still_holds(ref_llama_dir, tmp_path):
     out = _compile(ref_llama_dir, tmp_path / "pinned", "--policy", "zd", "--bits", "4.5",
                    "--override", r"mlp\.down_proj=8", "--override", "lm_head=4")

@@ -215,3 +215,36 @@ def test_row_mixed_sites_run_one_kernel_per_part_and_serve_the_tied_table(ref_ll
                 and 4096 * 96 <= np.prod(t.dims)]
     _holds_exactly(graph, out)
     _agree(graph, out)
+
+
+def test_row_mixes_of_one_group_size_run_as_sites_and_share_q_k_v_kernels(ref_llama_dir,
+                                                                          tmp_path):
+    """Every site but k a row-mix of 3-, 2- and 4-bit float-offset-dq rows in groups of 32, k
+    4-bit: each runs as an unmixed site (q/k/v on one kernel, their specs in its metadata), no
+    Gather puts outputs in order; the tied head's table is the same arrays; ORT and torch
+    agree."""
+    from conftest import scattered_rows
+    from lwqc.ir.plan import Plan
+    from lwqc.ir.spec import FloatOffsetDqSpec, RowMixSpec, spec_from_json
+
+    graph = import_model(str(_tied_llama(tmp_path / "tied", ref_llama_dir)))
+    parts = (FloatOffsetDqSpec(3, 32), FloatOffsetDqSpec(2, 32), FloatOffsetDqSpec(4, 32))
+    graph.plan = Plan(specs={s.id: parts[2] if s.role == "k" else RowMixSpec(
+        bits=4, parts=parts, rows=scattered_rows(3, s.shape[0])) for s in graph},
+        policy="test", budget={})
+    graph.available.add("plan")
+    PassManager(parse("quantize,lower-onnx{accuracy_level=1}")).run(graph)
+    out = _save(graph, tmp_path / "out")
+    proto = onnx.load(str(out / "model.onnx"))
+    kernels = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(kernels) == 1 + 5 * 2  # the head; q/k/v in one node, o, gate, up, down
+    for kernel in kernels:
+        props = {p.key: p.value for p in kernel.metadata_props}
+        if "lwqc.sites" in props:
+            sites = json.loads(props["lwqc.sites"])
+            assert [spec_from_json(spec) for spec in json.loads(props["lwqc.specs"])] == [
+                graph.plan.specs[site] for site in sites]
+    assert not [n for n in proto.graph.node if n.op_type == "Gather"
+                and any(p.key == "lwqc.scheme" for p in n.metadata_props)]
+    _holds_exactly(graph, out)
+    _agree(graph, out)

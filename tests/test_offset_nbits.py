@@ -13,7 +13,7 @@ import pytest
 from lwqc.backends import matmul_nbits, offset_nbits
 from lwqc.backends.onnx_formats import SiteRewrite
 from lwqc.ir.capabilities import PACKED_STORAGE
-from lwqc.ir.spec import FloatOffsetDqSpec, FloatOffsetSpec, make_spec
+from lwqc.ir.spec import FloatOffsetDqSpec, FloatOffsetSpec, make_spec, row_mix
 from lwqc.passes.quantizers import quantize_weight
 
 
@@ -162,3 +162,43 @@ def test_a_tied_head_of_an_export_serves_the_embedding_from_its_own_arrays(tmp_p
     with torch.no_grad():
         expected = module(input_ids=torch.from_numpy(ids)).logits.numpy()
     assert np.abs(logits - expected).max() < 1e-4
+
+
+def test_a_row_mix_of_one_kernel_runs_as_a_site_beside_another(tmp_path):
+    """3-, 2- and 4-bit float-offset-dq rows in groups of 32 (codes all in 4-bit containers)
+    share one MatMulNBits with an unmixed site, in row order: no Gather on the output. The file
+    holds the parts' codes, the site's order and its parameters once, in row order: 20 rows of
+    3 groups make 60 6-bit codes (45 bytes) per parameter and one super-group per row (20
+    float16 steps), a few bytes less than the parts' parameters stored apart."""
+    rng = np.random.default_rng(5)
+    specs = [FloatOffsetDqSpec(3, 32), FloatOffsetDqSpec(2, 32), FloatOffsetDqSpec(4, 32)]
+    choice = rng.permutation(np.arange(20) % 3)
+    mixed = quantize_weight(rng.normal(size=(20, 96)).astype(np.float32),
+                            row_mix(specs, choice), clip="minmax")
+    plain = quantize_weight(rng.normal(size=(8, 96)).astype(np.float32), specs[2],
+                            clip="minmax")
+    assert offset_nbits.fits(mixed) and offset_nbits.kernel_key(mixed) == (32, 4)
+    model = _site_graph([mixed, plain], 96, accuracy_level=1)
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("MatMulNBits") == 1
+    stored = {name: value.const_value.nbytes for name, value in model.graph.initializers.items()
+              if name.startswith("w0.") and ".weight_" in name}
+    rows = [int((choice == k).sum()) for k in range(3)]
+    codes = {f"w0.p{k}.weight_codes": -(-rows[k] * 96 * bits // 24) * 3 if bits == 3
+             else rows[k] * 96 * bits // 8 for k, bits in enumerate((3, 2, 4))}
+    assert stored == {**codes, "w0.weight_order": 40, "w0.weight_scale_codes": 45,
+                      "w0.weight_offset_codes": 45, "w0.weight_scale_steps": 40,
+                      "w0.weight_offset_steps": 40}
+    assert sum(stored.values()) <= mixed.nbytes(PACKED_STORAGE.code_bits)
+    optimized = tmp_path / "optimized.onnx"
+    session = _session(model, optimized)
+    expected = np.concatenate([mixed.dequantize(), plain.dequantize()])
+    by_identity, *tables = session.run(None, {"A": np.eye(96, dtype=np.float32)})
+    np.testing.assert_array_equal(by_identity.T, expected)
+    for table, weight in zip(tables, (mixed, plain), strict=True):
+        np.testing.assert_array_equal(table, weight.dequantize())
+    # the row order, like every input of the kernel, folded into constants
+    folded = onnx.load(str(optimized))
+    (kernel,) = [n for n in folded.graph.node if n.op_type == "MatMulNBits"]
+    assert set(kernel.input[1:4]) <= {t.name for t in folded.graph.initializer}
+    assert "Gather" not in [n.op_type for n in folded.graph.node]

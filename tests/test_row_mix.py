@@ -16,7 +16,7 @@ from lwqc.ir.accounting import totals
 from lwqc.ir.capabilities import PACKED_STORAGE
 from lwqc.ir.errors import PipelineError, PlanError
 from lwqc.ir.formats import RowMixWeight, load_weight
-from lwqc.ir.formats.row_mix import order_dtype, row_order
+from lwqc.ir.formats.row_mix import in_row_order, order_dtype, row_order, split_row_order
 from lwqc.ir.graph import Graph, MatmulSite
 from lwqc.ir.hf_source import import_model
 from lwqc.ir.spec import (
@@ -103,6 +103,18 @@ def test_order_puts_each_row_at_its_place_among_the_stacked_parts():
     assert order.tolist() == [0, 2, 3, 1]
     assert order.dtype == np.uint16
     assert order_dtype(65536) == np.uint16 and order_dtype(65537) == np.int32
+
+
+def test_arrays_of_the_parts_go_into_row_order_and_back():
+    # parts stack rows [0, 3] then [1, 2]: order [0, 2, 3, 1]
+    order = row_order(RowMixSpec(bits=4, parts=(DQ3, DQ4), rows="0110"))
+    parts = [{"a": np.array([[10, 0], [13, 3]]), "only_first": np.zeros(2)},
+             {"a": np.array([[11, 1], [12, 2]])}]
+    joined = in_row_order(parts, order)
+    assert list(joined) == ["a"]  # arrays every part has
+    assert joined["a"].tolist() == [[10, 0], [11, 1], [12, 2], [13, 3]]
+    back = split_row_order(joined, order, [2, 2])
+    assert [part["a"].tolist() for part in back] == [[[10, 0], [13, 3]], [[11, 1], [12, 2]]]
 
 
 @pytest.mark.parametrize("gptq", [False, True])

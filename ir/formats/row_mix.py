@@ -14,7 +14,7 @@ keeps its groups and parameters within one row.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -53,6 +53,29 @@ def row_mix_bytes(shape: tuple[int, int], spec: RowMixSpec,
     return order_bytes(shape[0]) + sum(
         part_bytes((len(rows), shape[1]), part)
         for part, rows in zip(spec.parts, spec.part_rows(), strict=True))
+
+
+def in_row_order(parts: Sequence[Mapping[str, np.ndarray]],
+                 order: np.ndarray) -> dict[str, np.ndarray]:
+    """Arrays the parts all have (``[rows, ...]``), stacked in part order and put in the site's
+    row order: row r is stacked row ``order[r]``."""
+    names = [name for name in parts[0] if all(name in part for part in parts)]
+    return {name: np.concatenate([part[name] for part in parts])[np.asarray(order, np.int64)]
+            for name in names}
+
+
+def split_row_order(arrays: Mapping[str, np.ndarray], order: np.ndarray,
+                    rows: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    """Inverse of ``in_row_order``: each part's rows of arrays in row order, the parts holding
+    ``rows[k]`` rows each."""
+    edges = np.cumsum(rows)[:-1]
+    parts: list[dict[str, np.ndarray]] = [{} for _ in rows]
+    for name, array in arrays.items():
+        stacked = np.empty_like(array)
+        stacked[np.asarray(order, np.int64)] = array
+        for part, piece in zip(parts, np.split(stacked, edges), strict=True):
+            part[name] = piece
+    return parts
 
 
 def prefix(index: int) -> str:
