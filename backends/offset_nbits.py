@@ -22,12 +22,14 @@ of 32, say) runs as a site of that format: its parts' codes under ``<site>.p<k>`
 order by a Gather folded at session start, its scales and offsets stored once in row order; so
 it shares a kernel with the sites reading its input (q/k/v) as any site does. Another row-mix
 (``lower_rows``) runs its parts this way on the same input, consecutive parts of one group size
-and container on one kernel (the planner orders parts by group size), and puts the outputs side
-by side in the site's row order: ``Gather(Concat(outputs), order)`` along the last axis.
+and container on one kernel (the planner orders parts by group size; consecutive parts of one
+format there store their scales and offsets jointly), and puts the outputs side by side in the
+site's row order: ``Gather(Concat(outputs), order)`` along the last axis.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from collections.abc import Callable
@@ -97,90 +99,118 @@ def lower(shared: SiteRewrite, sites: list[tuple[SiteRewrite, WeightFormat]],
           activation: ir.Value, accuracy_level: int, bias: ir.Value | None = None
           ) -> tuple[ir.Value, dict[str, Callable[[], ir.Value]]]:
     """One MatMulNBits (and its correction) computing the outputs of ``sites`` side by side for
-    ``activation`` (one ``kernel_key``: several sites when they read one input, as q/k/v do,
-    or the parts of a row-mix), with the
-    kernel's ``accuracy_level`` and optional ``bias`` (one value per output). Each site's
-    rewrite stores that site's arrays; ``shared`` builds the nodes they share and carries the
-    decision metadata; all in ``[out, in]`` orientation. Returns the output and, per site, a
-    function building its float weight ``[out, in]`` from the same arrays, once however often
-    it is called (for the rows of a tied embedding)."""
-    group_size, width = kernel_key(sites[0][1])
-    assert all(not r.transposed and fits(w) and kernel_key(w) == (group_size, width)
+    ``activation`` (one ``kernel_key``: several sites when they read one input, as q/k/v do),
+    with the kernel's ``accuracy_level`` and optional ``bias`` (one value per output). Each
+    site's rewrite stores that site's arrays; ``shared`` builds the nodes they share and
+    carries the decision metadata; all in ``[out, in]`` orientation. Returns the output and,
+    per site, a function building its float weight ``[out, in]`` from the same arrays, once
+    however often it is called (for the rows of a tied embedding)."""
+    width = kernel_key(sites[0][1])[1]
+    assert all(not r.transposed and fits(w) and kernel_key(w) == kernel_key(sites[0][1])
                for r, w in sites)
-    parts = [_kernel_inputs(rewrite, site_weight, width) for rewrite, site_weight in sites]
-    weight = parts[0][0]
-    in_features = weight.shape[1]
-    out_features = sum(part[0].shape[0] for part in parts)
-    groups = weight.spec.groups(in_features)
+    members = [(rewrite, _member(rewrite, weight, width)) for rewrite, weight in sites]
+    return _kernel(shared, members, activation, width, accuracy_level, bias)
 
-    def joined(index: int) -> ir.Value:
-        values = [part[index] for part in parts]
+
+@dataclasses.dataclass(frozen=True)
+class _Member:
+    """A share of a kernel's rows (a site, a part of a row-mix, or parts stored jointly), in
+    its own row order: the weight whose layout (spec, shape) its parameters have, a function
+    giving its codes ``[out, in]`` (built when first asked), MatMulNBits' ``B``, its scales and
+    its offsets."""
+
+    layout: WeightFormat
+    codes: Callable[[], ir.Value]
+    kernel_codes: ir.Value
+    scales: ir.Value
+    offsets: ir.Value
+
+
+def _kernel(shared: SiteRewrite, members: list[tuple[SiteRewrite, _Member]],
+            activation: ir.Value, width: int, accuracy_level: int, bias: ir.Value | None
+            ) -> tuple[ir.Value, dict[str, Callable[[], ir.Value]]]:
+    """``lower`` of members: their outputs side by side, and each one's float weight by the
+    name of its rewrite."""
+    layout = members[0][1].layout
+    spec = layout.spec
+    assert isinstance(spec, GroupSpec) and spec.group_size is not None
+    in_features = layout.shape[1]
+    out_features = sum(member.layout.shape[0] for _, member in members)
+    groups = spec.groups(in_features)
+
+    def joined(values: list[ir.Value]) -> ir.Value:
         return values[0] if len(values) == 1 else shared.node("Concat", values, {"axis": 0})
 
     zero_points = shared.node(
         "ConstantOfShape", [shared.constant("zero_points_shape",
                                             [out_features, -(-groups * width // 8)])],
         {"value": ir.tensor(np.zeros(1, np.uint8))})
-    inputs = [activation, joined(2), joined(3), zero_points]
+    inputs = [activation, joined([m.kernel_codes for _, m in members]),
+              joined([m.scales for _, m in members]), zero_points]
     if bias is not None:
         inputs += [None] * (matmul_nbits.BIAS_INPUT - len(inputs)) + [bias]
     product = shared.node(
         "MatMulNBits", inputs, {"K": in_features, "N": out_features, "bits": width,
-                                "block_size": group_size, "accuracy_level": accuracy_level},
+                                "block_size": spec.group_size, "accuracy_level": accuracy_level},
         output="kernel_product", domain=matmul_nbits.DOMAIN)
-    sums = _group_sums(shared, activation, weight)
-    offsets = shared.node("Transpose", [joined(4)], {"perm": [1, 0]})
+    sums = _group_sums(shared, activation, layout)
+    offsets = shared.node("Transpose", [joined([m.offsets for _, m in members])],
+                          {"perm": [1, 0]})
     output = shared.node("Add", [product, shared.node("MatMul", [sums, offsets])])
     kernel = product.producer()
     assert kernel is not None
 
-    def dense(rewrite: SiteRewrite, layout: WeightFormat, codes: Callable[[], ir.Value],
-              scales: ir.Value, site_offsets: ir.Value) -> Callable[[], ir.Value]:
+    def dense(rewrite: SiteRewrite, member: _Member) -> Callable[[], ir.Value]:
         def build() -> ir.Value:
             rewrite.matmul = kernel  # the node that stays in the graph
-            return float_offset_weight(rewrite, layout, codes(), scales, site_offsets)
+            return float_offset_weight(rewrite, member.layout, member.codes(), member.scales,
+                                       member.offsets)
 
         return build
 
-    tables = {rewrite.site_id: functools.cache(dense(rewrite, layout, codes, scales,
-                                                     site_offsets))
-              for (rewrite, _), (layout, codes, _, scales, site_offsets)
-              in zip(sites, parts, strict=True)}
-    return output, tables
+    return output, {rewrite.site_id: functools.cache(dense(rewrite, member))
+                    for rewrite, member in members}
 
 
-def _kernel_inputs(rewrite: SiteRewrite, weight: WeightFormat, width: int
-                   ) -> tuple[WeightFormat, Callable[[], ir.Value], ir.Value, ir.Value, ir.Value]:
-    """A site's share of a kernel: the weight whose layout (spec, shape) its arrays have, a
-    function giving its codes ``[out, in]`` (``_codes``), MatMulNBits' ``B``, its scales and its
-    offsets, all in the site's row order. A row-mix's parts keep their codes under
-    ``<site>.p<k>``, put in row order by a Gather on constants (folded at session start); their
-    parameters are stored once for the site, in row order, as one weight of the widest part's
-    spec stores them: one decoding of each, as for an unmixed site."""
-    if not isinstance(weight, RowMixWeight):
-        return (weight, *_codes(rewrite, weight, width),
-                *float_offset_parameters(rewrite, weight))
-    order = row_order_indices(rewrite, weight)
-    rewrites = [part_rewrite(rewrite, f"p{i}") for i in range(len(weight.parts))]
-    codes, blobs = zip(*(_codes(part_site, part, width)
-                         for part_site, part in zip(rewrites, weight.parts, strict=True)),
+def _member(rewrite: SiteRewrite, weight: WeightFormat, width: int) -> _Member:
+    """A site (or part) as a kernel's member; a row-mix that ``fits`` as its parts stored
+    jointly, in the site's row order."""
+    if isinstance(weight, RowMixWeight):
+        parts = [(part_rewrite(rewrite, f"p{i}"), part) for i, part in enumerate(weight.parts)]
+        return _joined(rewrite, parts, width, weight)
+    return _Member(weight, *_codes(rewrite, weight, width),
+                   *float_offset_parameters(rewrite, weight))
+
+
+def _joined(rewrite: SiteRewrite, parts: list[tuple[SiteRewrite, WeightFormat]], width: int,
+            mix: RowMixWeight | None) -> _Member:
+    """Parts of one format sharing a kernel as one member: each part's codes under its own
+    rewrite, their parameters stored once under ``rewrite`` as one weight of the widest part's
+    spec stores them (one decoding of each, as for an unmixed site): in the row order of
+    ``mix`` (its parts' codes put in it by a Gather on constants, folded at session start), or
+    without, stacked in part order."""
+    codes, blobs = zip(*(_codes(part_site, part, width) for part_site, part in parts),
                        strict=True)
+    weights = [part for _, part in parts]
+    order = row_order_indices(rewrite, mix) if mix is not None else None
 
-    def in_rows(values: list[ir.Value]) -> ir.Value:
+    def arranged(values: list[ir.Value]) -> ir.Value:
         stacked = rewrite.node("Concat", values, {"axis": 0})
-        return rewrite.node("Gather", [stacked, order], {"axis": 0})
+        return stacked if order is None else rewrite.node("Gather", [stacked, order],
+                                                          {"axis": 0})
 
-    def codes_in_rows() -> ir.Value:
-        for part in rewrites:  # their nodes go where the site's go now
-            part.matmul = rewrite.matmul
-        return in_rows([rewrite.node("Cast", [build()], {"to": ir.DataType.UINT8})
-                        for build in codes])  # 2-bit codes are uint2
+    def all_codes() -> ir.Value:
+        for part_site, _ in parts:  # their nodes go where the member's go now
+            part_site.matmul = rewrite.matmul
+        return arranged([rewrite.node("Cast", [build()], {"to": ir.DataType.UINT8})
+                         for build in codes])  # 2-bit codes are uint2
 
-    widest = max(weight.parts, key=lambda part: part.spec.bits)
-    layout = load_weight(widest.spec, in_row_order([part.arrays() for part in weight.parts],
-                                                   weight.order))
-    return (layout, functools.cache(codes_in_rows), in_rows(list(blobs)),
-            *float_offset_parameters(rewrite, layout))
+    rows = sum(part.shape[0] for part in weights)
+    widest = max(weights, key=lambda part: part.spec.bits)
+    layout = load_weight(widest.spec, in_row_order(
+        [part.arrays() for part in weights], np.arange(rows) if mix is None else mix.order))
+    return _Member(layout, functools.cache(all_codes), arranged(list(blobs)),
+                   *float_offset_parameters(rewrite, layout))
 
 
 def _codes(rewrite: SiteRewrite, weight: WeightFormat,
@@ -262,23 +292,49 @@ def _kernel_codes(rewrite: SiteRewrite, codes: ir.Value, weight: WeightFormat,
     return rewrite.node("Reshape", [value, rewrite.constant("kernel_codes_shape", shape)])
 
 
+def joint_parts(specs: list[GroupSpec]) -> list[list[int]]:
+    """The parts of a row-mix that ``lower_rows`` stores jointly (``_joined``, under
+    ``<site>.p<first>+<more>``): each run of two or more consecutive parts of one format and
+    ``kernel_key``."""
+    keys = [(spec.format, spec.group_size, container(spec.bits)) for spec in specs]
+    runs = [[i for i, _ in run] for _, run in itertools.groupby(enumerate(keys),
+                                                                key=lambda pair: pair[1])]
+    return [run for run in runs if len(run) > 1]
+
+
+def _parts_rewrite(rewrite: SiteRewrite, indices: list[int]) -> SiteRewrite:
+    """The rewrite of a row-mix's consecutive parts ``indices`` (``p<k>`` for one part, else
+    ``p<first>+<more>``)."""
+    more = len(indices) - 1
+    return part_rewrite(rewrite, f"p{indices[0]}+{more}" if more else f"p{indices[0]}")
+
+
 def lower_rows(rewrite: SiteRewrite, weight: RowMixWeight, activation: ir.Value,
                accuracy_level: int, bias: ir.Value | None = None
                ) -> tuple[ir.Value, Callable[[], ir.Value]]:
     """A row-mixed site: each run of consecutive parts sharing a ``kernel_key`` on one
-    MatMulNBits and correction (``lower``) on ``activation``, the outputs concatenated and put
-    in row order, plus ``bias``. Returns the output and a function building the float weight
-    ``[out, in]`` from the same arrays (once)."""
+    MatMulNBits and correction on ``activation`` (parts of one format in it stored jointly,
+    ``joint_parts``), the outputs concatenated and put in row order, plus ``bias``. Returns the
+    output and a function building the float weight ``[out, in]`` from the same arrays
+    (once)."""
     outputs, tables = [], []
-    for _, run in itertools.groupby(enumerate(weight.parts),
-                                    key=lambda indexed: kernel_key(indexed[1])):
+    for (_, width), run in itertools.groupby(enumerate(weight.parts),
+                                             key=lambda indexed: kernel_key(indexed[1])):
         run = list(run)
-        sites = [(part_rewrite(rewrite, f"p{i}"), part) for i, part in run]
-        shared = sites[0][0] if len(run) == 1 else part_rewrite(
-            rewrite, f"p{run[0][0]}+{len(run) - 1}")
-        output, part_tables = lower(shared, sites, activation, accuracy_level)
+        shared = _parts_rewrite(rewrite, [i for i, _ in run])
+        members = []
+        for _, same in itertools.groupby(run, key=lambda indexed: indexed[1].name):
+            indices = [i for i, _ in same]
+            member = shared if len(indices) == len(run) else _parts_rewrite(rewrite, indices)
+            if len(indices) == 1:
+                members.append((member, _member(member, weight.parts[indices[0]], width)))
+            else:
+                parts = [(part_rewrite(rewrite, f"p{i}"), weight.parts[i]) for i in indices]
+                members.append((member, _joined(member, parts, width, None)))
+        output, member_tables = _kernel(shared, members, activation, width, accuracy_level,
+                                        None)
         outputs.append(output)
-        tables.extend(part_tables[site.site_id] for site, _ in sites)
+        tables.extend(member_tables[member.site_id] for member, _ in members)
     order = row_order_indices(rewrite, weight)
     stacked = outputs[0] if len(outputs) == 1 else rewrite.node("Concat", outputs, {"axis": -1})
     output = rewrite.node("Gather", [stacked, order], {"axis": -1}, output="rows_product")

@@ -315,8 +315,8 @@ def _site_specs(meta: dict[str, str]) -> dict[str, QuantSpec]:
 def _stored_site_arrays(initializers: dict[str, np.ndarray], site_id: str, transposed: bool,
                         spec: QuantSpec) -> dict[str, np.ndarray]:
     """``stored_arrays`` of a site, codes stored as MatMulNBits' ``B`` unpacked; a row-mix's
-    parts under their prefixes, and its order (parameters stored once in row order are split
-    among the parts)."""
+    parts under their prefixes, and its order (parameters its parts store jointly, in row
+    order or stacked, ``offset_nbits``, split among them)."""
     if not isinstance(spec, RowMixSpec):
         return _part_arrays(initializers, site_id, transposed, spec)
     joined = stored_arrays(initializers, site_id, transposed, signed=False)
@@ -326,6 +326,13 @@ def _stored_site_arrays(initializers: dict[str, np.ndarray], site_id: str, trans
     rows = [len(part_rows) for part_rows in spec.part_rows()]
     for part, shared in zip(parts, split_row_order(joined, order, rows), strict=True):
         part.update(shared)
+    for run in offset_nbits.joint_parts(list(spec.parts)):
+        stacked = stored_arrays(initializers, f"{site_id}.p{run[0]}+{len(run) - 1}",
+                                transposed, signed=False)
+        run_rows = [rows[i] for i in run]
+        for i, shared in zip(run, split_row_order(stacked, np.arange(sum(run_rows)), run_rows),
+                             strict=True):
+            parts[i].update(shared)
     arrays = {"order": order}
     for index, stored in enumerate(parts):
         arrays.update({f"p{index}.{key}": value for key, value in stored.items()})

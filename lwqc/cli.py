@@ -41,8 +41,8 @@ def _add_compile(sub) -> None:
     budget.add_argument("--share", type=float,
                         help="claq without --bits: share of columns at the high width (0.1)")
     p.add_argument("--granularity", choices=("layer", "matmul", "row"),
-                   help="unit sharing one width (default: matmul; row: policy sensitivity gives "
-                        "each output row its own width and group size)")
+                   help="unit sharing one width (default: matmul; policy sensitivity with "
+                        "--bits: row, each output row its own width and group size)")
     p.add_argument("--group-size",
                    help="group size along the input dim (128; policy sensitivity above --bits "
                         "2.5: 32; several joined by +, e.g. 32+64+128, let it choose one per "
@@ -206,6 +206,7 @@ def _compile(args: argparse.Namespace) -> int:
         default_passes,
         plan_passes,
         policy_pass,
+        sensitivity_granularity,
         sensitivity_quantizer,
     )
     from lwqc.executors import parse_pool
@@ -236,6 +237,8 @@ def _compile(args: argparse.Namespace) -> int:
         if args.policy == "sensitivity" and args.scheme is None and args.group_size is None:
             chosen = sensitivity_quantizer(args.bits)
             args.scheme, args.group_size = chosen["scheme"], chosen["group_size"]
+        if args.policy == "sensitivity" and args.granularity is None:
+            args.granularity = sensitivity_granularity(args.bits, args.solver, args.measure)
         options = {
             "bits": args.bits, "ratio": args.ratio, "width": args.width, "hi": args.hi,
             "lo": args.lo, "granularity": args.granularity, "group_size": args.group_size,

@@ -285,8 +285,9 @@ def mixed_plan(graph, group_size: int) -> Plan:
     """Every width, scheme and format across the sites (outliers on some), one site kept, and
     up to three sites row-mixed (2-bit rows under wider parts among them)."""
     row_mixes = [  # where ORT runs them, the first on MatMulNBits (offset_nbits.lower_rows;
-        # its first two parts on one kernel), the last as one site on one kernel
-        (FloatOffsetDqSpec(3, 32), FloatOffsetSpec(4, 32), FloatOffsetDqSpec(2, 16),
+        # its first three parts on one kernel, the first two stored jointly), the last as one
+        # site on one kernel
+        (FloatOffsetDqSpec(3, 32), FloatOffsetDqSpec(2, 32), FloatOffsetSpec(4, 32),
          FloatOffsetDqSpec(8, 16)),
         (FloatOffsetDqSpec(3, group_size), FloatOffsetDqSpec(4, 2 * group_size),
          AsymmetricSpec(2, group_size, outliers=0.02)),

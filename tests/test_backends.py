@@ -147,23 +147,26 @@ def test_stored_bytes_of_every_site_equal_the_plans_bytes(tiny_llama_dir, tmp_pa
     stored: dict[str, int] = {}
     for tensor in onnx.load(str(path)).graph.initializer:
         site, sep, _ = tensor.name.rpartition(".weight_")
-        if sep:  # a row-mix's parts are <site>.p<k>.weight_*
-            site = re.sub(r"\.p[0-9]+$", "", site)
+        if sep:  # a row-mix's parts are <site>.p<k>.weight_*, parts stored jointly
+            site = re.sub(r"\.p[0-9]+(\+[0-9]+)?$", "", site)  # <site>.p<k>+<more>.weight_*
             stored[site] = stored.get(site, 0) + len(tensor.raw_data)
     assert set(stored) == set(graph.packed)
-    joined = 0
+    joined = []
     for site_id, weight in graph.packed.items():
         expected = site_bytes(graph, site_id, weight.spec)
-        if isinstance(weight, RowMixWeight) and offset_nbits.fits(weight):
-            # one kernel: the parts' 6-bit parameter codes stored once, in whole words
-            groups = [part.scale_codes.size for part in weight.parts]
-            expected += 2 * (packed_code_bytes(sum(groups), 6)
-                             - sum(packed_code_bytes(g, 6) for g in groups))
-            joined += 1
+        if isinstance(weight, RowMixWeight) and offset_nbits.fits_rows(weight):
+            # float-offset-dq parts stored jointly (one kernel for the whole site, or
+            # ``joint_parts``): their 6-bit parameter codes in whole words once
+            runs = ([list(range(len(weight.parts)))] if offset_nbits.fits(weight) else
+                    offset_nbits.joint_parts([part.spec for part in weight.parts]))
+            for run in runs:
+                groups = [weight.parts[i].scale_codes.size for i in run]
+                expected += 2 * (packed_code_bytes(sum(groups), 6)
+                                 - sum(packed_code_bytes(g, 6) for g in groups))
+            joined.append(offset_nbits.fits(weight))
         assert stored[site_id] == expected, site_id
     assert any(w.spec.bits == 3 for w in graph.packed.values())  # packed 3-bit included
-    assert joined == 1 and any(isinstance(w, RowMixWeight) and not offset_nbits.fits(w)
-                               for w in graph.packed.values())
+    assert sorted(joined) == [False, True]
 
 
 # hand cases: codes 0..7 fill one 3-bit word 0o76543210 = 0xFAC688; codes 1, 2, 3, 63 make
