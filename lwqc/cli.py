@@ -42,11 +42,11 @@ def _add_compile(sub) -> None:
                         help="claq without --bits: share of columns at the high width (0.1)")
     p.add_argument("--granularity", choices=("layer", "matmul", "row"),
                    help="unit sharing one width (default: matmul; policy sensitivity with "
-                        "--bits: row, each output row its own width and group size)")
+                        "--bits above 2.5: row, each output row its own width and group size)")
     p.add_argument("--group-size",
                    help="group size along the input dim (128; policy sensitivity above --bits "
                         "2.5: 32; several joined by +, e.g. 32+64+128, let it choose one per "
-                        "matmul with its width)")
+                        "matmul or row with its width)")
     p.add_argument("--scheme", choices=SCHEMES,
                    help="rtn-asym (default; policy sensitivity above --bits 2.5: "
                         "float-offset-dq): integer zero "

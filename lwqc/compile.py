@@ -56,20 +56,19 @@ FLOAT_OFFSET_DQ_FLOOR_BITS = 2.5
 NARROW_BUDGET_QUANTIZER = {"scheme": "rtn-asym", "group_size": 128}
 
 
-# Without --granularity, policy sensitivity plans a --bits budget per output row: on
-# SmolLM2-135M rows measured less damage than whole matmuls for a file of the same size at 4.0
-# bits (KLD 0.105 against 0.128) and at 4.5 (0.0186 against 0.0242), the same at 3.5
-# (bench/quality-smollm2-defaults.md, README "Quality"). Measured damage (--measure) has no
-# rows, and the greedy solver plans none.
-
-
+# Without --granularity, policy sensitivity plans a --bits budget above 2.5 bits per output
+# row: on SmolLM2-135M rows measured less damage than whole matmuls for a file of the same size
+# at 4.0 bits (KLD 0.105 against 0.128) and at 4.5 (0.0186 against 0.0242), the same at 3.5
+# (bench/quality-smollm2-defaults.md, README "Benchmarks"). Below, rows of its rtn-asym groups
+# would not run on MatMulNBits. Measured damage (--measure) has no rows, and the greedy solver
+# plans none.
 def sensitivity_granularity(bits: float | None, solver: str | None,
                             measured: bool) -> str | None:
     """The granularity ``lwqc compile --policy sensitivity`` plans at when not given: ``row``
-    for a ``--bits`` budget with the exact solver (``solver``: ``--solver``, None for the
-    default) and predicted damage (``measured``: ``--measure``); otherwise None, the pass's
-    own default (per matmul)."""
-    if bits is None or solver == "greedy" or measured:
+    for a ``--bits`` budget above ``FLOAT_OFFSET_DQ_FLOOR_BITS`` with the exact solver
+    (``solver``: ``--solver``, None for the default) and predicted damage (``measured``:
+    ``--measure``); otherwise None, the pass's own default (per matmul)."""
+    if bits is None or bits <= FLOAT_OFFSET_DQ_FLOOR_BITS or solver == "greedy" or measured:
         return None
     return "row"
 

@@ -14,6 +14,7 @@ from lwqc.backends import onnx_rewrite as ort_backend
 from lwqc.backends import torch_eager
 from lwqc.backends.decoder_session import DecoderSession
 from lwqc.cli import main
+from lwqc.compile import sensitivity_granularity
 from lwqc.ir.datasets import wikitext2_text
 from lwqc.ir.hf_load import load_model
 
@@ -194,35 +195,55 @@ def test_minilm_uniform_8_bit_keeps_sts_quality(minilm_dir, tmp_path, capsys):
     assert result["cosine_to_fp"] > 0.999
 
 
-@pytest.mark.parametrize(("bits", "scheme", "group_size"), [
-    (4.5, "float-offset-dq", 32),
-    (2.5, "rtn-asym", 128),  # float-offset-dq costs 2.5 bits or more at 2 bits
+@pytest.mark.parametrize(("bits", "scheme", "group_size", "granularity"), [
+    (4.5, "float-offset-dq", 32, "granularity=row,"),
+    (2.5, "rtn-asym", 128, ""),  # float-offset-dq costs 2.5 bits or more at 2 bits
 ])
 def test_sensitivity_defaults_pick_a_quantizer_that_can_meet_the_budget(
-        ref_llama_dir, tmp_path, bits, scheme, group_size):
+        ref_llama_dir, tmp_path, bits, scheme, group_size, granularity):
+    """`--policy sensitivity --bits B` alone: its quantizer, planned per output row above 2.5
+    bits, per matmul at or below."""
     out = tmp_path / "out"
     _compile(ref_llama_dir, out, "--policy", "sensitivity", "--bits", str(bits),
              "--calib-samples", "2", "--calib-seq-len", "64", "--no-gptq", "--backend", "torch")
     document = json.loads((out / "plan.json").read_text())
     pipeline = document["pipeline"]
     assert f"sensitivity{{metric=auto,group_size={group_size},scheme={scheme}" in pipeline
-    assert f"policy-sensitivity{{bits={bits},group_size={group_size},scheme={scheme}" in pipeline
-    sites = document["sites"].values()
-    assert {(site["scheme"], site["group_size"]) for site in sites
-            if site["bits"] != 16} == {(scheme, group_size)}
+    assert (f"policy-sensitivity{{bits={bits},{granularity}group_size={group_size},"
+            f"scheme={scheme}" in pipeline)
+    parts = [part for site in document["sites"].values() for part in site.get("parts", [site])]
+    assert {(part["scheme"], part["group_size"]) for part in parts
+            if part["bits"] != 16} == {(scheme, group_size)}
     assert document["totals"]["avg_bits_physical"] <= bits
 
 
-def test_sensitivity_choosing_group_sizes_lowers_each_as_planned(ref_llama_dir, tmp_path):
-    """`--group-size 32+64+128`: predictions and plan at all three; ONNX Runtime and torch
-    dequantize every site, whatever its group size, to the same weights."""
+@pytest.mark.parametrize(("bits", "solver", "measured", "granularity"), [
+    (4.5, None, False, "row"),
+    (2.51, None, False, "row"),
+    (2.5, None, False, None),  # rtn-asym groups: rows would not run on MatMulNBits
+    (4.5, None, True, None),  # measured damage has no rows
+    (4.5, "greedy", False, None),  # the greedy solver plans per unit
+    (None, None, False, None),  # --ratio: no budget in bits
+])
+def test_sensitivity_granularity_follows_the_budget(bits, solver, measured, granularity):
+    assert sensitivity_granularity(bits, solver, measured) == granularity
+
+
+@pytest.mark.parametrize("granularity", ["matmul", "row"])
+def test_sensitivity_choosing_group_sizes_lowers_each_as_planned(ref_llama_dir, tmp_path,
+                                                                granularity):
+    """`--group-size 32+64+128`: predictions and plan at all three, per matmul or per row;
+    ONNX Runtime and torch dequantize every site, whatever its group sizes, to the same
+    weights."""
     out = _compile(ref_llama_dir, tmp_path / "out", "--policy", "sensitivity", "--bits", "3.5",
-                   "--group-size", "32+64+128", "--calib-samples", "2", "--calib-seq-len", "64",
-                   "--no-gptq")
+                   "--group-size", "32+64+128", "--granularity", granularity,
+                   "--calib-samples", "2", "--calib-seq-len", "64", "--no-gptq")
     document = json.loads((out / "plan.json").read_text())
     assert "sensitivity{metric=auto,group_size=32+64+128," in document["pipeline"]
-    assert "policy-sensitivity{bits=3.5,group_size=32+64+128," in document["pipeline"]
-    chosen = {(site["scheme"], site["group_size"]) for site in document["sites"].values()}
+    assert (f"policy-sensitivity{{bits=3.5,granularity={granularity},group_size=32+64+128,"
+            in document["pipeline"])
+    parts = [part for site in document["sites"].values() for part in site.get("parts", [site])]
+    chosen = {(part["scheme"], part["group_size"]) for part in parts}
     assert {g for _, g in chosen} == {32, 64, 128}  # all three in use on ref-llama-6L
     assert {s for s, _ in chosen} == {"float-offset-dq"}
     assert document["totals"]["avg_bits_physical"] <= 3.5

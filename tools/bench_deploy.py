@@ -86,7 +86,8 @@ SMOLLM2_ARTIFACTS = (
              ("--policy", "lim", "--hi", "8", "--lo", "4"),
              size_of="builder int4 k_quant_mixed"),
     Artifact("lwqc sensitivity --bits 4.5, float-offset-dq g32, widths 2+3+4+8", "lwqc",
-             ("--policy", "sensitivity", "--bits", "4.5", "--widths", "2+3+4+8")),
+             ("--policy", "sensitivity", "--bits", "4.5", "--widths", "2+3+4+8",
+              "--granularity", "matmul")),
 )
 LARGE_ARTIFACTS = (
     Artifact("~1B builder fp32", "builder", ("-p", "fp32")),

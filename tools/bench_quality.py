@@ -30,7 +30,13 @@ import json
 import sys
 from pathlib import Path
 
-from lwqc.compile import CALIBRATED_QUANTIZE, default_passes, policy_pass, sensitivity_quantizer
+from lwqc.compile import (
+    CALIBRATED_QUANTIZE,
+    default_passes,
+    policy_pass,
+    sensitivity_granularity,
+    sensitivity_quantizer,
+)
 from lwqc.ir.errors import LwqcError
 from lwqc.passes.base import Pass, PassKind
 from lwqc.passes.pipeline import format_pass, format_pipeline
@@ -117,7 +123,8 @@ def smollm2_gguf() -> str:
 # sweep: groups of 32 or a choice among 32, 64 and 128 (`--group-size 32+64+128`), per matmul or
 # per output row (`--granularity`); the sweep's analyses are the compile's defaults but for
 # predicting at 64 and 128 as well (the predictions at 32 are the same). The table marks the
-# configuration the compile gives without these flags (`sensitivity_quantizer`, per matmul).
+# configuration the compile gives without these flags (`sensitivity_quantizer`,
+# `sensitivity_granularity`).
 G32, MIXED_GROUPS = " --group-size 32", " --group-size 32+64+128"
 MATMUL, ROW = " --granularity matmul", " --granularity row"
 DEFAULT_POINTS = (  # (bits, flags), in the order they were measured
@@ -139,7 +146,7 @@ def compile_policy(bits: float, flags: str) -> Pass:
     words = flags.split()
     given = {flag[2:].replace("-", "_"): value
              for flag, value in zip(words[::2], words[1::2], strict=True)}
-    defaults = {"granularity": "matmul"}
+    defaults = {"granularity": sensitivity_granularity(bits, None, False) or "matmul"}
     if "scheme" not in given and "group_size" not in given:
         defaults.update(sensitivity_quantizer(bits))
     return policy_pass("sensitivity", {"bits": bits, **defaults, **given})
