@@ -60,9 +60,8 @@ NARROW_BUDGET_QUANTIZER = {"scheme": "rtn-asym", "group_size": 128}
 # row: on SmolLM2-135M rows measured less damage than whole matmuls for a file of the same size
 # at 4.0 bits (KLD 0.105 against 0.128) and at 4.5 (0.0186 against 0.0242), the same at 3.5,
 # far less at 3.0 (0.647 against 0.786; bench/quality-smollm2-defaults.md, README
-# "Benchmarks"). Below, rows of its rtn-asym groups
-# would not run on MatMulNBits. Measured damage (--measure) has no rows, and the greedy solver
-# plans none.
+# "Benchmarks"). Below, rows of its rtn-asym groups would not run on MatMulNBits. Measured
+# damage (--measure) has no rows, and the greedy solver plans none.
 def sensitivity_granularity(bits: float | None, solver: str | None,
                             measured: bool) -> str | None:
     """The granularity ``lwqc compile --policy sensitivity`` plans at when not given: ``row``
