@@ -56,7 +56,7 @@ CONTAINERS = (4, 8)  # MatMulNBits widths holding the codes: narrower codes sit 
 def fits(weight: WeightFormat) -> bool:
     """Whether the site can run this way: a float-offset format without outliers, groups of a
     power of two of at least MatMulNBits' smallest block; or a row-mix of such parts of one
-    format sharing one ``kernel_key``, which runs as a site of that format (``_kernel_inputs``).
+    format sharing one ``kernel_key``, which runs as a site of that format (``_member``).
     """
     if isinstance(weight, RowMixWeight):
         return fits_rows(weight) and len({(part.name, kernel_key(part))
