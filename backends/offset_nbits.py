@@ -142,8 +142,7 @@ def _kernel(shared: SiteRewrite, members: list[tuple[SiteRewrite, _Member]],
         return values[0] if len(values) == 1 else shared.node("Concat", values, {"axis": 0})
 
     zero_points = shared.node(
-        "ConstantOfShape", [shared.constant("zero_points_shape",
-                                            [out_features, -(-groups * width // 8)])],
+        "ConstantOfShape", [shared.constant([out_features, -(-groups * width // 8)])],
         {"value": ir.tensor(np.zeros(1, np.uint8))})
     inputs = [activation, joined([m.kernel_codes for _, m in members]),
               joined([m.scales for _, m in members]), zero_points]
@@ -249,19 +248,19 @@ def _group_sums(rewrite: SiteRewrite, activation: ir.Value, weight: WeightFormat
     value = activation
     padding = groups * spec.group_size - in_features
     if padding:
-        value = rewrite.node("Pad", [value, rewrite.constant("sums_padding", [0, padding]), None,
-                                     rewrite.constant("sums_padded_axis", [-1])])
+        value = rewrite.node("Pad", [value, rewrite.constant([0, padding]), None,
+                                     rewrite.constant([-1])])
     grouped = [groups, spec.group_size]
     if activation.shape is not None:
-        shape = rewrite.constant("sums_shape", [0] * (len(activation.shape) - 1) + grouped)
+        shape = rewrite.constant([0] * (len(activation.shape) - 1) + grouped)
     else:
         leading = rewrite.node("Slice", [rewrite.node("Shape", [activation]),
-                                         rewrite.constant("sums_start", [0]),
-                                         rewrite.constant("sums_end", [-1])])
-        shape = rewrite.node("Concat", [leading, rewrite.constant("sums_groups", grouped)],
+                                         rewrite.constant([0]),
+                                         rewrite.constant([-1])])
+        shape = rewrite.node("Concat", [leading, rewrite.constant(grouped)],
                              {"axis": 0})
     value = rewrite.node("Reshape", [value, shape])
-    return rewrite.node("ReduceSum", [value, rewrite.constant("sums_axis", [-1])],
+    return rewrite.node("ReduceSum", [value, rewrite.constant([-1])],
                         {"keepdims": 0})
 
 
@@ -277,19 +276,17 @@ def _kernel_codes(rewrite: SiteRewrite, codes: ir.Value, weight: WeightFormat,
     value = rewrite.node("Cast", [codes], {"to": ir.DataType.UINT8})
     padding = blocks * spec.group_size - in_features
     if padding:
-        value = rewrite.node("Pad", [value, rewrite.constant("codes_padding",
-                                                             [0, 0, 0, padding])])
+        value = rewrite.node("Pad", [value, rewrite.constant([0, 0, 0, padding])])
     if width == 4:
-        pairs = rewrite.node("Reshape", [value, rewrite.constant("code_pairs", [-1, 2])])
-        low, high = (rewrite.node("Slice", [pairs, rewrite.constant(f"{name}_start", [i]),
-                                            rewrite.constant(f"{name}_end", [i + 1]),
-                                            rewrite.constant("pair_axis", [1])])
-                     for i, name in enumerate(("low_nibble", "high_nibble")))
-        high = rewrite.node("BitShift", [high, rewrite.array_constant(
-            "kernel", "nibble_shift", [4], np.uint8)], {"direction": "LEFT"})
+        pairs = rewrite.node("Reshape", [value, rewrite.constant([-1, 2])])
+        low, high = (rewrite.node("Slice", [pairs, rewrite.constant([i]),
+                                            rewrite.constant([i + 1]), rewrite.constant([1])])
+                     for i in (0, 1))  # the even input's code, the odd one's
+        high = rewrite.node("BitShift", [high, rewrite.constant([4], np.uint8)],
+                            {"direction": "LEFT"})
         value = rewrite.node("BitwiseOr", [low, high])
     shape = [out_features, blocks, spec.group_size * width // 8]
-    return rewrite.node("Reshape", [value, rewrite.constant("kernel_codes_shape", shape)])
+    return rewrite.node("Reshape", [value, rewrite.constant(shape)])
 
 
 def joint_parts(specs: list[GroupSpec]) -> list[list[int]]:

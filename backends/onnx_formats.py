@@ -37,7 +37,6 @@ for Gemm with transB), initializers named ``<site>.weight_<array>``:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 
 import ml_dtypes
@@ -66,6 +65,11 @@ UNORIENTED = ("codebooks", "codebooks_high", "column_slots",  # not laid out as 
               *SparseOutliers.ARRAYS)
 
 
+# the constants of a packed array's unpacking that ``stored_arrays`` reads its layout from,
+# stored per site (``<site>.lowering_<array>_<label>``); a lowering's other constants are shared
+# graph-wide (``shared_constant``)
+LAYOUT_LABELS = ("shape", "byte_shifts", "mask")
+
 # node metadata of sites sharing a kernel under different specs (or row-mixes): each site's
 # spec, as JSON
 SPECS_KEY = "lwqc.specs"
@@ -82,6 +86,17 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value.shape = ir.Shape(array.shape)
     graph.register_initializer(value)
     return value
+
+
+def shared_constant(graph: ir.Graph, array: np.ndarray) -> ir.Value:
+    """A small ``array`` as the graph's initializer named by its content,
+    ``lwqc.<dtype>.<shape>.<values>`` (``m`` for a minus sign), added when the graph does not
+    hold it yet."""
+    shape = "x".join(map(str, array.shape)) or "scalar"
+    values = "_".join(map(str, array.reshape(-1).tolist())).replace("-", "m")
+    name = f"lwqc.{array.dtype}.{shape}.{values}"
+    existing = graph.initializers.get(name)
+    return existing if existing is not None else add_initializer(graph, name, array)
 
 
 def replace_node(graph: ir.Graph, node: ir.Node, output: ir.Value) -> None:
@@ -146,17 +161,16 @@ class SiteRewrite:
     def unpack_words(self, packed: ir.Value, name: str, shape: tuple[int, ...], width: int,
                      signed: bool) -> ir.Value:
         """3- or 6-bit codes from byte triples read as 24-bit words (step 5)."""
-        constant = functools.partial(self.array_constant, name)
-        triples = self.node("Reshape", [packed, constant("triples", [-1, 3])])
+        triples = self.node("Reshape", [packed, self.constant([-1, 3])])
         value = self.node("Cast", [triples], {"to": ir.DataType.INT32})
-        value = self.node("Mul", [value, constant("byte_weights", [[1, 256, 65536]], np.int32)])
-        value = self.node("ReduceSum", [value, constant("sum_axis", [1])], {"keepdims": 1})
+        value = self.node("Mul", [value, self.constant([[1, 256, 65536]], np.int32)])
+        value = self.node("ReduceSum", [value, self.constant([1])], {"keepdims": 1})
         value = self.node("Cast", [value], {"to": ir.DataType.UINT32})
         shifts = [list(range(0, WORD_BITS, width))]
-        value = self.node("BitShift", [value, constant("shifts", shifts, np.uint32)],
+        value = self.node("BitShift", [value, self.constant(shifts, np.uint32)],
                           {"direction": "RIGHT"})
-        value = self.node("BitwiseAnd", [value, constant("mask", [(1 << width) - 1],
-                                                         np.uint32)])
+        value = self.node("BitwiseAnd", [value, self.layout_constant(
+            name, "mask", [(1 << width) - 1], np.uint32)])
         value = self.node("Cast", [value], {"to": ir.DataType.UINT8})
         return self._codes(value, name, shape, signed, 1 << (width - 1))
 
@@ -165,64 +179,66 @@ class SiteRewrite:
         """``unpack_words`` in uint8 ops: code ``i`` of a byte triple is ``byte[lo_i] >> s_i``,
         or'd with ``byte[hi_i] << (8 - s_i)`` where it spans two bytes (else with a zero
         byte)."""
-        constant = functools.partial(self.array_constant, name)
+        constant = self.constant
         starts = list(range(0, WORD_BITS, width))
         low = [start // 8 for start in starts]
         low_shift = [start % 8 for start in starts]
         spans = [start % 8 > 8 - width for start in starts]
         high = [lo + 1 if span else 3 for lo, span in zip(low, spans, strict=True)]
         high_shift = [8 - s if span else 0 for s, span in zip(low_shift, spans, strict=True)]
-        triples = self.node("Reshape", [packed, constant("triples", [-1, 3])])
-        padded = self.node("Pad", [triples, constant("zero_byte", [0, 0, 0, 1])])
-        lows = self.node("Gather", [padded, constant("low", low)], {"axis": 1})
-        lows = self.node("BitShift", [lows, constant("low_shifts", [low_shift], np.uint8)],
+        triples = self.node("Reshape", [packed, constant([-1, 3])])
+        padded = self.node("Pad", [triples, constant([0, 0, 0, 1])])
+        lows = self.node("Gather", [padded, constant(low)], {"axis": 1})
+        lows = self.node("BitShift", [lows, constant([low_shift], np.uint8)],
                          {"direction": "RIGHT"})
-        highs = self.node("Gather", [padded, constant("high", high)], {"axis": 1})
-        highs = self.node("BitShift", [highs, constant("high_shifts", [high_shift], np.uint8)],
+        highs = self.node("Gather", [padded, constant(high)], {"axis": 1})
+        highs = self.node("BitShift", [highs, constant([high_shift], np.uint8)],
                           {"direction": "LEFT"})
         value = self.node("BitwiseOr", [lows, highs])
-        value = self.node("BitwiseAnd", [value, constant("mask", [(1 << width) - 1], np.uint8)])
+        value = self.node("BitwiseAnd", [value, self.layout_constant(
+            name, "mask", [(1 << width) - 1], np.uint8)])
         return self._codes(value, name, shape, signed, 1 << (width - 1))
 
     def _codes(self, value: ir.Value, name: str, shape: tuple[int, ...], signed: bool,
                offset: int) -> ir.Value:
         """Unpacked uint8 codes, flattened and padded, cut to ``shape`` (signed: less
         ``offset``, as int8)."""
-        constant = functools.partial(self.array_constant, name)
-        value = self.node("Reshape", [value, constant("flat", [-1])])
+        value = self.node("Reshape", [value, self.constant([-1])])
         count = int(np.prod(shape))
-        value = self.node("Slice", [value, constant("start", [0]), constant("end", [count])])
-        value = self.node("Reshape", [value, constant("shape", list(shape))])
+        value = self.node("Slice", [value, self.constant([0]), self.constant([count])])
+        value = self.node("Reshape", [value, self.layout_constant(name, "shape", list(shape))])
         if not signed:
             return value
         value = self.node("Cast", [value], {"to": ir.DataType.INT32})
-        value = self.node("Sub", [value, constant("offset", [offset], np.int32)])
+        value = self.node("Sub", [value, self.constant([offset], np.int32)])
         return self.node("Cast", [value], {"to": ir.DataType.INT8})
 
     def unpack_bytes(self, packed: ir.Value, name: str, shape: tuple[int, ...], width: int,
                      signed: bool) -> ir.Value:
         """2- or 4-bit codes packed ``8 // width`` to a byte, lowest first (step 8)."""
-        constant = functools.partial(self.array_constant, name)
         per_byte = 8 // width
-        value = self.node("Reshape", [packed, constant("column", [-1, 1])])
+        value = self.node("Reshape", [packed, self.constant([-1, 1])])
         shifts = [[width * i for i in range(per_byte)]]
-        value = self.node("BitShift", [value, constant("byte_shifts", shifts, np.uint8)],
+        value = self.node("BitShift", [value, self.layout_constant(name, "byte_shifts", shifts,
+                                                                   np.uint8)],
                           {"direction": "RIGHT"})
-        value = self.node("BitwiseAnd", [value, constant("mask", [(1 << width) - 1], np.uint8)])
+        value = self.node("BitwiseAnd", [value, self.layout_constant(
+            name, "mask", [(1 << width) - 1], np.uint8)])
         return self._codes(value, name, shape, signed, 1 << (width - 1))
 
-    def array_constant(self, name: str, label: str, values: list,
-                       dtype: type = np.int64) -> ir.Value:
-        """A constant of the lowering of the format's array ``name``."""
+    def layout_constant(self, name: str, label: str, values: list,
+                        dtype: type = np.int64) -> ir.Value:
+        """A constant of the unpacking of the format's packed array ``name`` that
+        ``stored_arrays`` reads its layout from (``label`` one of ``LAYOUT_LABELS``), stored
+        for this site."""
+        assert label in LAYOUT_LABELS
         return self.initializer(f"{self.site_id}.lowering_{name}_{label}",
                                 np.asarray(values, dtype))
 
-    def constant(self, name: str, values: list[int]) -> ir.Value:
-        """An int64 constant of this site's lowering (one initializer per name)."""
-        full = f"{self.site_id}.lowering_{name}"
-        if full in self.graph.initializers:
-            return self.graph.initializers[full]
-        return self.initializer(full, np.asarray(values, np.int64))
+    def constant(self, values: list, dtype: type = np.int64) -> ir.Value:
+        """A constant of the lowering, shared by every lowering of the graph that reads the
+        same values (``shared_constant``)."""
+        return shared_constant(self.graph, np.asarray(values, dtype))
 
     def node(self, op: str, inputs: list[ir.Value], attributes: dict | None = None,
              output: str | None = None, domain: str = "") -> ir.Value:
@@ -314,8 +330,8 @@ def _repeat_groups(rewrite: SiteRewrite, per_group: ir.Value, weight: WeightForm
     return repeat_blocks(rewrite, per_group, weight.shape, spec.block(weight.shape[1]))
 
 
-def repeat_blocks(rewrite: SiteRewrite, value: ir.Value, shape: tuple[int, int], block: int,
-            prefix: str = "") -> ir.Value:
+def repeat_blocks(rewrite: SiteRewrite, value: ir.Value, shape: tuple[int, int],
+                  block: int) -> ir.Value:
     """A tensor of one entry per ``block`` inputs (B's orientation) repeated to the ``[out,
     in]`` ``shape`` (oriented), the last block cut short."""
     out_features, in_features = shape
@@ -323,16 +339,12 @@ def repeat_blocks(rewrite: SiteRewrite, value: ir.Value, shape: tuple[int, int],
     axis = rewrite.axis
     stretched = [blocks, block, out_features] if axis == 0 else [out_features, blocks, block]
     flat = [blocks * block, out_features] if axis == 0 else [out_features, blocks * block]
-
-    def constant(name: str, values: list[int]) -> ir.Value:
-        return rewrite.constant(prefix + name, values)
-
-    value = rewrite.node("Unsqueeze", [value, constant("unsqueeze_axes", [axis + 1])])
-    value = rewrite.node("Expand", [value, constant("expand_shape", stretched)])
-    value = rewrite.node("Reshape", [value, constant("repeat_shape", flat)])
-    return rewrite.node("Slice", [value, constant("slice_start", [0]),
-                                  constant("slice_end", [in_features]),
-                                  constant("slice_axis", [axis])])
+    constant = rewrite.constant
+    value = rewrite.node("Unsqueeze", [value, constant([axis + 1])])
+    value = rewrite.node("Expand", [value, constant(stretched)])
+    value = rewrite.node("Reshape", [value, constant(flat)])
+    return rewrite.node("Slice", [value, constant([0]), constant([in_features]),
+                                  constant([axis])])
 
 
 def float_offset_parameters(rewrite: SiteRewrite,
@@ -373,8 +385,7 @@ def _dq_parameter(rewrite: SiteRewrite, weight: WeightFormat, kind: str) -> ir.V
     steps = rewrite.node("Cast", [rewrite.array(weight, f"{kind}_steps")],
                          {"to": ir.DataType.FLOAT})
     groups = spec.groups(weight.shape[1])
-    steps = repeat_blocks(rewrite, steps, (weight.shape[0], groups), super_group_size(groups),
-                          "super_")
+    steps = repeat_blocks(rewrite, steps, (weight.shape[0], groups), super_group_size(groups))
     return rewrite.node("Mul", [codes, steps])
 
 
@@ -432,13 +443,13 @@ def add_outliers(rewrite: SiteRewrite, weight: WeightFormat, base: ir.Value) -> 
     positions = oriented_positions(outliers.positions, weight.shape, rewrite.transposed)
     stored = rewrite.initializer(f"{rewrite.site_id}.weight_outlier_positions", positions)
     values = rewrite.initializer(f"{rewrite.site_id}.weight_outlier_values", outliers.values)
-    flat = rewrite.node("Reshape", [base, rewrite.constant("flat_shape", [-1])])
+    flat = rewrite.node("Reshape", [base, rewrite.constant([-1])])
     indices = rewrite.node("Cast", [stored], {"to": ir.DataType.INT64})
     updates = rewrite.node("Cast", [values], {"to": ir.DataType.FLOAT})
     added = rewrite.node("ScatterElements", [flat, indices, updates],
                          {"axis": 0, "reduction": "add"})
     shape = list(weight.shape[::-1] if rewrite.transposed else weight.shape)
-    return rewrite.node("Reshape", [added, rewrite.constant("weight_shape", shape)],
+    return rewrite.node("Reshape", [added, rewrite.constant(shape)],
                         output="weight_with_outliers")
 
 

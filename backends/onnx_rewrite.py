@@ -250,7 +250,13 @@ def _share_table(graph: ir.Graph, site_id: str, old: ir.Value, float_weight: np.
 
 
 def finish(graph: Graph, model: ir.Model, int2_codes: bool) -> None:
-    """Raise the opset where int2 tensors are dequantized; record what the model came from."""
+    """Raise the opset where int2 tensors are dequantized; record what the model came from;
+    leave the initializers' types and shapes to their tensors (no value info repeating
+    them)."""
+    inputs = set(model.graph.inputs)
+    for value in model.graph.initializers.values():
+        if value not in inputs:
+            value.type, value.shape = None, None
     if int2_codes:
         model.opset_imports[""] = OPSET_INT2
         model.ir_version = max(model.ir_version, IR_VERSION_INT2)

@@ -169,6 +169,31 @@ def test_stored_bytes_of_every_site_equal_the_plans_bytes(tiny_llama_dir, tmp_pa
     assert sorted(joined) == [False, True]
 
 
+def test_lowering_constants_are_stored_once_and_its_initializers_carry_no_value_info(
+        tiny_llama_dir, tmp_path):
+    graph = _lower(import_model(str(tiny_llama_dir)), 32)
+    path = tmp_path / "model.onnx"
+    ort_backend.save(graph.lowered["onnx"], path)
+    model = onnx.load(str(path))
+    initializers = {t.name: t for t in model.graph.initializer}
+    written = {name for name in initializers
+               if name.startswith("lwqc.") or ".lowering_" in name or ".weight_" in name}
+    assert len(written) > 100 and not {info.name for info in model.graph.value_info} & written
+    # only the layout of packed arrays, which read_packed reads, is kept per site
+    layout = re.compile(r".*\.lowering_[a-z_]+_(shape|byte_shifts|mask)$")
+    constants = [onnx.numpy_helper.to_array(initializers[name]) for name in written
+                 if ".weight_" not in name and not layout.fullmatch(name)]
+    contents = {(array.dtype.str, array.shape, array.tobytes()) for array in constants}
+    assert len(contents) == len(constants) > 10
+    # Reshape to byte triples, read by the unpacking of every 3- and 6-bit array
+    np.testing.assert_array_equal(
+        onnx.numpy_helper.to_array(initializers["lwqc.int64.2.m1_3"]), [-1, 3])
+    readers = [node for node in model.graph.node if "lwqc.int64.2.m1_3" in node.input]
+    words = [name for name, tensor in initializers.items() if name.endswith("_mask")
+             and onnx.numpy_helper.to_array(tensor).item() in (7, 63)]
+    assert len(readers) == len(words) > 1
+
+
 # hand cases: codes 0..7 fill one 3-bit word 0o76543210 = 0xFAC688; codes 1, 2, 3, 63 make
 # the 6-bit word 63 << 18 | 3 << 12 | 2 << 6 | 1 = 0xFC3081; bytes little-endian
 WORD_HAND_CASES = {3: (list(range(8)), [0x88, 0xC6, 0xFA]), 6: ([1, 2, 3, 63], [0x81, 0x30, 0xFC])}
