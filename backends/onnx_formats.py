@@ -70,6 +70,9 @@ UNORIENTED = ("codebooks", "codebooks_high", "column_slots",  # not laid out as 
 # graph-wide (``shared_constant``)
 LAYOUT_LABELS = ("shape", "byte_shifts", "mask")
 
+# in-memory metadata of a value computed from constants alone (``SiteRewrite.node``)
+_FOLDED = "lwqc.folded"
+
 # node metadata of sites sharing a kernel under different specs (or row-mixes): each site's
 # spec, as JSON
 SPECS_KEY = "lwqc.specs"
@@ -240,12 +243,18 @@ class SiteRewrite:
         same values (``shared_constant``)."""
         return shared_constant(self.graph, np.asarray(values, dtype))
 
-    def node(self, op: str, inputs: list[ir.Value], attributes: dict | None = None,
+    def node(self, op: str, inputs: list[ir.Value | None], attributes: dict | None = None,
              output: str | None = None, domain: str = "") -> ir.Value:
+        """A node named ``<site>/<op>_<n>``, or with ``output`` (the node yielding the weight,
+        carrying the decision) ``<site>/<output>``; a node reading constants alone, which ONNX
+        Runtime folds when the session starts, is left unnamed."""
         self.nodes += 1
+        folded = all(value is None or value.is_initializer() or value.meta.get(_FOLDED)
+                     for value in inputs)
         label = output or f"{op}_{self.nodes}"
         node = ir.node(op, inputs, attributes=attributes or {}, domain=domain,
-                       name=f"{self.site_id}/{label}")
+                       name="" if folded and output is None else f"{self.site_id}/{label}")
+        node.outputs[0].meta[_FOLDED] = folded
         if output is not None:  # the node that yields the weight carries the decision
             node.outputs[0].name = f"{self.site_id}.{output}"
             node.metadata_props.update(self.metadata)

@@ -169,7 +169,7 @@ def test_stored_bytes_of_every_site_equal_the_plans_bytes(tiny_llama_dir, tmp_pa
     assert sorted(joined) == [False, True]
 
 
-def test_lowering_constants_are_stored_once_and_its_initializers_carry_no_value_info(
+def test_lowering_constants_are_stored_once_without_value_info_or_folded_names(
         tiny_llama_dir, tmp_path):
     graph = _lower(import_model(str(tiny_llama_dir)), 32)
     path = tmp_path / "model.onnx"
@@ -192,6 +192,10 @@ def test_lowering_constants_are_stored_once_and_its_initializers_carry_no_value_
     words = [name for name, tensor in initializers.items() if name.endswith("_mask")
              and onnx.numpy_helper.to_array(tensor).item() in (7, 63)]
     assert len(readers) == len(words) > 1
+    # nodes on constants alone (folded when the session starts) go unnamed, the others not
+    assert {node.name for node in readers} == {""}
+    kernels = [node for node in model.graph.node if node.op_type == "MatMulNBits"]
+    assert kernels and all(node.name.startswith("model.layers.") for node in kernels)
 
 
 # hand cases: codes 0..7 fill one 3-bit word 0o76543210 = 0xFAC688; codes 1, 2, 3, 63 make
