@@ -23,8 +23,10 @@ order by a Gather folded at session start, its scales and offsets stored once in
 it shares a kernel with the sites reading its input (q/k/v) as any site does. Another row-mix
 (``lower_rows``) runs its parts this way on the same input, consecutive parts of one group size
 and container on one kernel (the planner orders parts by group size; consecutive parts of one
-format there store their scales and offsets jointly), and puts the outputs side by side in the
-site's row order: ``Gather(Concat(outputs), order)`` along the last axis.
+format there store their scales and offsets jointly), corrects the kernels' products together
+(one MatMul on the sums over groups of the smallest group size, the wider groups' offsets
+repeated over it) and puts them in the site's row order: ``Gather(Concat(products) +
+correction, order)`` along the last axis.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from lwqc.backends.onnx_formats import (
     float_offset_parameters,
     float_offset_weight,
     part_rewrite,
+    repeat_blocks,
     row_order_indices,
 )
 from lwqc.ir.formats import RowMixWeight, WeightFormat, load_weight
@@ -109,7 +112,8 @@ def lower(shared: SiteRewrite, sites: list[tuple[SiteRewrite, WeightFormat]],
     assert all(not r.transposed and fits(w) and kernel_key(w) == kernel_key(sites[0][1])
                for r, w in sites)
     members = [(rewrite, _member(rewrite, weight, width)) for rewrite, weight in sites]
-    return _kernel(shared, members, activation, width, accuracy_level, bias)
+    product, tables = _kernel(shared, members, activation, width, accuracy_level, bias)
+    return _corrected(shared, activation, [product]), tables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,11 +130,24 @@ class _Member:
     offsets: ir.Value
 
 
+@dataclasses.dataclass(frozen=True)
+class _Product:
+    """A kernel's output (its rows side by side) before the group-sum correction, and what the
+    correction needs: the offsets ``[rows, groups]`` in the same row order, their group size,
+    and the inputs."""
+
+    value: ir.Value
+    offsets: ir.Value
+    rows: int
+    group_size: int
+    in_features: int
+
+
 def _kernel(shared: SiteRewrite, members: list[tuple[SiteRewrite, _Member]],
             activation: ir.Value, width: int, accuracy_level: int, bias: ir.Value | None
-            ) -> tuple[ir.Value, dict[str, Callable[[], ir.Value]]]:
-    """``lower`` of members: their outputs side by side, and each one's float weight by the
-    name of its rewrite."""
+            ) -> tuple[_Product, dict[str, Callable[[], ir.Value]]]:
+    """The MatMulNBits of ``lower`` for members: its product (their outputs side by side, to
+    be ``_corrected``), and each member's float weight by the name of its rewrite."""
     layout = members[0][1].layout
     spec = layout.spec
     assert isinstance(spec, GroupSpec) and spec.group_size is not None
@@ -152,10 +169,6 @@ def _kernel(shared: SiteRewrite, members: list[tuple[SiteRewrite, _Member]],
         "MatMulNBits", inputs, {"K": in_features, "N": out_features, "bits": width,
                                 "block_size": spec.group_size, "accuracy_level": accuracy_level},
         output="kernel_product", domain=matmul_nbits.DOMAIN)
-    sums = _group_sums(shared, activation, layout)
-    offsets = shared.node("Transpose", [joined([m.offsets for _, m in members])],
-                          {"perm": [1, 0]})
-    output = shared.node("Add", [product, shared.node("MatMul", [sums, offsets])])
     kernel = product.producer()
     assert kernel is not None
 
@@ -167,8 +180,35 @@ def _kernel(shared: SiteRewrite, members: list[tuple[SiteRewrite, _Member]],
 
         return build
 
-    return output, {rewrite.site_id: functools.cache(dense(rewrite, member))
-                    for rewrite, member in members}
+    offsets = joined([m.offsets for _, m in members])
+    return (_Product(product, offsets, out_features, spec.group_size, in_features),
+            {rewrite.site_id: functools.cache(dense(rewrite, member))
+             for rewrite, member in members})
+
+
+def _corrected(rewrite: SiteRewrite, activation: ir.Value, products: list[_Product]
+               ) -> ir.Value:
+    """Kernels' products on ``activation`` side by side plus their group-sum correction, one
+    MatMul for all: the activation's sums over groups of the smallest group size ``b``
+    (``_group_sums``) times every kernel's offsets repeated ``g / b`` times along the groups
+    (a group of ``g`` inputs is ``g / b`` groups of ``b``; repeated on constants, folded at
+    session start)."""
+    base = min(product.group_size for product in products)
+    in_features = products[0].in_features
+    groups = -(-in_features // base)
+    offsets = []
+    for product in products:
+        rows = product.offsets
+        if product.group_size != base:
+            rows = repeat_blocks(rewrite, rows, (product.rows, groups),
+                                 product.group_size // base)
+        offsets.append(rows)
+    stacked = offsets[0] if len(offsets) == 1 else rewrite.node("Concat", offsets, {"axis": 0})
+    values = [product.value for product in products]
+    output = values[0] if len(values) == 1 else rewrite.node("Concat", values, {"axis": -1})
+    sums = _group_sums(rewrite, activation, in_features, base)
+    transposed = rewrite.node("Transpose", [stacked], {"perm": [1, 0]})
+    return rewrite.node("Add", [output, rewrite.node("MatMul", [sums, transposed])])
 
 
 def _member(rewrite: SiteRewrite, weight: WeightFormat, width: int) -> _Member:
@@ -237,20 +277,19 @@ def read_codes(blob: np.ndarray, width: int, in_features: int) -> np.ndarray:
     return matmul_nbits.unpack_codes(blob.reshape(blob.shape[0], -1), width, in_features)
 
 
-def _group_sums(rewrite: SiteRewrite, activation: ir.Value, weight: WeightFormat) -> ir.Value:
-    """Each group's sum of the activation's inputs, ``[..., groups]``: Reshape to ``[...,
-    groups, group]`` (the leading dimensions copied where the rank is known, else read from
-    the activation's shape) and ReduceSum; a short last group padded with zeros first."""
-    spec = weight.spec
-    assert isinstance(spec, GroupSpec) and spec.group_size is not None
-    in_features = weight.shape[1]
-    groups = spec.groups(in_features)
+def _group_sums(rewrite: SiteRewrite, activation: ir.Value, in_features: int,
+                group_size: int) -> ir.Value:
+    """Each group's sum of the activation's ``in_features`` inputs, ``[..., groups]``: Reshape
+    to ``[..., groups, group_size]`` (the leading dimensions copied where the rank is known,
+    else read from the activation's shape) and ReduceSum; a short last group padded with zeros
+    first."""
+    groups = -(-in_features // group_size)
     value = activation
-    padding = groups * spec.group_size - in_features
+    padding = groups * group_size - in_features
     if padding:
         value = rewrite.node("Pad", [value, rewrite.constant([0, padding]), None,
                                      rewrite.constant([-1])])
-    grouped = [groups, spec.group_size]
+    grouped = [groups, group_size]
     if activation.shape is not None:
         shape = rewrite.constant([0] * (len(activation.shape) - 1) + grouped)
     else:
@@ -310,11 +349,11 @@ def lower_rows(rewrite: SiteRewrite, weight: RowMixWeight, activation: ir.Value,
                accuracy_level: int, bias: ir.Value | None = None
                ) -> tuple[ir.Value, Callable[[], ir.Value]]:
     """A row-mixed site: each run of consecutive parts sharing a ``kernel_key`` on one
-    MatMulNBits and correction on ``activation`` (parts of one format in it stored jointly,
-    ``joint_parts``), the outputs concatenated and put in row order, plus ``bias``. Returns the
-    output and a function building the float weight ``[out, in]`` from the same arrays
+    MatMulNBits on ``activation`` (parts of one format in it stored jointly, ``joint_parts``),
+    the products concatenated, corrected together and put in row order, plus ``bias``. Returns
+    the output and a function building the float weight ``[out, in]`` from the same arrays
     (once)."""
-    outputs, tables = [], []
+    products, tables = [], []
     for (_, width), run in itertools.groupby(enumerate(weight.parts),
                                              key=lambda indexed: kernel_key(indexed[1])):
         run = list(run)
@@ -328,13 +367,13 @@ def lower_rows(rewrite: SiteRewrite, weight: RowMixWeight, activation: ir.Value,
             else:
                 parts = [(part_rewrite(rewrite, f"p{i}"), weight.parts[i]) for i in indices]
                 members.append((member, _joined(member, parts, width, None)))
-        output, member_tables = _kernel(shared, members, activation, width, accuracy_level,
-                                        None)
-        outputs.append(output)
+        product, member_tables = _kernel(shared, members, activation, width, accuracy_level,
+                                         None)
+        products.append(product)
         tables.extend(member_tables[member.site_id] for member, _ in members)
     order = row_order_indices(rewrite, weight)
-    stacked = outputs[0] if len(outputs) == 1 else rewrite.node("Concat", outputs, {"axis": -1})
-    output = rewrite.node("Gather", [stacked, order], {"axis": -1}, output="rows_product")
+    output = rewrite.node("Gather", [_corrected(rewrite, activation, products), order],
+                          {"axis": -1}, output="rows_product")
     if bias is not None:
         output = rewrite.node("Add", [output, bias])
     final = output.producer()

@@ -42,14 +42,13 @@ def _add_compile(sub) -> None:
                         help="claq without --bits: share of columns at the high width (0.1)")
     p.add_argument("--granularity", choices=("layer", "matmul", "row"),
                    help="unit sharing one width (default: matmul; policy sensitivity with "
-                        "--bits above 2.5: row, each output row its own width and group size)")
+                        "--bits: row, each output row its own width and group size)")
     p.add_argument("--group-size",
-                   help="group size along the input dim (128; policy sensitivity above --bits "
-                        "2.5: 32; several joined by +, e.g. 32+64+128, let it choose one per "
-                        "matmul or row with its width)")
+                   help="group size along the input dim (128; policy sensitivity: 32, at "
+                        "--bits 2.5 and below 32+64+128; several joined by + let it choose one "
+                        "per matmul or row with its width)")
     p.add_argument("--scheme", choices=SCHEMES,
-                   help="rtn-asym (default; policy sensitivity above --bits 2.5: "
-                        "float-offset-dq): integer zero "
+                   help="rtn-asym (default; policy sensitivity: float-offset-dq): integer zero "
                         "points; rtn-sym: none; float-offset: float offsets (GGUF Q4_1 style); "
                         "float-offset-dq: the same with 6-bit scales and offsets under float16 "
                         "steps per 8 groups (llama.cpp K-quant style: 4.5 bits at 4 bits, group "

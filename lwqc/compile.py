@@ -50,34 +50,36 @@ def policy_pass(policy: str, values: dict[str, Any]) -> Pass:
 
 # `--policy sensitivity` without --scheme and --group-size plans for float-offset-dq in groups
 # of 32 (passes/quantizers.py), whose narrowest width costs about 2.5 bits per weight (2.486 on
-# rows of 576 inputs), leaving nothing to mix; a budget at or below that gets rtn-asym in groups
-# of 128 (2 bits: 2.31).
+# rows of 576 inputs), leaving nothing to mix; a budget at or below that plans for it in groups
+# of 32, 64 or 128 (2 bits in groups of 128: 2.16), per output row. On SmolLM2-135M that gave
+# +190 % at 2.5 bits where rtn-asym in groups of 128 per matmul, the narrowest of the other
+# schemes (2 bits: 2.31), gave +1294 %, and +559 % at 2.7 bits for a file of the same size
+# (bench/quality-smollm2-defaults.md, README "Benchmarks").
 FLOAT_OFFSET_DQ_FLOOR_BITS = 2.5
-NARROW_BUDGET_QUANTIZER = {"scheme": "rtn-asym", "group_size": 128}
+NARROW_BUDGET_GROUP_SIZES = (32, 64, 128)
 
 
-# Without --granularity, policy sensitivity plans a --bits budget above 2.5 bits per output
-# row: on SmolLM2-135M rows measured less damage than whole matmuls for a file of the same size
-# at 4.0 bits (KLD 0.105 against 0.128) and at 4.5 (0.0186 against 0.0242), the same at 3.5,
-# far less at 3.0 (0.647 against 0.786; bench/quality-smollm2-defaults.md, README
-# "Benchmarks"). Below, rows of its rtn-asym groups would not run on MatMulNBits. Measured
+# Without --granularity, policy sensitivity plans a --bits budget per output row: on
+# SmolLM2-135M rows measured less damage than whole matmuls for a file of the same size at 4.0
+# bits (KLD 0.105 against 0.128) and at 4.5 (0.0186 against 0.0242), the same at 3.5, far less
+# at 3.0 (0.647 against 0.786; bench/quality-smollm2-defaults.md, README "Benchmarks"). Measured
 # damage (--measure) has no rows, and the greedy solver plans none.
 def sensitivity_granularity(bits: float | None, solver: str | None,
                             measured: bool) -> str | None:
     """The granularity ``lwqc compile --policy sensitivity`` plans at when not given: ``row``
-    for a ``--bits`` budget above ``FLOAT_OFFSET_DQ_FLOOR_BITS`` with the exact solver
-    (``solver``: ``--solver``, None for the default) and predicted damage (``measured``:
-    ``--measure``); otherwise None, the pass's own default (per matmul)."""
-    if bits is None or bits <= FLOAT_OFFSET_DQ_FLOOR_BITS or solver == "greedy" or measured:
+    for a ``--bits`` budget with the exact solver (``solver``: ``--solver``, None for the
+    default) and predicted damage (``measured``: ``--measure``); otherwise None, the pass's own
+    default (per matmul)."""
+    if bits is None or solver == "greedy" or measured:
         return None
     return "row"
 
 
 def sensitivity_quantizer(bits: float | None) -> dict[str, Any]:
-    """The scheme and group size ``lwqc compile --policy sensitivity --bits B`` plans for when
+    """The scheme and group sizes ``lwqc compile --policy sensitivity --bits B`` plans for when
     neither is given (its analysis predicts for the same)."""
     if bits is not None and bits <= FLOAT_OFFSET_DQ_FLOOR_BITS:
-        return dict(NARROW_BUDGET_QUANTIZER)
+        return {"scheme": SENSITIVITY_SCHEME, "group_size": NARROW_BUDGET_GROUP_SIZES}
     return {"scheme": SENSITIVITY_SCHEME, "group_size": SENSITIVITY_GROUP_SIZES}
 
 

@@ -195,32 +195,36 @@ def test_minilm_uniform_8_bit_keeps_sts_quality(minilm_dir, tmp_path, capsys):
     assert result["cosine_to_fp"] > 0.999
 
 
-@pytest.mark.parametrize(("bits", "scheme", "group_size", "granularity"), [
-    (4.5, "float-offset-dq", 32, "granularity=row,"),
-    (2.5, "rtn-asym", 128, ""),  # float-offset-dq costs 2.5 bits or more at 2 bits
+@pytest.mark.parametrize(("bits", "group_sizes"), [
+    (4.5, "32"),
+    (2.5, "32+64+128"),  # float-offset-dq costs 2.5 bits or more at 2 bits in groups of 32
 ])
 def test_sensitivity_defaults_pick_a_quantizer_that_can_meet_the_budget(
-        ref_llama_dir, tmp_path, bits, scheme, group_size, granularity):
-    """`--policy sensitivity --bits B` alone: its quantizer, planned per output row above 2.5
-    bits, per matmul at or below."""
+        ref_llama_dir, tmp_path, bits, group_sizes):
+    """`--policy sensitivity --bits B` alone: float-offset-dq per output row, in groups of 32,
+    or at 2.5 bits and below of 32, 64 or 128."""
     out = tmp_path / "out"
     _compile(ref_llama_dir, out, "--policy", "sensitivity", "--bits", str(bits),
              "--calib-samples", "2", "--calib-seq-len", "64", "--no-gptq", "--backend", "torch")
     document = json.loads((out / "plan.json").read_text())
     pipeline = document["pipeline"]
-    assert f"sensitivity{{metric=auto,group_size={group_size},scheme={scheme}" in pipeline
-    assert (f"policy-sensitivity{{bits={bits},{granularity}group_size={group_size},"
+    scheme = "float-offset-dq"
+    assert f"sensitivity{{metric=auto,group_size={group_sizes},scheme={scheme}" in pipeline
+    assert (f"policy-sensitivity{{bits={bits},granularity=row,group_size={group_sizes},"
             f"scheme={scheme}" in pipeline)
     parts = [part for site in document["sites"].values() for part in site.get("parts", [site])]
-    assert {(part["scheme"], part["group_size"]) for part in parts
-            if part["bits"] != 16} == {(scheme, group_size)}
+    quantized = [part for part in parts if part["bits"] != 16]
+    assert {part["scheme"] for part in quantized} == {scheme}
+    used = {part["group_size"] for part in quantized}
+    assert used <= {int(size) for size in group_sizes.split("+")}
     assert document["totals"]["avg_bits_physical"] <= bits
+    if bits == 2.5:  # 2-bit codes in wider groups pay for the budget
+        assert used - {32} and min(part["bits"] for part in quantized) == 2
 
 
 @pytest.mark.parametrize(("bits", "solver", "measured", "granularity"), [
     (4.5, None, False, "row"),
-    (2.51, None, False, "row"),
-    (2.5, None, False, None),  # rtn-asym groups: rows would not run on MatMulNBits
+    (2.5, None, False, "row"),
     (4.5, None, True, None),  # measured damage has no rows
     (4.5, "greedy", False, None),  # the greedy solver plans per unit
     (None, None, False, None),  # --ratio: no budget in bits

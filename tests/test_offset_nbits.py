@@ -202,3 +202,43 @@ def test_a_row_mix_of_one_kernel_runs_as_a_site_beside_another(tmp_path):
     (kernel,) = [n for n in folded.graph.node if n.op_type == "MatMulNBits"]
     assert set(kernel.input[1:4]) <= {t.name for t in folded.graph.initializer}
     assert "Gather" not in [n.op_type for n in folded.graph.node]
+
+
+def test_a_row_mix_of_three_group_sizes_is_corrected_by_one_matmul(tmp_path):
+    """Rows in groups of 32, 64 and 128 (80 inputs: the wider groups' last one padded) run on
+    three kernels, whose products are corrected together by one MatMul on the sums over groups
+    of 32, the offsets of groups of 64 and 128 repeated two and four times along them."""
+    rng = np.random.default_rng(11)
+    specs = [FloatOffsetDqSpec(3, 32), FloatOffsetDqSpec(4, 32), FloatOffsetDqSpec(2, 64),
+             FloatOffsetDqSpec(3, 128)]
+    choice = rng.permutation(np.arange(24) % 4)
+    mixed = quantize_weight(rng.normal(size=(24, 80)).astype(np.float32),
+                            row_mix(specs, choice), clip="minmax")
+    assert offset_nbits.fits_rows(mixed) and not offset_nbits.fits(mixed)
+    activation = ir.Value(name="A", type=ir.TensorType(ir.DataType.FLOAT),
+                          shape=ir.Shape(["m", 80]))
+    anchor = ir.node("Identity", [activation])
+    graph = ir.Graph([activation], [], nodes=[anchor], opset_imports={"": 25})
+    rewrite = SiteRewrite(graph, "w", anchor, False, PACKED_STORAGE.code_bits, {})
+    bias = rng.normal(size=24).astype(np.float32)
+    bias_value = ir.Value(name="bias", const_value=ir.tensor(bias))
+    graph.register_initializer(bias_value)
+    output, table = offset_nbits.lower_rows(rewrite, mixed, activation, 1, bias_value)
+    graph.outputs.extend([output, table()])
+    graph.remove(anchor)
+    model = ir.Model(graph, ir_version=13)
+    model.opset_imports[matmul_nbits.DOMAIN] = 1
+    optimized = tmp_path / "optimized.onnx"
+    session = _session(model, optimized)
+    expected = mixed.dequantize()
+    by_identity, dense = session.run(None, {"A": np.eye(80, dtype=np.float32)})
+    np.testing.assert_array_equal(by_identity, expected.T + bias)  # each weight, then the bias
+    np.testing.assert_array_equal(dense, expected)
+    x = rng.normal(size=(3, 80)).astype(np.float32)
+    exact = x.astype(np.float64) @ expected.T.astype(np.float64) + bias
+    bound = 80 * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(expected).T + np.abs(bias))
+    assert np.all(np.abs(session.run(None, {"A": x})[0] - exact) <= bound)
+    # what runs: three kernels, one group sum, one correcting MatMul, the Gather into row order
+    ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+    assert (ops.count("MatMulNBits"), ops.count("ReduceSum"), ops.count("MatMul"),
+            ops.count("Gather")) == (3, 1, 1, 1)

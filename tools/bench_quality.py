@@ -133,9 +133,8 @@ DEFAULT_POINTS = (  # (bits, flags), in the order they were measured
     (4.5, G32 + ROW),
     *((b, flags) for b in (4.0, 3.0) for flags in (G32 + MATMUL, MIXED_GROUPS + ROW)),
     (3.5, G32 + ROW), (4.0, G32 + ROW),
-    # at 2.5 bits the compile plans for rtn-asym g128 (quality-smollm2's "sensitivity --bits
-    # 2.5, rtn-asym g128, GPTQ"), which this sweep's analyses do not predict; float-offset-dq
-    # rows in groups of 128 fit
+    # at 2.5 bits (the compile's default there; rtn-asym g128 per matmul, the default before,
+    # is quality-smollm2's "sensitivity --bits 2.5, rtn-asym g128, GPTQ")
     (2.5, " --scheme float-offset-dq" + MIXED_GROUPS + ROW),
 )
 
