@@ -3,7 +3,9 @@ format's own arrays, exactly as its torch formula does.
 
 ``FORMAT_LOWERINGS`` maps a format name to its lowering; an unknown format is an error. Arrays
 are stored in the orientation of the MatMul's B input (``[in, out]`` for MatMul, ``[out, in]``
-for Gemm with transB), initializers named ``<site>.weight_<array>``:
+for Gemm with transB), initializers named ``<site>.weight_<array>``; the lowerings' small
+constants (shapes, shifts, bounds) are stored once per graph (``shared_constant``), but for the
+layout of packed arrays, which ``stored_arrays`` reads back per site:
 1. ``affine``: ``DequantizeLinear(codes, blocked fp32 scales[, zero points])`` — uint8/int8,
    uint4/int4, uint2/int2 (opset 25).
 2. ``float-offset``: ``Cast(codes) * scales + offsets``, scales and offsets repeated along the
