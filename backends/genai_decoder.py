@@ -9,11 +9,12 @@ MatMulNBits, and the embedding reading a tied head's quantized table.
    sites' rows in order. A MatMul holding anything but whole sites is an error.
 3. Each MatMul is rewritten from the plan: ``MatMulNBits`` where the format fits
    (``matmul_nbits.supported``; fused sites sharing one such spec stay one node), float-offset
-   groups as MatMulNBits plus a group-sum correction (``offset_nbits``; fused sites of one
-   group size and code container stay one node, whatever their widths, row-mixes of such parts
-   included; another row-mix one kernel per run of parts of one group size, the outputs
-   gathered into row order), else the format's standard-op lowering (``onnx_formats``) feeding
-   a MatMul; fused sites not sharing one MatMulNBits become one node per site and a Concat.
+   groups as MatMulNBits plus a group-sum correction, affine groups of other widths on codes
+   widened to 4 or 8 bits (``offset_nbits``; fused sites of one ``kernel_key`` stay one node,
+   whatever their widths, row-mixes of such parts included; another row-mix one kernel per run
+   of parts of one ``kernel_key``, the outputs gathered into row order), else the format's
+   standard-op lowering (``onnx_formats``) feeding a MatMul; fused sites not sharing one
+   MatMulNBits become one node per site and a Concat.
 4. The embedding Gather of a tied head reads the same arrays: ``GatherBlockQuantized`` on
    MatMulNBits' B (affine 4 and 8 bits), else a Gather on the float weight the site's
    arrays compute.
@@ -169,8 +170,8 @@ class DecoderRewrite:
         return matmul_nbits.supported(weight)
 
     def _shares_nbits(self, site_ids: list[str], packed: list[WeightFormat | None]) -> bool:
-        """The sites can share one MatMulNBits: one affine spec it holds, or float offsets
-        (plain or row-mixed) of one ``offset_nbits.kernel_key`` with their correction."""
+        """The sites can share one MatMulNBits: one affine spec it holds, or weights (plain or
+        row-mixed) of one ``offset_nbits.kernel_key``."""
         first = packed[0]
         if first is None or any(w is None for w in packed):
             return False

@@ -1,4 +1,5 @@
-"""Float-offset sites (``float-offset``, ``float-offset-dq``) on ONNX Runtime's n-bit kernel.
+"""Float-offset sites (``float-offset``, ``float-offset-dq``), and affine sites whose codes
+MatMulNBits does not run at their own width, on ONNX Runtime's n-bit kernel.
 
 A group's weights are ``code * scale + offset``, so a product with an input row ``x`` splits
 in two::
@@ -27,6 +28,14 @@ format there store their scales and offsets jointly), corrects the kernels' prod
 (one MatMul on the sums over groups of the smallest group size, the wider groups' offsets
 repeated over it) and puts them in the site's row order: ``Gather(Concat(products) +
 correction, order)`` along the last axis.
+
+Affine groups (``(code - zero point) * scale``, ``ir/formats/affine.py``) of 2, 3, 5, 6 or 7
+bits, and row-mixes of affine parts, run the same way without a correction: their codes
+widened to the kernel's 4 or 8 bits and their zero points packed at that width, both by ops
+folded at session start (signed codes shifted by ``2^(width-1)``, the kernel's zero point for
+them). The file holds their own arrays at their physical size, as for any other lowering; ORT's
+own 2-bit kernel, which would hold 2-bit codes as they are, decodes several times slower than
+the 4-bit one on CPU.
 """
 
 from __future__ import annotations
@@ -42,24 +51,28 @@ import onnx_ir as ir
 from lwqc.backends import matmul_nbits
 from lwqc.backends.onnx_formats import (
     SiteRewrite,
+    dequantize_linear,
     float_offset_parameters,
     float_offset_weight,
     part_rewrite,
     repeat_blocks,
     row_order_indices,
 )
-from lwqc.ir.formats import RowMixWeight, WeightFormat, load_weight
+from lwqc.ir.formats import AffineWeight, RowMixWeight, WeightFormat, load_weight
 from lwqc.ir.formats.row_mix import in_row_order
 from lwqc.ir.spec import GroupSpec
 
 FORMATS = ("float-offset", "float-offset-dq")
+AFFINE = "affine"  # no offsets: zero points in the kernel, no correction
 CONTAINERS = (4, 8)  # MatMulNBits widths holding the codes: narrower codes sit in 4 bits
 
 
 def fits(weight: WeightFormat) -> bool:
-    """Whether the site can run this way: a float-offset format without outliers, groups of a
-    power of two of at least MatMulNBits' smallest block; or a row-mix of such parts of one
-    format sharing one ``kernel_key``, which runs as a site of that format (``_member``).
+    """Whether the site can run this way: a float-offset or affine format without outliers,
+    groups of a power of two of at least MatMulNBits' smallest block; or a row-mix of such
+    parts of one format sharing one ``kernel_key``, which runs as a site of that format
+    (``_member``). Affine sites MatMulNBits holds as they are (``matmul_nbits.supported``) run
+    there instead.
     """
     if isinstance(weight, RowMixWeight):
         return fits_rows(weight) and len({(part.name, kernel_key(part))
@@ -69,7 +82,7 @@ def fits(weight: WeightFormat) -> bool:
 
 def _fits_part(weight: WeightFormat) -> bool:
     spec = weight.spec
-    if weight.name not in FORMATS or weight.outliers is not None:
+    if weight.name not in (*FORMATS, AFFINE) or weight.outliers is not None:
         return False
     assert isinstance(spec, GroupSpec)
     size = spec.group_size
@@ -87,15 +100,16 @@ def container(bits: int) -> int:
     return next(width for width in CONTAINERS if width >= bits)
 
 
-def kernel_key(weight: WeightFormat) -> tuple[int | None, int]:
-    """What weights sharing one MatMulNBits must share: group size and code container (3- and
-    4-bit codes both sit in 4 bits; scales and offsets are per group, whatever the width); a
-    row-mix that ``fits``: its parts'."""
+def kernel_key(weight: WeightFormat) -> tuple[int | None, int, bool]:
+    """What weights sharing one MatMulNBits must share: group size, code container (3- and
+    4-bit codes both sit in 4 bits; scales, offsets and zero points are per group, whatever the
+    width) and whether they are affine (zero points, no correction); a row-mix that ``fits``:
+    its parts'."""
     if isinstance(weight, RowMixWeight):
         return kernel_key(weight.parts[0])
     spec = weight.spec
     assert isinstance(spec, GroupSpec)
-    return spec.group_size, container(spec.bits)
+    return spec.group_size, container(spec.bits), weight.name == AFFINE
 
 
 def lower(shared: SiteRewrite, sites: list[tuple[SiteRewrite, WeightFormat]],
@@ -120,24 +134,25 @@ def lower(shared: SiteRewrite, sites: list[tuple[SiteRewrite, WeightFormat]],
 class _Member:
     """A share of a kernel's rows (a site, a part of a row-mix, or parts stored jointly), in
     its own row order: the weight whose layout (spec, shape) its parameters have, a function
-    giving its codes ``[out, in]`` (built when first asked), MatMulNBits' ``B``, its scales and
-    its offsets."""
+    giving its codes ``[out, in]`` (built when first asked), MatMulNBits' ``B``, its scales,
+    and its offsets (float-offset) or the kernel's zero points ``[out, groups]`` (affine)."""
 
     layout: WeightFormat
     codes: Callable[[], ir.Value]
     kernel_codes: ir.Value
     scales: ir.Value
-    offsets: ir.Value
+    offsets: ir.Value | None
+    zero_points: ir.Value | None
 
 
 @dataclasses.dataclass(frozen=True)
 class _Product:
     """A kernel's output (its rows side by side) before the group-sum correction, and what the
-    correction needs: the offsets ``[rows, groups]`` in the same row order, their group size,
-    and the inputs."""
+    correction needs: the offsets ``[rows, groups]`` in the same row order (None: affine rows,
+    none to correct), their group size, and the inputs."""
 
     value: ir.Value
-    offsets: ir.Value
+    offsets: ir.Value | None
     rows: int
     group_size: int
     in_features: int
@@ -158,9 +173,16 @@ def _kernel(shared: SiteRewrite, members: list[tuple[SiteRewrite, _Member]],
     def joined(values: list[ir.Value]) -> ir.Value:
         return values[0] if len(values) == 1 else shared.node("Concat", values, {"axis": 0})
 
-    zero_points = shared.node(
-        "ConstantOfShape", [shared.constant([out_features, -(-groups * width // 8)])],
-        {"value": ir.tensor(np.zeros(1, np.uint8))})
+    packed_groups = -(-groups * width // 8)
+    if members[0][1].zero_points is None:
+        zero_points = shared.node("ConstantOfShape",
+                                  [shared.constant([out_features, packed_groups])],
+                                  {"value": ir.tensor(np.zeros(1, np.uint8))})
+    else:
+        zero_points = shared.node("Reshape", [
+            _packed_lanes(shared, joined([m.zero_points for _, m in members]),
+                          -groups % (8 // width), width),
+            shared.constant([out_features, packed_groups])])
     inputs = [activation, joined([m.kernel_codes for _, m in members]),
               joined([m.scales for _, m in members]), zero_points]
     if bias is not None:
@@ -175,12 +197,19 @@ def _kernel(shared: SiteRewrite, members: list[tuple[SiteRewrite, _Member]],
     def dense(rewrite: SiteRewrite, member: _Member) -> Callable[[], ir.Value]:
         def build() -> ir.Value:
             rewrite.matmul = kernel  # the node that stays in the graph
-            return float_offset_weight(rewrite, member.layout, member.codes(), member.scales,
-                                       member.offsets)
+            if member.offsets is not None:
+                return float_offset_weight(rewrite, member.layout, member.codes(),
+                                           member.scales, member.offsets)
+            assert isinstance(member.layout, AffineWeight) and member.zero_points is not None
+            zero_points = [] if member.layout.signed else [member.zero_points]
+            return dequantize_linear(rewrite, member.layout,
+                                     [member.codes(), member.scales, *zero_points],
+                                     "weight_dequantized", spelled_out=True)
 
         return build
 
-    offsets = joined([m.offsets for _, m in members])
+    affine = members[0][1].offsets is None
+    offsets = None if affine else joined([m.offsets for _, m in members])
     return (_Product(product, offsets, out_features, spec.group_size, in_features),
             {rewrite.site_id: functools.cache(dense(rewrite, member))
              for rewrite, member in members})
@@ -192,20 +221,25 @@ def _corrected(rewrite: SiteRewrite, activation: ir.Value, products: list[_Produ
     MatMul for all: the activation's sums over groups of the smallest group size ``b``
     (``_group_sums``) times every kernel's offsets repeated ``g / b`` times along the groups
     (a group of ``g`` inputs is ``g / b`` groups of ``b``; repeated on constants, folded at
-    session start)."""
+    session start), zero for affine rows; none where every row is affine."""
+    values = [product.value for product in products]
+    output = values[0] if len(values) == 1 else rewrite.node("Concat", values, {"axis": -1})
+    if all(product.offsets is None for product in products):
+        return output
     base = min(product.group_size for product in products)
     in_features = products[0].in_features
     groups = -(-in_features // base)
     offsets = []
     for product in products:
         rows = product.offsets
-        if product.group_size != base:
+        if rows is None:
+            rows = rewrite.node("ConstantOfShape", [rewrite.constant([product.rows, groups])],
+                                {"value": ir.tensor(np.zeros(1, np.float32))})
+        elif product.group_size != base:
             rows = repeat_blocks(rewrite, rows, (product.rows, groups),
                                  product.group_size // base)
         offsets.append(rows)
     stacked = offsets[0] if len(offsets) == 1 else rewrite.node("Concat", offsets, {"axis": 0})
-    values = [product.value for product in products]
-    output = values[0] if len(values) == 1 else rewrite.node("Concat", values, {"axis": -1})
     sums = _group_sums(rewrite, activation, in_features, base)
     transposed = rewrite.node("Transpose", [stacked], {"perm": [1, 0]})
     return rewrite.node("Add", [output, rewrite.node("MatMul", [sums, transposed])])
@@ -218,16 +252,35 @@ def _member(rewrite: SiteRewrite, weight: WeightFormat, width: int) -> _Member:
         parts = [(part_rewrite(rewrite, f"p{i}"), part) for i, part in enumerate(weight.parts)]
         return _joined(rewrite, parts, width, weight)
     return _Member(weight, *_codes(rewrite, weight, width),
-                   *float_offset_parameters(rewrite, weight))
+                   *_parameters(rewrite, weight, width))
+
+
+def _parameters(rewrite: SiteRewrite, weight: WeightFormat, width: int
+                ) -> tuple[ir.Value, ir.Value | None, ir.Value | None]:
+    """A weight's per-group scales and offsets (float-offset), or scales and the kernel's
+    uint8 zero points (affine: its own, or ``2^(width-1)`` for signed codes), ``[out, groups]``.
+    """
+    if weight.name != AFFINE:
+        return (*float_offset_parameters(rewrite, weight), None)
+    assert isinstance(weight, AffineWeight)
+    scales = rewrite.array(weight, "scales")
+    if weight.signed:
+        zero_points = rewrite.node("ConstantOfShape", [rewrite.constant(list(
+            weight.scales.shape))], {"value": ir.tensor(np.full(1, 1 << (width - 1), np.uint8))})
+    else:
+        zero_points = rewrite.node("Cast", [rewrite.array(weight, "zero_points")],
+                                   {"to": ir.DataType.UINT8})
+    return scales, None, zero_points
 
 
 def _joined(rewrite: SiteRewrite, parts: list[tuple[SiteRewrite, WeightFormat]], width: int,
             mix: RowMixWeight | None) -> _Member:
     """Parts of one format sharing a kernel as one member: each part's codes under its own
-    rewrite, their parameters stored once under ``rewrite`` as one weight of the widest part's
-    spec stores them (one decoding of each, as for an unmixed site): in the row order of
-    ``mix`` (its parts' codes put in it by a Gather on constants, folded at session start), or
-    without, stacked in part order."""
+    rewrite, their float-offset parameters stored once under ``rewrite`` as one weight of the
+    widest part's spec stores them (one decoding of each, as for an unmixed site), affine
+    parameters (zero points of each part's width) under each part's rewrite: in the row order
+    of ``mix`` (its parts' codes put in it by a Gather on constants, folded at session start),
+    or without, stacked in part order."""
     codes, blobs = zip(*(_codes(part_site, part, width) for part_site, part in parts),
                        strict=True)
     weights = [part for _, part in parts]
@@ -238,18 +291,26 @@ def _joined(rewrite: SiteRewrite, parts: list[tuple[SiteRewrite, WeightFormat]],
         return stacked if order is None else rewrite.node("Gather", [stacked, order],
                                                           {"axis": 0})
 
+    signed = isinstance(weights[0], AffineWeight) and weights[0].signed
+    byte = ir.DataType.INT8 if signed else ir.DataType.UINT8
+
     def all_codes() -> ir.Value:
         for part_site, _ in parts:  # their nodes go where the member's go now
             part_site.matmul = rewrite.matmul
-        return arranged([rewrite.node("Cast", [build()], {"to": ir.DataType.UINT8})
-                         for build in codes])  # 2-bit codes are uint2
+        return arranged([rewrite.node("Cast", [build()], {"to": byte})
+                         for build in codes])  # 2-bit codes are 2-bit types
 
     rows = sum(part.shape[0] for part in weights)
     widest = max(weights, key=lambda part: part.spec.bits)
     layout = load_weight(widest.spec, in_row_order(
         [part.arrays() for part in weights], np.arange(rows) if mix is None else mix.order))
+    if weights[0].name == AFFINE:  # zero points are codes of each part's own width
+        scales, _, zero_points = zip(*(_parameters(part_site, part, width)
+                                       for part_site, part in parts), strict=True)
+        return _Member(layout, functools.cache(all_codes), arranged(list(blobs)),
+                       arranged(list(scales)), None, arranged(list(zero_points)))
     return _Member(layout, functools.cache(all_codes), arranged(list(blobs)),
-                   *float_offset_parameters(rewrite, layout))
+                   *_parameters(rewrite, layout, width))
 
 
 def _codes(rewrite: SiteRewrite, weight: WeightFormat,
@@ -257,13 +318,14 @@ def _codes(rewrite: SiteRewrite, weight: WeightFormat,
     """A function giving the codes ``[out, in]`` as a value (built when first asked), and
     MatMulNBits' ``B``. Codes stored at the kernel's width in whole blocks (4- or 8-bit
     codes, groups dividing the inputs) are stored as ``B`` itself, the format's bytes in the
-    kernel's order: nothing to fold, and ``read_codes`` reads them back. Other codes are stored
-    in their own container and ``B`` is computed from them."""
+    kernel's order: nothing to fold, and ``read_codes`` reads them back. Other codes (signed
+    ones too) are stored in their own container and ``B`` is computed from them."""
     spec = weight.spec
     assert isinstance(spec, GroupSpec) and spec.group_size is not None
     out_features, in_features = weight.shape
-    if rewrite.code_bits(spec.bits) != width or in_features % spec.group_size:
-        codes = rewrite.array(weight, "codes")
+    signed = isinstance(weight, AffineWeight) and weight.signed
+    if rewrite.code_bits(spec.bits) != width or in_features % spec.group_size or signed:
+        codes = rewrite.array(weight, "codes", signed)
         return (lambda: codes), _kernel_codes(rewrite, codes, weight, width)
     packed = matmul_nbits.pack_codes(weight.arrays()["codes"], width)
     blob = rewrite.initializer(f"{rewrite.site_id}.weight_codes", packed.reshape(
@@ -305,37 +367,47 @@ def _group_sums(rewrite: SiteRewrite, activation: ir.Value, in_features: int,
 
 def _kernel_codes(rewrite: SiteRewrite, codes: ir.Value, weight: WeightFormat,
                   width: int) -> ir.Value:
-    """MatMulNBits' ``B``: ``[out, blocks, block * width / 8]`` uint8, the codes little-endian
-    within each byte (4 bits: the even input in the low nibble), the last block padded with
-    zero codes; uint8 ops throughout."""
+    """MatMulNBits' ``B``: ``[out, blocks, block * width / 8]`` uint8, the codes (signed
+    ones shifted by ``2^(width-1)``) ``_packed_lanes`` in blocks, the last block padded with
+    zero codes."""
     spec = weight.spec
     assert isinstance(spec, GroupSpec) and spec.group_size is not None
     out_features, in_features = weight.shape
     blocks = spec.groups(in_features)
+    if isinstance(weight, AffineWeight) and weight.signed:
+        codes = rewrite.node("Add", [rewrite.node("Cast", [codes], {"to": ir.DataType.INT32}),
+                                     rewrite.constant([1 << (width - 1)], np.int32)])
     value = rewrite.node("Cast", [codes], {"to": ir.DataType.UINT8})
-    padding = blocks * spec.group_size - in_features
-    if padding:
-        value = rewrite.node("Pad", [value, rewrite.constant([0, 0, 0, padding])])
-    if width == 4:
-        pairs = rewrite.node("Reshape", [value, rewrite.constant([-1, 2])])
-        low, high = (rewrite.node("Slice", [pairs, rewrite.constant([i]),
-                                            rewrite.constant([i + 1]), rewrite.constant([1])])
-                     for i in (0, 1))  # the even input's code, the odd one's
-        high = rewrite.node("BitShift", [high, rewrite.constant([4], np.uint8)],
-                            {"direction": "LEFT"})
-        value = rewrite.node("BitwiseOr", [low, high])
+    value = _packed_lanes(rewrite, value, blocks * spec.group_size - in_features, width)
     shape = [out_features, blocks, spec.group_size * width // 8]
     return rewrite.node("Reshape", [value, rewrite.constant(shape)])
 
 
+def _packed_lanes(rewrite: SiteRewrite, value: ir.Value, padding: int, width: int) -> ir.Value:
+    """uint8 codes ``[rows, n]`` padded with ``padding`` zero codes along the last axis and
+    packed little-endian within each byte (4 bits: the even one in the low nibble; 8 bits: as
+    they are), in row-major order; uint8 ops throughout."""
+    if padding:
+        value = rewrite.node("Pad", [value, rewrite.constant([0, 0, 0, padding])])
+    if width == 8:
+        return value
+    pairs = rewrite.node("Reshape", [value, rewrite.constant([-1, 2])])
+    low, high = (rewrite.node("Slice", [pairs, rewrite.constant([i]),
+                                        rewrite.constant([i + 1]), rewrite.constant([1])])
+                 for i in (0, 1))  # the even code, the odd one
+    high = rewrite.node("BitShift", [high, rewrite.constant([4], np.uint8)],
+                        {"direction": "LEFT"})
+    return rewrite.node("BitwiseOr", [low, high])
+
+
 def joint_parts(specs: list[GroupSpec]) -> list[list[int]]:
-    """The parts of a row-mix that ``lower_rows`` stores jointly (``_joined``, under
-    ``<site>.p<first>+<more>``): each run of two or more consecutive parts of one format and
-    ``kernel_key``."""
+    """The parts of a row-mix whose parameters ``lower_rows`` stores jointly (``_joined``,
+    under ``<site>.p<first>+<more>``): each run of two or more consecutive parts of one
+    float-offset format and ``kernel_key``."""
     keys = [(spec.format, spec.group_size, container(spec.bits)) for spec in specs]
     runs = [[i for i, _ in run] for _, run in itertools.groupby(enumerate(keys),
                                                                 key=lambda pair: pair[1])]
-    return [run for run in runs if len(run) > 1]
+    return [run for run in runs if len(run) > 1 and specs[run[0]].format != AFFINE]
 
 
 def _parts_rewrite(rewrite: SiteRewrite, indices: list[int]) -> SiteRewrite:
@@ -354,8 +426,8 @@ def lower_rows(rewrite: SiteRewrite, weight: RowMixWeight, activation: ir.Value,
     the output and a function building the float weight ``[out, in]`` from the same arrays
     (once)."""
     products, tables = [], []
-    for (_, width), run in itertools.groupby(enumerate(weight.parts),
-                                             key=lambda indexed: kernel_key(indexed[1])):
+    for (_, width, _), run in itertools.groupby(enumerate(weight.parts),
+                                                key=lambda indexed: kernel_key(indexed[1])):
         run = list(run)
         shared = _parts_rewrite(rewrite, [i for i, _ in run])
         members = []

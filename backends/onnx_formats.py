@@ -18,7 +18,8 @@ layout of packed arrays, which ``stored_arrays`` reads back per site:
 4. ``float-offset-dq``: the scales and offset magnitudes are computed first, ``Cast(codes)
    * Cast(float16 steps)`` with the steps repeated over their super-groups; then
    ``Cast(codes) * scales + Neg(magnitudes)`` as in 2. (ONNX Runtime's own build of both
-   float-offset formats is ``offset_nbits``: MatMulNBits plus a group-sum correction.)
+   float-offset formats is ``offset_nbits``: MatMulNBits plus a group-sum correction; affine
+   codes MatMulNBits does not hold as they are run there too, widened.)
 5. 3- and 6-bit codes (and zero points, and 6-bit parameter codes) are packed in little-endian
    24-bit words, eight resp. four to three bytes (signed codes offset by 2^(bits-1)), and
    unpacked with standard ops: Reshape to byte triples, Cast, Mul by (1, 256, 65536),
@@ -301,7 +302,7 @@ def unpack_words(packed: np.ndarray, count: int, width: int) -> np.ndarray:
     return codes.reshape(-1)[:count].astype(np.uint8)
 
 
-def _dequantize_linear(rewrite: SiteRewrite, weight: WeightFormat, inputs: list[ir.Value],
+def dequantize_linear(rewrite: SiteRewrite, weight: WeightFormat, inputs: list[ir.Value],
                        name: str, spelled_out: bool = False) -> ir.Value:
     """``DequantizeLinear(codes, scales[, zero points])`` in B's orientation, or with
     ``spelled_out`` (and in ``bytes_only`` mode) the same formula in Cast, Sub and Mul."""
@@ -331,7 +332,7 @@ def lower_affine(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
     inputs = [rewrite.array(weight, "codes", signed), rewrite.array(weight, "scales")]
     if not signed:
         inputs.append(rewrite.array(weight, "zero_points"))
-    return _dequantize_linear(rewrite, weight, inputs, "weight_dequantized")
+    return dequantize_linear(rewrite, weight, inputs, "weight_dequantized")
 
 
 def _repeat_groups(rewrite: SiteRewrite, per_group: ir.Value, weight: WeightFormat) -> ir.Value:
@@ -373,7 +374,7 @@ def float_offset_weight(rewrite: SiteRewrite, weight: WeightFormat, codes: ir.Va
                         scales: ir.Value, offsets: ir.Value) -> ir.Value:
     """``Cast(codes) * scales + offsets``, the per-group tensors repeated to the weight's
     shape."""
-    scaled = _dequantize_linear(rewrite, weight, [codes, scales], "weight_scaled",
+    scaled = dequantize_linear(rewrite, weight, [codes, scales], "weight_scaled",
                                 spelled_out=True)
     return rewrite.node("Add", [scaled, _repeat_groups(rewrite, offsets, weight)],
                         output="weight_dequantized")

@@ -132,7 +132,8 @@ def lower(graph: Graph, model: ir.Model, accuracy_level: int = DEFAULT_ACCURACY_
           bytes_only: bool = False, capabilities: Capabilities = CAPABILITIES) -> ir.Model:
     """Rewrite the float ONNX ``model`` with the graph's plan and packed weights: MatMulNBits
     where it holds the weight (and GatherBlockQuantized the tied table, if any), MatMulNBits
-    with a group-sum correction for float-offset groups (``offset_nbits``), else the format's
+    with a group-sum correction for float-offset groups, and on codes widened to its 4 or 8
+    bits for affine groups of other widths (``offset_nbits``), else the format's
     standard-op lowering feeding the site's MatMul/Gemm, its codes in ``capabilities``'
     containers. ``bytes_only``: standard ops on byte tensors only (``onnx_formats`` step 8),
     for compilers other than ORT."""
@@ -291,7 +292,8 @@ def read_packed(path: Path, expected: set[str]) -> dict[str, WeightFormat]:
         first = next(iter(specs.values()))
         if first.kept:
             continue
-        if node.op_type == "MatMulNBits" and first.format == "affine":
+        if (node.op_type == "MatMulNBits" and first.format == "affine"
+                and node.inputs[1].is_initializer()):  # else: widened codes, offset_nbits
             packed.update(_read_nbits(node, initializers))
             continue
         transposed = node.op_type in ("MatMul", "Gemm") and weight_is_transposed(node)

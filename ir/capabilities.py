@@ -60,9 +60,10 @@ class Capabilities:
         """Physical bytes of a weight of ``shape`` under ``spec`` on this backend."""
         if spec.kept:
             return shape[0] * shape[1] * keep_bits // 8
-        if isinstance(spec, RowMixSpec):  # each part as the backend stores it, and the order
-            return row_mix_bytes(shape, spec, lambda part_shape, part: self.bytes(
-                part_shape, part, keep_bits))
+        if isinstance(spec, RowMixSpec):  # each part in its format's arrays (never a kernel's
+            # own layout: parts are lowered by their format), and the order
+            return row_mix_bytes(shape, spec, lambda part_shape, part: format_class(
+                part).physical_bytes(part_shape, part, self.code_bits))
         own = None if self.layout_bytes is None else self.layout_bytes(shape, spec)
         if own is not None:
             return own

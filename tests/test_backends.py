@@ -9,14 +9,17 @@ import onnx
 import pytest
 import torch
 
-from conftest import mixed_plan, ort_dequantized, save_tiny_model
+from conftest import mixed_plan, ort_dequantized, save_tiny_model, scattered_rows
 from lwqc.backends import offset_nbits
 from lwqc.backends import onnx_rewrite as ort_backend
+from lwqc.ir.accounting import site_bytes
 from lwqc.ir.errors import LwqcError
 from lwqc.ir.formats import RowMixWeight
 from lwqc.ir.formats.base import packed_code_bytes
 from lwqc.ir.fx_lift import example_inputs
 from lwqc.ir.hf_source import import_model
+from lwqc.ir.plan import Plan
+from lwqc.ir.spec import AsymmetricSpec, RowMixSpec, SymmetricSpec
 from lwqc.passes.manager import PassManager
 from lwqc.registry import parse
 
@@ -138,18 +141,22 @@ def test_large_models_write_external_data(tiny_llama_dir, tmp_path, monkeypatch)
         np.testing.assert_array_equal(read[site_id].dequantize(), packed.dequantize())
 
 
-def test_stored_bytes_of_every_site_equal_the_plans_bytes(tiny_llama_dir, tmp_path):
-    from lwqc.ir.accounting import site_bytes
-
-    graph = _lower(import_model(str(tiny_llama_dir)), 32)
-    path = tmp_path / "model.onnx"
-    ort_backend.save(graph.lowered["onnx"], path)
+def _stored_bytes(path) -> dict[str, int]:
+    """Bytes of each site's arrays in an artifact, by site."""
     stored: dict[str, int] = {}
     for tensor in onnx.load(str(path)).graph.initializer:
         site, sep, _ = tensor.name.rpartition(".weight_")
         if sep:  # a row-mix's parts are <site>.p<k>.weight_*, parts stored jointly
             site = re.sub(r"\.p[0-9]+(\+[0-9]+)?$", "", site)  # <site>.p<k>+<more>.weight_*
             stored[site] = stored.get(site, 0) + len(tensor.raw_data)
+    return stored
+
+
+def test_stored_bytes_of_every_site_equal_the_plans_bytes(tiny_llama_dir, tmp_path):
+    graph = _lower(import_model(str(tiny_llama_dir)), 32)
+    path = tmp_path / "model.onnx"
+    ort_backend.save(graph.lowered["onnx"], path)
+    stored = _stored_bytes(path)
     assert set(stored) == set(graph.packed)
     joined = []
     for site_id, weight in graph.packed.items():
@@ -215,3 +222,42 @@ def test_word_packing_round_trips_and_takes_its_width(width, count):
     np.testing.assert_array_equal(unpack_words(packed, count, width), codes)
     hand, expected = WORD_HAND_CASES[width]
     np.testing.assert_array_equal(pack_words(np.array(hand, np.uint8), width), expected)
+
+
+def test_affine_codes_below_four_bits_run_widened_on_the_4_bit_kernel(tiny_llama_dir, tmp_path):
+    """2- and 3-bit affine sites, asymmetric and symmetric, and affine row-mixes run on
+    MatMulNBits at 4 bits (ORT's own 2-bit kernel is several times slower on CPU), their codes
+    and zero points widened when the session starts: the file holds their own arrays at their
+    physical size, read back exactly, and ORT multiplies by the weights torch computes."""
+    graph = import_model(str(tiny_llama_dir))
+    parts = (AsymmetricSpec(3, 32), AsymmetricSpec(2, 32), AsymmetricSpec(4, 64))
+    choices = [AsymmetricSpec(2, 32), SymmetricSpec(3, 32), SymmetricSpec(2, 64), None]
+    specs = {}
+    for index, (site_id, site) in enumerate(graph.sites.items()):
+        spec = choices[index % len(choices)]
+        specs[site_id] = spec or RowMixSpec(bits=4, parts=parts,
+                                            rows=scattered_rows(len(parts), site.shape[0]))
+    graph.plan = Plan(specs=specs, policy="test", budget={})
+    graph.available.add("plan")
+    PassManager(parse("quantize,lower-onnx{accuracy_level=1},lower-torch")).run(graph)
+    path = tmp_path / "model.onnx"
+    ort_backend.save(graph.lowered["onnx"], path)
+    nodes = onnx.load(path).graph.node
+    kernels = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert kernels and {a.i for n in kernels for a in n.attribute if a.name == "bits"} == {4}
+    assert not [n for n in nodes if n.op_type in ("MatMul", "DequantizeLinear")
+                and "lwqc.site" in {p.key for p in n.metadata_props}]
+    assert _stored_bytes(path) == {site_id: site_bytes(graph, site_id, weight.spec)
+                                   for site_id, weight in graph.packed.items()}
+    read = ort_backend.read_packed(path, set(graph.packed))
+    for site_id, packed in graph.packed.items():
+        for name, array in packed.arrays().items():
+            np.testing.assert_array_equal(read[site_id].arrays()[name], array,
+                                          err_msg=f"{site_id}.{name}")
+    for site_id, weight in ort_dequantized(path).items():
+        np.testing.assert_array_equal(weight, graph.packed[site_id].dequantize(), site_id)
+    ids = np.random.default_rng(0).integers(0, 128, (2, 16))
+    ort_logits = ort_backend.session(path).run(["logits"], {"input_ids": ids})[0]
+    with torch.no_grad():
+        torch_logits = graph.lowered["torch"](input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(ort_logits - torch_logits).max() < 1e-4

@@ -33,8 +33,9 @@ def test_codes_round_trip(bits):
 
 
 def test_only_power_of_two_groups_of_16_or_more_affine_without_outliers_are_held():
-    assert matmul_nbits.holds(AsymmetricSpec(4, 32)) and matmul_nbits.holds(SymmetricSpec(2, 16))
+    assert matmul_nbits.holds(AsymmetricSpec(4, 32)) and matmul_nbits.holds(SymmetricSpec(8, 16))
     assert not matmul_nbits.holds(AsymmetricSpec(3, 32))  # no 3-bit kernel
+    assert not matmul_nbits.holds(SymmetricSpec(2, 16))  # run widened to 4 bits instead
     assert not matmul_nbits.holds(AsymmetricSpec(4, 48))  # not a power of two
     assert not matmul_nbits.holds(AsymmetricSpec(4, 8))  # below 16
     assert not matmul_nbits.holds(AsymmetricSpec(4, None))  # per row

@@ -17,7 +17,7 @@ from lwqc.ir.spec import FloatOffsetDqSpec, FloatOffsetSpec, make_spec, row_mix
 from lwqc.passes.quantizers import quantize_weight
 
 
-def test_float_offset_groups_of_a_power_of_two_without_outliers_fit():
+def test_float_offset_and_affine_groups_of_a_power_of_two_without_outliers_fit():
     rng = np.random.default_rng(0)
     float_weight = rng.normal(size=(8, 64)).astype(np.float32)
 
@@ -29,8 +29,16 @@ def test_float_offset_groups_of_a_power_of_two_without_outliers_fit():
     assert not offset_nbits.fits(quantized(FloatOffsetSpec(4, 8)))  # below MatMulNBits' 16
     assert not offset_nbits.fits(quantized(FloatOffsetSpec(4, None)))  # per row
     assert not offset_nbits.fits(quantized(FloatOffsetDqSpec(4, 32, outliers=0.02)))
-    assert not offset_nbits.fits(quantized(make_spec(4, "rtn-asym", group_size=32)))
+    assert offset_nbits.fits(quantized(make_spec(2, "rtn-asym", group_size=32)))
+    assert offset_nbits.fits(quantized(make_spec(3, "rtn-sym", group_size=16)))
+    assert not offset_nbits.fits(quantized(make_spec(3, "rtn-asym", group_size=32,
+                                                     outliers=0.02)))
+    assert not offset_nbits.fits(quantized(make_spec(3, "codebook")))
     assert [offset_nbits.container(b) for b in (2, 3, 4, 8)] == [4, 4, 4, 8]
+    # affine weights (zero points, no correction) never share a kernel with float offsets
+    assert offset_nbits.kernel_key(quantized(make_spec(3, "rtn-asym", group_size=32))) == (
+        32, 4, True)
+    assert offset_nbits.kernel_key(quantized(FloatOffsetDqSpec(3, 32))) == (32, 4, False)
 
 
 def _site_graph(weights, in_features: int, accuracy_level: int, rank: int | None = 2,
@@ -69,7 +77,7 @@ def _session(model, optimized=None) -> ort.InferenceSession:
                                 providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("scheme", ["float-offset", "float-offset-dq"])
+@pytest.mark.parametrize("scheme", ["float-offset", "float-offset-dq", "rtn-asym", "rtn-sym"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize(("in_features", "group_size"),
                          [(96, 32), (80, 32), (576, 64), (576, 128), (1536, 128)])
@@ -83,8 +91,8 @@ def test_ort_computes_with_the_formats_weights(scheme, bits, in_features, group_
     kernels = [n for n in model.graph if n.op_type == "MatMulNBits"]
     assert len(kernels) == 1 and kernels[0].attributes.get_int("bits") == (
         4 if bits <= 4 else 8)
-    # codes of the kernel's width in whole blocks are stored as its B: nothing to fold
-    direct = bits in (4, 8) and in_features % group_size == 0
+    # unsigned codes of the kernel's width in whole blocks are stored as its B: nothing to fold
+    direct = bits in (4, 8) and in_features % group_size == 0 and scheme != "rtn-sym"
     assert (kernels[0].inputs[1].name == "w0.weight_codes") == direct
     # the file holds the format's arrays at their physical size, nothing derived from them
     stored = sum(v.const_value.nbytes for name, v in model.graph.initializers.items()
@@ -101,7 +109,11 @@ def test_ort_computes_with_the_formats_weights(scheme, bits, in_features, group_
     exact = x.astype(np.float64) @ expected.T.astype(np.float64)
     bound = in_features * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(expected).T)
     assert np.all(np.abs(product - exact) <= bound)
-    # on the identity each output is one weight: code * scale + offset, rounded as in torch
+    # on the identity each output is one weight, rounded as in torch: code * scale + offset,
+    # or (code - zero point) * scale
+    affine = scheme.startswith("rtn")
+    ops = [n.op_type for n in model.graph]
+    assert ("MatMul" in ops) != affine  # a group-sum correction for float offsets only
     by_identity = session.run(None, {"A": np.eye(in_features, dtype=np.float32)})[0]
     np.testing.assert_array_equal(by_identity.T, expected)
     # ORT folded the kernel's inputs into constants before running it
@@ -177,7 +189,7 @@ def test_a_row_mix_of_one_kernel_runs_as_a_site_beside_another(tmp_path):
                             row_mix(specs, choice), clip="minmax")
     plain = quantize_weight(rng.normal(size=(8, 96)).astype(np.float32), specs[2],
                             clip="minmax")
-    assert offset_nbits.fits(mixed) and offset_nbits.kernel_key(mixed) == (32, 4)
+    assert offset_nbits.fits(mixed) and offset_nbits.kernel_key(mixed) == (32, 4, False)
     model = _site_graph([mixed, plain], 96, accuracy_level=1)
     ops = [n.op_type for n in model.graph]
     assert ops.count("MatMulNBits") == 1
@@ -204,13 +216,15 @@ def test_a_row_mix_of_one_kernel_runs_as_a_site_beside_another(tmp_path):
     assert "Gather" not in [n.op_type for n in folded.graph.node]
 
 
-def test_a_row_mix_of_three_group_sizes_is_corrected_by_one_matmul(tmp_path):
+@pytest.mark.parametrize("scheme", ["float-offset-dq", "rtn-asym", "rtn-sym"])
+def test_a_row_mix_of_three_group_sizes_is_corrected_by_one_matmul(scheme, tmp_path):
     """Rows in groups of 32, 64 and 128 (80 inputs: the wider groups' last one padded) run on
     three kernels, whose products are corrected together by one MatMul on the sums over groups
-    of 32, the offsets of groups of 64 and 128 repeated two and four times along them."""
+    of 32, the offsets of groups of 64 and 128 repeated two and four times along them; affine
+    rows, whose zero points the kernels hold, need no correction."""
     rng = np.random.default_rng(11)
-    specs = [FloatOffsetDqSpec(3, 32), FloatOffsetDqSpec(4, 32), FloatOffsetDqSpec(2, 64),
-             FloatOffsetDqSpec(3, 128)]
+    specs = [make_spec(bits, scheme, group_size=size)
+             for bits, size in ((3, 32), (4, 32), (2, 64), (3, 128))]
     choice = rng.permutation(np.arange(24) % 4)
     mixed = quantize_weight(rng.normal(size=(24, 80)).astype(np.float32),
                             row_mix(specs, choice), clip="minmax")
@@ -238,7 +252,9 @@ def test_a_row_mix_of_three_group_sizes_is_corrected_by_one_matmul(tmp_path):
     exact = x.astype(np.float64) @ expected.T.astype(np.float64) + bias
     bound = 80 * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(expected).T + np.abs(bias))
     assert np.all(np.abs(session.run(None, {"A": x})[0] - exact) <= bound)
-    # what runs: three kernels, one group sum, one correcting MatMul, the Gather into row order
+    # what runs: three kernels, one group sum and one correcting MatMul (float offsets), the
+    # Gather into row order
     ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+    corrected = int(scheme == "float-offset-dq")
     assert (ops.count("MatMulNBits"), ops.count("ReduceSum"), ops.count("MatMul"),
-            ops.count("Gather")) == (3, 1, 1, 1)
+            ops.count("Gather")) == (3, corrected, corrected, 1)
