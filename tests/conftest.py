@@ -217,8 +217,10 @@ def nbits_dequantized(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     for node in model.graph.node:
         props = {p.key: p.value for p in node.metadata_props}
         row_mix = node.op_type == "Gather" and props.get("lwqc.scheme") == "row-mix"
-        schemes = ([spec["scheme"] for spec in json.loads(props["lwqc.specs"])]
-                   if "lwqc.specs" in props else [props.get("lwqc.scheme")])
+        specs = (json.loads(props["lwqc.specs"]) if "lwqc.specs" in props else
+                 [{"scheme": props.get("lwqc.scheme"),
+                   "parts": json.loads(props.get("lwqc.parts") or "[]")}])
+        schemes = [part["scheme"] for spec in specs for part in spec.get("parts") or [spec]]
         quantized = props.get("lwqc.bits", "16") != "16" or "lwqc.specs" in props
         if not row_mix and (node.op_type != "MatMulNBits" or not quantized):
             continue
@@ -241,8 +243,8 @@ def nbits_dequantized(model: onnx.ModelProto) -> dict[str, np.ndarray]:
                 kernel.input[5] = ""
             users = consumers.get(node.output[0], [])
             # float-offset sites (row-mixed or not): the kernel's product plus the group-sum
-            # correction
-            corrected = all(s.startswith("float-offset") or s == "row-mix" for s in schemes)
+            # correction; affine ones have none
+            corrected = all(s.startswith("float-offset") for s in schemes)
             activation = node.input[0]
             output = users[0].output[0] if corrected else node.output[0]
         single = _initializer_slice(probe, [output], (activation,))

@@ -225,18 +225,20 @@ def test_word_packing_round_trips_and_takes_its_width(width, count):
 
 
 def test_affine_codes_below_four_bits_run_widened_on_the_4_bit_kernel(tiny_llama_dir, tmp_path):
-    """2- and 3-bit affine sites, asymmetric and symmetric, and affine row-mixes run on
-    MatMulNBits at 4 bits (ORT's own 2-bit kernel is several times slower on CPU), their codes
-    and zero points widened when the session starts: the file holds their own arrays at their
-    physical size, read back exactly, and ORT multiplies by the weights torch computes."""
+    """2- and 3-bit affine sites, asymmetric and symmetric, and affine row-mixes (on one kernel,
+    or one per group size) run on MatMulNBits at 4 bits (ORT's own 2-bit kernel is several
+    times slower on CPU), their codes and zero points widened when the session starts: the file
+    holds their own arrays at their physical size, read back exactly, and ORT multiplies by the
+    weights torch computes."""
     graph = import_model(str(tiny_llama_dir))
-    parts = (AsymmetricSpec(3, 32), AsymmetricSpec(2, 32), AsymmetricSpec(4, 64))
-    choices = [AsymmetricSpec(2, 32), SymmetricSpec(3, 32), SymmetricSpec(2, 64), None]
+    choices = [AsymmetricSpec(2, 32), SymmetricSpec(3, 32), SymmetricSpec(2, 64),
+               (AsymmetricSpec(3, 32), AsymmetricSpec(2, 32), AsymmetricSpec(4, 64)),
+               (SymmetricSpec(4, 32), SymmetricSpec(2, 32), SymmetricSpec(3, 32))]
     specs = {}
     for index, (site_id, site) in enumerate(graph.sites.items()):
         spec = choices[index % len(choices)]
-        specs[site_id] = spec or RowMixSpec(bits=4, parts=parts,
-                                            rows=scattered_rows(len(parts), site.shape[0]))
+        specs[site_id] = spec if not isinstance(spec, tuple) else RowMixSpec(
+            bits=4, parts=spec, rows=scattered_rows(len(spec), site.shape[0]))
     graph.plan = Plan(specs=specs, policy="test", budget={})
     graph.available.add("plan")
     PassManager(parse("quantize,lower-onnx{accuracy_level=1},lower-torch")).run(graph)
