@@ -216,15 +216,21 @@ def test_a_row_mix_of_one_kernel_runs_as_a_site_beside_another(tmp_path):
     assert "Gather" not in [n.op_type for n in folded.graph.node]
 
 
-@pytest.mark.parametrize("scheme", ["float-offset-dq", "rtn-asym", "rtn-sym"])
-def test_a_row_mix_of_three_group_sizes_is_corrected_by_one_matmul(scheme, tmp_path):
+_FLOAT, _ASYM, _SYM = "float-offset-dq", "rtn-asym", "rtn-sym"
+
+
+@pytest.mark.parametrize(("schemes", "kernels"), [
+    ((_FLOAT,) * 4, 3), ((_ASYM,) * 4, 3), ((_SYM,) * 4, 3),
+    ((_FLOAT, _ASYM, _SYM, _FLOAT), 4), ((_ASYM, _FLOAT, _FLOAT, _SYM), 4)])
+def test_a_row_mix_of_three_group_sizes_is_corrected_by_one_matmul(schemes, kernels, tmp_path):
     """Rows in groups of 32, 64 and 128 (80 inputs: the wider groups' last one padded) run on
-    three kernels, whose products are corrected together by one MatMul on the sums over groups
-    of 32, the offsets of groups of 64 and 128 repeated two and four times along them; affine
-    rows, whose zero points the kernels hold, need no correction."""
+    one kernel per group size and kind (float offsets or affine), whose products are corrected
+    together by one MatMul on the sums over groups of 32, the offsets of groups of 64 and 128
+    repeated two and four times along them; affine rows, whose zero points the kernels hold,
+    take zero offsets in it, and need no correction at all where every row is affine."""
     rng = np.random.default_rng(11)
-    specs = [make_spec(bits, scheme, group_size=size)
-             for bits, size in ((3, 32), (4, 32), (2, 64), (3, 128))]
+    specs = [make_spec(bits, scheme, group_size=size) for scheme, (bits, size)
+             in zip(schemes, ((3, 32), (4, 32), (2, 64), (3, 128)), strict=True)]
     choice = rng.permutation(np.arange(24) % 4)
     mixed = quantize_weight(rng.normal(size=(24, 80)).astype(np.float32),
                             row_mix(specs, choice), clip="minmax")
@@ -252,9 +258,9 @@ def test_a_row_mix_of_three_group_sizes_is_corrected_by_one_matmul(scheme, tmp_p
     exact = x.astype(np.float64) @ expected.T.astype(np.float64) + bias
     bound = 80 * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(expected).T + np.abs(bias))
     assert np.all(np.abs(session.run(None, {"A": x})[0] - exact) <= bound)
-    # what runs: three kernels, one group sum and one correcting MatMul (float offsets), the
+    # what runs: the kernels, one group sum and one correcting MatMul (any float offsets), the
     # Gather into row order
     ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
-    corrected = int(scheme == "float-offset-dq")
+    corrected = int(_FLOAT in schemes)
     assert (ops.count("MatMulNBits"), ops.count("ReduceSum"), ops.count("MatMul"),
-            ops.count("Gather")) == (3, corrected, corrected, 1)
+            ops.count("Gather")) == (kernels, corrected, corrected, 1)
