@@ -129,9 +129,9 @@ class DecoderRewrite:
         self.model, self.graph = model, graph
         self.accuracy_level = accuracy_level
         self.metadata = metadata  # site -> its decision metadata
-        # site -> a function building its float weight [out, in] (sites without an n-bit
-        # table)
-        self.tables: dict[str, Callable[[], ir.Value]] = {}
+        # site -> the lookup of its rows (sites whose table GatherBlockQuantized reads not
+        # from MatMulNBits' own arrays)
+        self.tables: dict[str, offset_nbits.RowLookup] = {}
         self.int2_dequantized = False  # int2 codes (read by any op) need opset 25
 
     def run(self) -> None:
@@ -205,8 +205,9 @@ class DecoderRewrite:
                 self.model.graph, name, node, False, PACKED_STORAGE.code_bits,
                 self._decision(site_ids))
             self.int2_dequantized |= any(2 in w.spec.code_widths() for _, w in sites)
-            output, tables = offset_nbits.lower(shared, sites, activation, self.accuracy_level)
-            self.tables.update(tables)
+            output, lookups = offset_nbits.lower(shared, sites, activation,
+                                                 self.accuracy_level)
+            self.tables.update(lookups)
             return output
         elif offset_nbits.fits_rows(weight):
             assert isinstance(weight, RowMixWeight)
@@ -221,8 +222,8 @@ class DecoderRewrite:
                                   self.metadata[name])
             self.int2_dequantized |= 2 in weight.spec.code_widths()
             dequantized = lower_weight(rewrite, weight)
-            self.tables[name] = functools.cache(functools.partial(self._transposed, name,
-                                                                  dequantized))
+            table = functools.cache(functools.partial(self._transposed, name, dequantized))
+            self.tables[name] = functools.partial(self._rows, name, table)
             new = ir.node("MatMul", [activation, dequantized], name=f"{name}/MatMul")
             self.model.graph.insert_before(node, new)
         new.metadata_props.update(self._decision(site_ids))
@@ -234,6 +235,14 @@ class DecoderRewrite:
                         name=f"{name}/table")
         self.model.graph.insert_after(dequantized.producer(), table)
         return table.outputs[0]
+
+    def _rows(self, name: str, table: Callable[[], ir.Value], before: ir.Node,
+              indices: ir.Value) -> ir.Value:
+        """Rows ``indices`` of a dequantized ``table()``, read by a Gather before ``before``."""
+        rows = ir.node("Gather", [table(), indices], attributes={"axis": 0},
+                       name=f"{name}/Gather")
+        self.model.graph.insert_before(before, rows)
+        return rows.outputs[0]
 
     def _decision(self, site_ids: list[str]) -> dict[str, str]:
         """The decision metadata of one site, or of sites sharing a kernel: their spec, or
@@ -262,14 +271,11 @@ class DecoderRewrite:
                 gather = use.node
                 if gather.op_type != "Gather" or use.idx != 0:
                     continue
-                if site_id in self.tables:  # GatherBlockQuantized holds it not: float rows
-                    rows = ir.node("Gather", [self.tables[site_id](), gather.inputs[1]],
-                                   attributes={"axis": 0}, name=f"{site_id}/Gather")
-                    self.model.graph.insert_before(gather, rows)
-                    value = rows.outputs[0]
+                if site_id in self.tables:  # MatMulNBits holds it not as it is
+                    value = self.tables[site_id](gather, gather.inputs[1])
                 else:
                     assert isinstance(weight, AffineWeight)
-                    value = matmul_nbits.gather(self.model.graph, gather, site_id, weight,
+                    value = matmul_nbits.gather(self.model.graph, site_id, weight, gather,
                                                 gather.inputs[1])
                 replace_node(self.model.graph, gather, value)
             if not transpose.outputs[0].uses():

@@ -142,7 +142,7 @@ def matmul(graph: ir.Graph, before: ir.Node, name: str, activation: ir.Value,
     return node
 
 
-def gather(graph: ir.Graph, before: ir.Node, name: str, weight: AffineWeight,
+def gather(graph: ir.Graph, name: str, weight: AffineWeight, before: ir.Node,
            indices: ir.Value) -> ir.Value:
     """Rows of the weight at ``indices``, read by GatherBlockQuantized from the initializers
     ``matmul`` wrote for ``name`` (inserted before ``before``)."""

@@ -36,12 +36,16 @@ folded at session start (signed codes shifted by ``2^(width-1)``, the kernel's z
 them). The file holds their own arrays at their physical size, as for any other lowering; ORT's
 own 2-bit kernel, which would hold 2-bit codes as they are, decodes several times slower than
 the 4-bit one on CPU.
+
+A tied embedding reads its rows from the kernel's own arrays (``RowLookup``): GatherBlockQuantized
+on ``B``, the scales and zero points (plus the rows' float offsets), only the rows it looks up.
+No float table is computed, neither at session start (where folding one would briefly take
+about 50 bytes per weight) nor kept (4 bytes per weight).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 from collections.abc import Callable
 
@@ -51,9 +55,7 @@ import onnx_ir as ir
 from lwqc.backends import matmul_nbits
 from lwqc.backends.onnx_formats import (
     SiteRewrite,
-    dequantize_linear,
     float_offset_parameters,
-    float_offset_weight,
     part_rewrite,
     repeat_blocks,
     row_order_indices,
@@ -65,6 +67,8 @@ from lwqc.ir.spec import GroupSpec
 FORMATS = ("float-offset", "float-offset-dq")
 AFFINE = "affine"  # no offsets: zero points in the kernel, no correction
 CONTAINERS = (4, 8)  # MatMulNBits widths holding the codes: narrower codes sit in 4 bits
+# rows ``indices`` of a site's weight, ``[..., in]``, computed by nodes inserted before the node
+RowLookup = Callable[[ir.Node, ir.Value], ir.Value]
 
 
 def fits(weight: WeightFormat) -> bool:
@@ -114,14 +118,13 @@ def kernel_key(weight: WeightFormat) -> tuple[int | None, int, bool]:
 
 def lower(shared: SiteRewrite, sites: list[tuple[SiteRewrite, WeightFormat]],
           activation: ir.Value, accuracy_level: int, bias: ir.Value | None = None
-          ) -> tuple[ir.Value, dict[str, Callable[[], ir.Value]]]:
+          ) -> tuple[ir.Value, dict[str, RowLookup]]:
     """One MatMulNBits (and its correction) computing the outputs of ``sites`` side by side for
     ``activation`` (one ``kernel_key``: several sites when they read one input, as q/k/v do),
     with the kernel's ``accuracy_level`` and optional ``bias`` (one value per output). Each
     site's rewrite stores that site's arrays; ``shared`` builds the nodes they share and
     carries the decision metadata; all in ``[out, in]`` orientation. Returns the output and,
-    per site, a function building its float weight ``[out, in]`` from the same arrays, once
-    however often it is called (for the rows of a tied embedding)."""
+    per site, the lookup of its rows in the kernel's arrays (for a tied embedding)."""
     width = kernel_key(sites[0][1])[1]
     assert all(not r.transposed and fits(w) and kernel_key(w) == kernel_key(sites[0][1])
                for r, w in sites)
@@ -133,12 +136,11 @@ def lower(shared: SiteRewrite, sites: list[tuple[SiteRewrite, WeightFormat]],
 @dataclasses.dataclass(frozen=True)
 class _Member:
     """A share of a kernel's rows (a site, a part of a row-mix, or parts stored jointly), in
-    its own row order: the weight whose layout (spec, shape) its parameters have, a function
-    giving its codes ``[out, in]`` (built when first asked), MatMulNBits' ``B``, its scales,
-    and its offsets (float-offset) or the kernel's zero points ``[out, groups]`` (affine)."""
+    its own row order: the weight whose layout (spec, shape) its parameters have, MatMulNBits'
+    ``B``, its scales, and its offsets (float-offset) or the kernel's zero points
+    ``[out, groups]`` (affine)."""
 
     layout: WeightFormat
-    codes: Callable[[], ir.Value]
     kernel_codes: ir.Value
     scales: ir.Value
     offsets: ir.Value | None
@@ -149,20 +151,25 @@ class _Member:
 class _Product:
     """A kernel's output (its rows side by side) before the group-sum correction, and what the
     correction needs: the offsets ``[rows, groups]`` in the same row order (None: affine rows,
-    none to correct), their group size, and the inputs."""
+    none to correct), their group size, and the inputs; and the kernel's arrays, which its
+    rows are looked up in (``B``, scales, packed zero points, the codes' width)."""
 
     value: ir.Value
     offsets: ir.Value | None
     rows: int
     group_size: int
     in_features: int
+    codes: ir.Value
+    scales: ir.Value
+    zero_points: ir.Value
+    width: int
 
 
 def _kernel(shared: SiteRewrite, members: list[tuple[SiteRewrite, _Member]],
             activation: ir.Value, width: int, accuracy_level: int, bias: ir.Value | None
-            ) -> tuple[_Product, dict[str, Callable[[], ir.Value]]]:
+            ) -> tuple[_Product, dict[str, RowLookup]]:
     """The MatMulNBits of ``lower`` for members: its product (their outputs side by side, to
-    be ``_corrected``), and each member's float weight by the name of its rewrite."""
+    be ``_corrected``), and the lookup of each member's rows by the name of its rewrite."""
     layout = members[0][1].layout
     spec = layout.spec
     assert isinstance(spec, GroupSpec) and spec.group_size is not None
@@ -183,36 +190,84 @@ def _kernel(shared: SiteRewrite, members: list[tuple[SiteRewrite, _Member]],
             _packed_lanes(shared, joined([m.zero_points for _, m in members]),
                           -groups % (8 // width), width),
             shared.constant([out_features, packed_groups])])
-    inputs = [activation, joined([m.kernel_codes for _, m in members]),
-              joined([m.scales for _, m in members]), zero_points]
+    codes, scales = (joined([m.kernel_codes for _, m in members]),
+                     joined([m.scales for _, m in members]))
+    inputs = [activation, codes, scales, zero_points]
     if bias is not None:
         inputs += [None] * (matmul_nbits.BIAS_INPUT - len(inputs)) + [bias]
     product = shared.node(
         "MatMulNBits", inputs, {"K": in_features, "N": out_features, "bits": width,
                                 "block_size": spec.group_size, "accuracy_level": accuracy_level},
         output="kernel_product", domain=matmul_nbits.DOMAIN)
-    kernel = product.producer()
-    assert kernel is not None
-
-    def dense(rewrite: SiteRewrite, member: _Member) -> Callable[[], ir.Value]:
-        def build() -> ir.Value:
-            rewrite.matmul = kernel  # the node that stays in the graph
-            if member.offsets is not None:
-                return float_offset_weight(rewrite, member.layout, member.codes(),
-                                           member.scales, member.offsets)
-            assert isinstance(member.layout, AffineWeight) and member.zero_points is not None
-            zero_points = [] if member.layout.signed else [member.zero_points]
-            return dequantize_linear(rewrite, member.layout,
-                                     [member.codes(), member.scales, *zero_points],
-                                     "weight_dequantized", spelled_out=True)
-
-        return build
-
     affine = members[0][1].offsets is None
     offsets = None if affine else joined([m.offsets for _, m in members])
-    return (_Product(product, offsets, out_features, spec.group_size, in_features),
-            {rewrite.site_id: functools.cache(dense(rewrite, member))
-             for rewrite, member in members})
+    kernel = _Product(product, offsets, out_features, spec.group_size, in_features, codes,
+                      scales, zero_points, width)
+    firsts = itertools.accumulate((m.layout.shape[0] for _, m in members), initial=0)
+    return kernel, {rewrite.site_id: _row_lookup(rewrite, [kernel], first=first)
+                    for (rewrite, _), first in zip(members, firsts, strict=False)}
+
+
+def _row_lookup(rewrite: SiteRewrite, products: list[_Product], order: ir.Value | None = None,
+                first: int = 0) -> RowLookup:
+    """The lookup of a weight's rows in the kernels holding it, ``products`` (their rows
+    stacked in this order: the weight's row ``r`` is stacked row ``order[r]``, or ``first +
+    r``): each kernel's rows at the indices it holds (``_kernel_rows``), chosen per index by
+    the kernel it falls in."""
+
+    def lookup(before: ir.Node, indices: ir.Value) -> ir.Value:
+        rewrite.matmul = before
+        position = indices
+        if order is not None or first or len(products) > 1:
+            position = rewrite.node("Cast", [indices], {"to": ir.DataType.INT64})
+        if order is not None:
+            position = rewrite.node("Gather", [order, position], {"axis": 0})
+        if first:
+            position = rewrite.node("Add", [position, rewrite.constant([first])])
+        if len(products) == 1:
+            return _kernel_rows(rewrite, products[0], position)
+        rows, start = None, 0
+        for product in products:
+            local = rewrite.node("Min", [rewrite.node("Max", [
+                rewrite.node("Sub", [position, rewrite.constant([start])]),
+                rewrite.constant([0])]), rewrite.constant([product.rows - 1])])
+            held = _kernel_rows(rewrite, product, local)
+            if rows is not None:
+                inside = rewrite.node("Unsqueeze", [rewrite.node(
+                    "GreaterOrEqual", [position, rewrite.constant([start])]),
+                    rewrite.constant([-1])])
+                held = rewrite.node("Where", [inside, held, rows])
+            rows, start = held, start + product.rows
+        assert rows is not None
+        return rows
+
+    return lookup
+
+
+def _kernel_rows(rewrite: SiteRewrite, product: _Product, indices: ir.Value) -> ir.Value:
+    """A kernel's rows ``indices``, ``[..., in]``, as its weight has them: GatherBlockQuantized
+    on its ``B`` (``[rows, blocks * block * width / 8]``), scales and zero points gives
+    ``(code - zero point) * scale``; float offsets are added per group (a Reshape to
+    ``[..., groups, group]``), and a padded last group cut off."""
+    blocks = -(-product.in_features // product.group_size)
+    data = rewrite.node("Reshape", [product.codes, rewrite.constant([product.rows, -1])])
+    rows = rewrite.node("GatherBlockQuantized",
+                        [data, indices, product.scales, product.zero_points],
+                        {"bits": product.width, "block_size": product.group_size,
+                         "gather_axis": 0, "quantize_axis": 1}, domain=matmul_nbits.DOMAIN)
+    if product.offsets is not None:
+        leading = rewrite.node("Shape", [indices])
+        grouped = rewrite.node("Reshape", [rows, rewrite.node(
+            "Concat", [leading, rewrite.constant([blocks, product.group_size])], {"axis": 0})])
+        offsets = rewrite.node("Unsqueeze", [rewrite.node(
+            "Gather", [product.offsets, indices], {"axis": 0}), rewrite.constant([-1])])
+        rows = rewrite.node("Reshape", [rewrite.node("Add", [grouped, offsets]), rewrite.node(
+            "Concat", [leading, rewrite.constant([blocks * product.group_size])], {"axis": 0})])
+    if blocks * product.group_size != product.in_features:
+        rows = rewrite.node("Slice", [rows, rewrite.constant([0]),
+                                      rewrite.constant([product.in_features]),
+                                      rewrite.constant([-1])])
+    return rows
 
 
 def _corrected(rewrite: SiteRewrite, activation: ir.Value, products: list[_Product]
@@ -251,8 +306,7 @@ def _member(rewrite: SiteRewrite, weight: WeightFormat, width: int) -> _Member:
     if isinstance(weight, RowMixWeight):
         parts = [(part_rewrite(rewrite, f"p{i}"), part) for i, part in enumerate(weight.parts)]
         return _joined(rewrite, parts, width, weight)
-    return _Member(weight, *_codes(rewrite, weight, width),
-                   *_parameters(rewrite, weight, width))
+    return _Member(weight, _codes(rewrite, weight, width), *_parameters(rewrite, weight, width))
 
 
 def _parameters(rewrite: SiteRewrite, weight: WeightFormat, width: int
@@ -281,8 +335,7 @@ def _joined(rewrite: SiteRewrite, parts: list[tuple[SiteRewrite, WeightFormat]],
     parameters (zero points of each part's width) under each part's rewrite: in the row order
     of ``mix`` (its parts' codes put in it by a Gather on constants, folded at session start),
     or without, stacked in part order."""
-    codes, blobs = zip(*(_codes(part_site, part, width) for part_site, part in parts),
-                       strict=True)
+    blobs = [_codes(part_site, part, width) for part_site, part in parts]
     weights = [part for _, part in parts]
     order = row_order_indices(rewrite, mix) if mix is not None else None
 
@@ -291,15 +344,6 @@ def _joined(rewrite: SiteRewrite, parts: list[tuple[SiteRewrite, WeightFormat]],
         return stacked if order is None else rewrite.node("Gather", [stacked, order],
                                                           {"axis": 0})
 
-    signed = isinstance(weights[0], AffineWeight) and weights[0].signed
-    byte = ir.DataType.INT8 if signed else ir.DataType.UINT8
-
-    def all_codes() -> ir.Value:
-        for part_site, _ in parts:  # their nodes go where the member's go now
-            part_site.matmul = rewrite.matmul
-        return arranged([rewrite.node("Cast", [build()], {"to": byte})
-                         for build in codes])  # 2-bit codes are 2-bit types
-
     rows = sum(part.shape[0] for part in weights)
     widest = max(weights, key=lambda part: part.spec.bits)
     layout = load_weight(widest.spec, in_row_order(
@@ -307,31 +351,25 @@ def _joined(rewrite: SiteRewrite, parts: list[tuple[SiteRewrite, WeightFormat]],
     if weights[0].name == AFFINE:  # zero points are codes of each part's own width
         scales, _, zero_points = zip(*(_parameters(part_site, part, width)
                                        for part_site, part in parts), strict=True)
-        return _Member(layout, functools.cache(all_codes), arranged(list(blobs)),
-                       arranged(list(scales)), None, arranged(list(zero_points)))
-    return _Member(layout, functools.cache(all_codes), arranged(list(blobs)),
-                   *_parameters(rewrite, layout, width))
+        return _Member(layout, arranged(blobs), arranged(list(scales)), None,
+                       arranged(list(zero_points)))
+    return _Member(layout, arranged(blobs), *_parameters(rewrite, layout, width))
 
 
-def _codes(rewrite: SiteRewrite, weight: WeightFormat,
-           width: int) -> tuple[Callable[[], ir.Value], ir.Value]:
-    """A function giving the codes ``[out, in]`` as a value (built when first asked), and
-    MatMulNBits' ``B``. Codes stored at the kernel's width in whole blocks (4- or 8-bit
-    codes, groups dividing the inputs) are stored as ``B`` itself, the format's bytes in the
-    kernel's order: nothing to fold, and ``read_codes`` reads them back. Other codes (signed
-    ones too) are stored in their own container and ``B`` is computed from them."""
+def _codes(rewrite: SiteRewrite, weight: WeightFormat, width: int) -> ir.Value:
+    """MatMulNBits' ``B`` of a weight. Codes stored at the kernel's width in whole blocks (4-
+    or 8-bit codes, groups dividing the inputs) are stored as ``B`` itself, the format's bytes
+    in the kernel's order: nothing to fold, and ``read_codes`` reads them back. Other codes
+    (signed ones too) are stored in their own container and ``B`` is computed from them."""
     spec = weight.spec
     assert isinstance(spec, GroupSpec) and spec.group_size is not None
     out_features, in_features = weight.shape
     signed = isinstance(weight, AffineWeight) and weight.signed
     if rewrite.code_bits(spec.bits) != width or in_features % spec.group_size or signed:
-        codes = rewrite.array(weight, "codes", signed)
-        return (lambda: codes), _kernel_codes(rewrite, codes, weight, width)
+        return _kernel_codes(rewrite, rewrite.array(weight, "codes", signed), weight, width)
     packed = matmul_nbits.pack_codes(weight.arrays()["codes"], width)
-    blob = rewrite.initializer(f"{rewrite.site_id}.weight_codes", packed.reshape(
+    return rewrite.initializer(f"{rewrite.site_id}.weight_codes", packed.reshape(
         out_features, in_features // spec.group_size, spec.group_size * width // 8))
-    return functools.cache(lambda: rewrite.unpack_bytes(blob, "kernel", weight.shape, width,
-                                                        False)), blob
 
 
 def read_codes(blob: np.ndarray, width: int, in_features: int) -> np.ndarray:
@@ -419,13 +457,12 @@ def _parts_rewrite(rewrite: SiteRewrite, indices: list[int]) -> SiteRewrite:
 
 def lower_rows(rewrite: SiteRewrite, weight: RowMixWeight, activation: ir.Value,
                accuracy_level: int, bias: ir.Value | None = None
-               ) -> tuple[ir.Value, Callable[[], ir.Value]]:
+               ) -> tuple[ir.Value, RowLookup]:
     """A row-mixed site: each run of consecutive parts sharing a ``kernel_key`` on one
     MatMulNBits on ``activation`` (parts of one format in it stored jointly, ``joint_parts``),
     the products concatenated, corrected together and put in row order, plus ``bias``. Returns
-    the output and a function building the float weight ``[out, in]`` from the same arrays
-    (once)."""
-    products, tables = [], []
+    the output and the lookup of the site's rows in the kernels' arrays."""
+    products = []
     for (_, width, _), run in itertools.groupby(enumerate(weight.parts),
                                                 key=lambda indexed: kernel_key(indexed[1])):
         run = list(run)
@@ -439,21 +476,10 @@ def lower_rows(rewrite: SiteRewrite, weight: RowMixWeight, activation: ir.Value,
             else:
                 parts = [(part_rewrite(rewrite, f"p{i}"), weight.parts[i]) for i in indices]
                 members.append((member, _joined(member, parts, width, None)))
-        product, member_tables = _kernel(shared, members, activation, width, accuracy_level,
-                                         None)
-        products.append(product)
-        tables.extend(member_tables[member.site_id] for member, _ in members)
+        products.append(_kernel(shared, members, activation, width, accuracy_level, None)[0])
     order = row_order_indices(rewrite, weight)
     output = rewrite.node("Gather", [_corrected(rewrite, activation, products), order],
                           {"axis": -1}, output="rows_product")
     if bias is not None:
         output = rewrite.node("Add", [output, bias])
-    final = output.producer()
-    assert final is not None
-
-    def table() -> ir.Value:
-        rewrite.matmul = final  # the site's node that stays in the graph
-        stacked_rows = rewrite.node("Concat", [build() for build in tables], {"axis": 0})
-        return rewrite.node("Gather", [stacked_rows, order], {"axis": 0})
-
-    return output, functools.cache(table)
+    return output, _row_lookup(rewrite, products, order)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import ast
 import functools
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -159,16 +158,16 @@ def lower(graph: Graph, model: ir.Model, accuracy_level: int = DEFAULT_ACCURACY_
                                       accuracy_level, bias)
             new.metadata_props.update(decision)
             replace_node(model.graph, node, new.outputs[0])
-            table = matmul_nbits.gather
+            rows = functools.partial(matmul_nbits.gather, model.graph, site_id, weight)
         elif not bytes_only and _nbits_fits(node) and offset_nbits.fits(weight):
             rewrite = SiteRewrite(model.graph, site_id, node, False, capabilities.code_bits,
                                   dict(node.metadata_props))
             bias = node.inputs[2] if len(node.inputs) > 2 else None
-            output, tables = offset_nbits.lower(rewrite, [(rewrite, weight)], node.inputs[0],
-                                                accuracy_level, bias)
+            output, lookups = offset_nbits.lower(rewrite, [(rewrite, weight)], node.inputs[0],
+                                                 accuracy_level, bias)
             replace_node(model.graph, node, output)
             int2_codes |= 2 in weight.spec.code_widths()
-            table = _dequantized_rows(tables[site_id], False)
+            rows = lookups[site_id]
         elif not bytes_only and _nbits_fits(node) and offset_nbits.fits_rows(weight):
             assert isinstance(weight, RowMixWeight)
             rewrite = SiteRewrite(model.graph, site_id, node, False, capabilities.code_bits,
@@ -178,7 +177,6 @@ def lower(graph: Graph, model: ir.Model, accuracy_level: int = DEFAULT_ACCURACY_
                                                    accuracy_level, bias)
             replace_node(model.graph, node, output)
             int2_codes |= 2 in weight.spec.code_widths()
-            table = _dequantized_rows(rows, False)
         else:
             rewrite = SiteRewrite(model.graph, site_id, node, transposed,
                                   capabilities.code_bits, dict(node.metadata_props),
@@ -186,9 +184,9 @@ def lower(graph: Graph, model: ir.Model, accuracy_level: int = DEFAULT_ACCURACY_
             dequantized = lower_weight(rewrite, weight)
             node.replace_input_with(1, dequantized)
             int2_codes |= 2 in weight.spec.code_widths() and not bytes_only
-            table = _dequantized_rows(lambda value=dequantized: value, transposed)
+            rows = _dequantized_rows(model.graph, site_id, dequantized, transposed)
         if tied:
-            _share_table(model.graph, site_id, old, graph.weight(site_id), weight, table)
+            _share_table(model.graph, old, graph.weight(site_id), rows)
         if not old.uses() and old.name in model.graph.initializers:
             model.graph.initializers.pop(old.name)
     for node in model.graph.all_nodes():
@@ -210,23 +208,17 @@ def _nbits_fits(node: ir.Node) -> bool:
             and (bias is None or (bias.shape is not None and len(bias.shape) == 1)))
 
 
-TableLookup = Callable[[ir.Graph, ir.Node, str, WeightFormat, ir.Value], ir.Value]
+def _dequantized_rows(graph: ir.Graph, site_id: str, table: ir.Value,
+                      transposed: bool) -> offset_nbits.RowLookup:
+    """The lookup of rows of a dequantized weight (``[in, out]`` when ``transposed``)."""
 
-
-def _dequantized_rows(dequantized: Callable[[], ir.Value], transposed: bool) -> TableLookup:
-    """Rows of a dequantized weight (``dequantized()`` builds it, once; ``[in, out]`` when
-    ``transposed``)."""
-    built = functools.cache(dequantized)
-
-    def lookup(graph: ir.Graph, before: ir.Node, site_id: str, weight: WeightFormat,
-               indices: ir.Value) -> ir.Value:
-        nodes = []
-        table = built()
+    def lookup(before: ir.Node, indices: ir.Value) -> ir.Value:
+        nodes, rows = [], table
         if transposed:
             nodes.append(ir.node("Transpose", [table], attributes={"perm": [1, 0]},
                                  name=f"{site_id}/table"))
-            table = nodes[-1].outputs[0]
-        nodes.append(ir.node("Gather", [table, indices], attributes={"axis": 0},
+            rows = nodes[-1].outputs[0]
+        nodes.append(ir.node("Gather", [rows, indices], attributes={"axis": 0},
                              name=f"{site_id}/Gather"))
         graph.insert_before(before, nodes)
         return nodes[-1].outputs[0]
@@ -234,14 +226,14 @@ def _dequantized_rows(dequantized: Callable[[], ir.Value], transposed: bool) -> 
     return lookup
 
 
-def _share_table(graph: ir.Graph, site_id: str, old: ir.Value, float_weight: np.ndarray,
-                 weight: WeightFormat, lookup: TableLookup) -> None:
-    """Replace the Gathers that read a tied head's float table by ``lookup`` of the head's
-    quantized weight; drop the float table."""
+def _share_table(graph: ir.Graph, old: ir.Value, float_weight: np.ndarray,
+                 rows: offset_nbits.RowLookup) -> None:
+    """Replace the Gathers that read a tied head's float table by the lookup of ``rows`` of
+    the head's quantized weight; drop the float table."""
     for gather in [node for node in graph if node.op_type == "Gather"
                    and reads_table(node, old, float_weight)]:
         table = gather.inputs[0]
-        replace_node(graph, gather, lookup(graph, gather, site_id, weight, gather.inputs[1]))
+        replace_node(graph, gather, rows(gather, gather.inputs[1]))
         producer = table.producer()
         if producer is not None and not table.uses():
             graph.remove(producer, safe=True)

@@ -152,6 +152,20 @@ def ort_dequantized(path) -> dict[str, np.ndarray]:
     return {**weights, **nbits_dequantized(model)}
 
 
+def holds_table_at_session_start(path: Path, started: Path, table: np.ndarray) -> bool:
+    """Whether ORT holds ``table`` (or its transpose) as a float tensor once a session on the
+    model at ``path`` has started (its constants folded; the started model written to
+    ``started``)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(started)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    held = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(started)).graph.initializer
+            if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) == table.size]
+    return any(np.array_equal(array, table) or np.array_equal(array, table.T)
+               for array in held)
+
+
 def _initializer_slice(model: onnx.ModelProto, outputs: list[str],
                        inputs: tuple[str, ...] = ()) -> onnx.ModelProto:
     """The nodes (and initializers) that compute ``outputs`` from initializers and the float

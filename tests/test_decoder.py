@@ -148,14 +148,21 @@ def _tied_llama(directory: Path, ref_llama_dir: Path) -> Path:
 @pytest.mark.parametrize(("width", "group_size", "scheme", "lookup"), [
     (4, 64, "rtn-asym", "GatherBlockQuantized"),  # 96 inputs: padded block, Slice
     (8, 32, "rtn-sym", "GatherBlockQuantized"),
-    (2, 32, "rtn-asym", "Gather"),  # no 2-bit GatherBlockQuantized: dequantized table
-    (3, 32, "rtn-asym", "Gather"),
-    # float offsets: every site MatMulNBits with a group-sum correction, the table dequantized
-    (4, 32, "float-offset-dq", "Gather"),
-    (3, 32, "float-offset", "Gather"),
+    # codes widened to the kernel's 4 bits, float offsets (every site MatMulNBits, with a
+    # group-sum correction): the rows read from the kernel's arrays all the same
+    (2, 32, "rtn-asym", "GatherBlockQuantized"),
+    (3, 32, "rtn-asym", "GatherBlockQuantized"),
+    (4, 32, "float-offset-dq", "GatherBlockQuantized"),
+    (3, 32, "float-offset", "GatherBlockQuantized"),
+    (4, 8, "rtn-asym", "Gather"),  # groups below MatMulNBits' 16: the dequantized table
 ])
 def test_tied_head_serves_the_embedding_from_its_own_arrays(ref_llama_dir, tmp_path, width,
                                                             group_size, scheme, lookup):
+    """The tied head's arrays serve the embedding; where the head runs on MatMulNBits only the
+    rows looked up are dequantized: no float table, in the file or once the session has
+    started."""
+    from conftest import holds_table_at_session_start
+
     model = _tied_llama(tmp_path / "tied", ref_llama_dir)
     graph = _compile(model, f"policy-uniform{{width={width},group_size={group_size},"
                             f"scheme={scheme}}},quantize,lower-onnx{{accuracy_level=1}}")
@@ -170,6 +177,9 @@ def test_tied_head_serves_the_embedding_from_its_own_arrays(ref_llama_dir, tmp_p
     # no float copy of the 4096 x 96 table is left
     assert not [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
                 and 4096 * 96 <= np.prod(t.dims)]
+    if lookup == "GatherBlockQuantized":  # nor is one computed when the session starts
+        assert not holds_table_at_session_start(out / "model.onnx", tmp_path / "started.onnx",
+                                                graph.packed["lm_head"].dequantize())
     _agree(graph, out)
 
 

@@ -74,7 +74,7 @@ def test_ort_kernels_compute_with_the_formats_weights(scheme, bits, in_features,
     product = matmul_nbits.matmul(graph, anchor, "w", activation, [weight], 1).outputs[0]
     graph.outputs.append(product)
     if bits in matmul_nbits.GATHER_BITS:
-        graph.outputs.append(matmul_nbits.gather(graph, anchor, "w", weight, indices))
+        graph.outputs.append(matmul_nbits.gather(graph, "w", weight, anchor, indices))
     graph.remove(anchor)
     x = rng.normal(size=(3, in_features)).astype(np.float32)
     rows = np.array([0, 7, 23], np.int64)

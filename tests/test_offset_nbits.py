@@ -44,11 +44,16 @@ def test_float_offset_and_affine_groups_of_a_power_of_two_without_outliers_fit()
 def _site_graph(weights, in_features: int, accuracy_level: int, rank: int | None = 2,
                 bias: np.ndarray | None = None):
     """One MatMulNBits with its correction for ``weights`` (sites side by side), reading an
-    activation of ``rank`` (None: unknown); outputs the product, then each site's table."""
+    activation of ``rank`` (None: unknown); outputs the product, then the rows of site ``i``
+    at the indices ``rows<i>`` (``[1, n]``, as an embedding reads token ids), looked up in the
+    kernel's arrays."""
     shape = None if rank is None else ir.Shape([*["m"] * (rank - 1), in_features])
     activation = ir.Value(name="A", type=ir.TensorType(ir.DataType.FLOAT), shape=shape)
+    indices = [ir.Value(name=f"rows{i}", type=ir.TensorType(ir.DataType.INT64),
+                        shape=ir.Shape([1, f"n{i}"])) for i in range(len(weights))]
     anchor = ir.node("Identity", [activation])
-    graph = ir.Graph([activation], [], nodes=[anchor], opset_imports={"": 25})  # uint2
+    graph = ir.Graph([activation, *indices], [], nodes=[anchor],
+                     opset_imports={"": 25})  # uint2
     sites = [(SiteRewrite(graph, f"w{i}", anchor, False, PACKED_STORAGE.code_bits, {}), w)
              for i, w in enumerate(weights)]
     shared = sites[0][0] if len(sites) == 1 else SiteRewrite(
@@ -58,15 +63,27 @@ def _site_graph(weights, in_features: int, accuracy_level: int, rank: int | None
         shape=ir.Shape(list(bias.shape)))
     if bias_value is not None:
         graph.register_initializer(bias_value)
-    output, tables = offset_nbits.lower(shared, sites, activation, accuracy_level, bias_value)
+    output, lookups = offset_nbits.lower(shared, sites, activation, accuracy_level,
+                                         bias_value)
     graph.outputs.append(output)
+    graph.outputs.extend(lookups[rewrite.site_id](anchor, rows)
+                         for (rewrite, _), rows in zip(sites, indices, strict=True))
     graph.remove(anchor)
-    for rewrite, _ in sites:  # each table built twice: one set of nodes
-        assert tables[rewrite.site_id]() is tables[rewrite.site_id]()
-        graph.outputs.append(tables[rewrite.site_id]())
     model = ir.Model(graph, ir_version=13)
     model.opset_imports[matmul_nbits.DOMAIN] = 1
     return model
+
+
+def _shuffled_rows(weights) -> dict[str, np.ndarray]:
+    """Inputs of ``_site_graph``'s lookups: every row of each site, in a shuffled order."""
+    return {f"rows{i}": np.random.default_rng(i).permutation(w.shape[0])[None]
+            for i, w in enumerate(weights)}
+
+
+def _assert_rows(looked_up: list[np.ndarray], weights, indices: dict[str, np.ndarray]) -> None:
+    """Each site's looked-up rows are exactly its format's weights at those rows."""
+    for i, (rows, weight) in enumerate(zip(looked_up, weights, strict=True)):
+        np.testing.assert_array_equal(rows, weight.dequantize()[indices[f"rows{i}"]])
 
 
 def _session(model, optimized=None) -> ort.InferenceSession:
@@ -103,8 +120,9 @@ def test_ort_computes_with_the_formats_weights(scheme, bits, in_features, group_
     optimized = tmp_path / "optimized.onnx"
     session = _session(model, optimized)
     x = rng.normal(size=(3, in_features)).astype(np.float32)
-    product, dense = session.run(None, {"A": x})
-    np.testing.assert_array_equal(dense, expected)
+    indices = _shuffled_rows([weight])
+    product, *rows = session.run(None, {"A": x, **indices})
+    _assert_rows(rows, [weight], indices)
     # float32 sums in another order: within n * eps * sum |x w| of the exact product
     exact = x.astype(np.float64) @ expected.T.astype(np.float64)
     bound = in_features * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(expected).T)
@@ -114,7 +132,8 @@ def test_ort_computes_with_the_formats_weights(scheme, bits, in_features, group_
     affine = scheme.startswith("rtn")
     ops = [n.op_type for n in model.graph]
     assert ("MatMul" in ops) != affine  # a group-sum correction for float offsets only
-    by_identity = session.run(None, {"A": np.eye(in_features, dtype=np.float32)})[0]
+    by_identity = session.run(None, {"A": np.eye(in_features, dtype=np.float32),
+                                     **indices})[0]
     np.testing.assert_array_equal(by_identity.T, expected)
     # ORT folded the kernel's inputs into constants before running it
     folded = onnx.load(str(optimized))
@@ -136,14 +155,14 @@ def test_sites_side_by_side_with_a_bias_at_any_rank_and_int8_activations(rank):
     # level 4 quantizes the activations to int8 per block: within 2 % of the outputs' range
     for level, tolerance in ((1, 1e-4), (4, 0.02 * np.abs(reference).max())):
         model = _site_graph(weights, 48, level, rank, bias)
-        product, *tables = _session(model).run(None, {"A": x})
+        indices = _shuffled_rows(weights)
+        product, *rows = _session(model).run(None, {"A": x, **indices})
         np.testing.assert_allclose(product, reference, rtol=0, atol=tolerance)
-        for table, weight in zip(tables, weights, strict=True):
-            np.testing.assert_array_equal(table, weight.dequantize())
+        _assert_rows(rows, weights, indices)
 
 
 def test_a_tied_head_of_an_export_serves_the_embedding_from_its_own_arrays(tmp_path):
-    from conftest import ort_dequantized, save_tiny_model
+    from conftest import holds_table_at_session_start, ort_dequantized, save_tiny_model
     from lwqc.backends import onnx_rewrite
     from lwqc.ir.hf_source import import_model
     from lwqc.passes.manager import PassManager
@@ -163,7 +182,10 @@ def test_a_tied_head_of_an_export_serves_the_embedding_from_its_own_arrays(tmp_p
                 if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) == table.size
                 and np.array_equal(onnx.numpy_helper.to_array(t).reshape(-1),
                                    table.reshape(-1))]
-    assert "Gather" in [n.op_type for n in proto.graph.node]
+    assert "GatherBlockQuantized" in [n.op_type for n in proto.graph.node]
+    # nor is one computed when the session starts: the embedding reads rows of the arrays
+    assert not holds_table_at_session_start(path, tmp_path / "started.onnx",
+                                            graph.packed["lm_head"].dequantize())
     module = graph.lowered["torch"]
     for site_id, weight in ort_dequantized(path).items():
         np.testing.assert_array_equal(weight, graph.packed[site_id].dequantize(), site_id)
@@ -205,15 +227,18 @@ def test_a_row_mix_of_one_kernel_runs_as_a_site_beside_another(tmp_path):
     optimized = tmp_path / "optimized.onnx"
     session = _session(model, optimized)
     expected = np.concatenate([mixed.dequantize(), plain.dequantize()])
-    by_identity, *tables = session.run(None, {"A": np.eye(96, dtype=np.float32)})
+    indices = _shuffled_rows([mixed, plain])
+    by_identity, *rows = session.run(None, {"A": np.eye(96, dtype=np.float32), **indices})
     np.testing.assert_array_equal(by_identity.T, expected)
-    for table, weight in zip(tables, (mixed, plain), strict=True):
-        np.testing.assert_array_equal(table, weight.dequantize())
-    # the row order, like every input of the kernel, folded into constants
+    _assert_rows(rows, [mixed, plain], indices)
+    # the row order, like every input of the kernel, folded into constants; the Gathers left
+    # read the lookups' offsets, none the kernel's output
     folded = onnx.load(str(optimized))
+    constants = {t.name for t in folded.graph.initializer}
     (kernel,) = [n for n in folded.graph.node if n.op_type == "MatMulNBits"]
-    assert set(kernel.input[1:4]) <= {t.name for t in folded.graph.initializer}
-    assert "Gather" not in [n.op_type for n in folded.graph.node]
+    assert set(kernel.input[1:4]) <= constants
+    gathers = [n for n in folded.graph.node if n.op_type == "Gather"]
+    assert len(gathers) == 2 and all(n.input[0] in constants for n in gathers)
 
 
 _FLOAT, _ASYM, _SYM = "float-offset-dq", "rtn-asym", "rtn-sym"
@@ -237,30 +262,37 @@ def test_a_row_mix_of_three_group_sizes_is_corrected_by_one_matmul(schemes, kern
     assert offset_nbits.fits_rows(mixed) and not offset_nbits.fits(mixed)
     activation = ir.Value(name="A", type=ir.TensorType(ir.DataType.FLOAT),
                           shape=ir.Shape(["m", 80]))
+    indices = ir.Value(name="rows0", type=ir.TensorType(ir.DataType.INT64),
+                       shape=ir.Shape([1, "n"]))
     anchor = ir.node("Identity", [activation])
-    graph = ir.Graph([activation], [], nodes=[anchor], opset_imports={"": 25})
+    graph = ir.Graph([activation, indices], [], nodes=[anchor], opset_imports={"": 25})
     rewrite = SiteRewrite(graph, "w", anchor, False, PACKED_STORAGE.code_bits, {})
     bias = rng.normal(size=24).astype(np.float32)
     bias_value = ir.Value(name="bias", const_value=ir.tensor(bias))
     graph.register_initializer(bias_value)
-    output, table = offset_nbits.lower_rows(rewrite, mixed, activation, 1, bias_value)
-    graph.outputs.extend([output, table()])
+    output, lookup = offset_nbits.lower_rows(rewrite, mixed, activation, 1, bias_value)
+    graph.outputs.extend([output, lookup(anchor, indices)])
     graph.remove(anchor)
     model = ir.Model(graph, ir_version=13)
     model.opset_imports[matmul_nbits.DOMAIN] = 1
     optimized = tmp_path / "optimized.onnx"
     session = _session(model, optimized)
     expected = mixed.dequantize()
-    by_identity, dense = session.run(None, {"A": np.eye(80, dtype=np.float32)})
+    looked_up = _shuffled_rows([mixed])  # rows of every kernel, each where it falls
+    by_identity, rows = session.run(None, {"A": np.eye(80, dtype=np.float32), **looked_up})
     np.testing.assert_array_equal(by_identity, expected.T + bias)  # each weight, then the bias
-    np.testing.assert_array_equal(dense, expected)
+    _assert_rows([rows], [mixed], looked_up)
     x = rng.normal(size=(3, 80)).astype(np.float32)
     exact = x.astype(np.float64) @ expected.T.astype(np.float64) + bias
     bound = 80 * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(expected).T + np.abs(bias))
-    assert np.all(np.abs(session.run(None, {"A": x})[0] - exact) <= bound)
+    assert np.all(np.abs(session.run(None, {"A": x, **looked_up})[0] - exact) <= bound)
     # what runs: the kernels, one group sum and one correcting MatMul (any float offsets), the
-    # Gather into row order
+    # Gather into row order; the lookup reads each kernel's rows by GatherBlockQuantized, the
+    # float kernels' offsets by a Gather each, after one Gather of the rows' places
     ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
     corrected = int(_FLOAT in schemes)
+    float_kernels = len({size for scheme, size in zip(schemes, (32, 32, 64, 128), strict=True)
+                         if scheme == _FLOAT})
     assert (ops.count("MatMulNBits"), ops.count("ReduceSum"), ops.count("MatMul"),
-            ops.count("Gather")) == (kernels, corrected, corrected, 1)
+            ops.count("Gather"), ops.count("GatherBlockQuantized"), ops.count("Where")) == (
+        kernels, corrected, corrected, 2 + float_kernels, kernels, kernels - 1)
