@@ -13,10 +13,11 @@ groups as the kernel's ``B`` itself, every other array as ``onnx_formats`` store
 3-bit codes, 6-bit parameter codes, float16 steps). The kernel's other inputs (``B`` from codes
 of other widths, float32 scales, zero zero-points, the offsets) are computed from them by
 standard ops on constants, which ONNX Runtime folds once, at session start, before the kernel
-packs its weights. So the site runs on MatMulNBits' uint8 zero-point kernel (float zero points
-take a kernel about ten times slower on CPU) plus a MatMul of ``groups`` inputs. The weight it
-multiplies by is the format's own float32 formula, ``code * scale + offset``, each term rounded
-once as the torch backend computes it.
+packs its weights; ``B`` from tight 3-bit codes in byte ops on their packed words, which keeps
+what that folding holds at once small. So the site runs on MatMulNBits' uint8 zero-point kernel
+(float zero points take a kernel about ten times slower on CPU) plus a MatMul of ``groups``
+inputs. The weight it multiplies by is the format's own float32 formula, ``code * scale +
+offset``, each term rounded once as the torch backend computes it.
 
 A row-mix whose parts share one format, group size and container (3- and 4-bit rows in groups
 of 32, say) runs as a site of that format: its parts' codes under ``<site>.p<k>``, put in row
@@ -67,6 +68,7 @@ from lwqc.ir.spec import GroupSpec
 FORMATS = ("float-offset", "float-offset-dq")
 AFFINE = "affine"  # no offsets: zero points in the kernel, no correction
 CONTAINERS = (4, 8)  # MatMulNBits widths holding the codes: narrower codes sit in 4 bits
+WORD_CODE_BITS = 3  # codes packed in 24-bit words, widened to the 4-bit kernel byte by byte
 # rows ``indices`` of a site's weight, ``[..., in]``, computed by nodes inserted before the node
 RowLookup = Callable[[ir.Node, ir.Value], ir.Value]
 
@@ -360,16 +362,65 @@ def _codes(rewrite: SiteRewrite, weight: WeightFormat, width: int) -> ir.Value:
     """MatMulNBits' ``B`` of a weight. Codes stored at the kernel's width in whole blocks (4-
     or 8-bit codes, groups dividing the inputs) are stored as ``B`` itself, the format's bytes
     in the kernel's order: nothing to fold, and ``read_codes`` reads them back. Other codes
-    (signed ones too) are stored in their own container and ``B`` is computed from them."""
+    (signed ones too) are stored in their own container and ``B`` is computed from them:
+    from their packed bytes where they are packed in words (``_word_kernel_codes``), else
+    from the codes."""
     spec = weight.spec
     assert isinstance(spec, GroupSpec) and spec.group_size is not None
     out_features, in_features = weight.shape
     signed = isinstance(weight, AffineWeight) and weight.signed
-    if rewrite.code_bits(spec.bits) != width or in_features % spec.group_size or signed:
+    stored = rewrite.code_bits(spec.bits)
+    if stored == WORD_CODE_BITS and in_features % 2 == 0:
+        return _word_kernel_codes(rewrite, weight)
+    if stored != width or in_features % spec.group_size or signed:
         return _kernel_codes(rewrite, rewrite.array(weight, "codes", signed), weight, width)
     packed = matmul_nbits.pack_codes(weight.arrays()["codes"], width)
     return rewrite.initializer(f"{rewrite.site_id}.weight_codes", packed.reshape(
         out_features, in_features // spec.group_size, spec.group_size * width // 8))
+
+
+def _word_kernel_codes(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
+    """The 4-bit kernel's ``B`` from 3-bit codes packed in 24-bit words (eight to a word,
+    ``onnx_formats.pack_words``), in uint8 ops on the packed bytes, so that no tensor ONNX
+    Runtime folds at session start holds more than half a byte per code (unpacking the codes
+    first takes several bytes per code). Each word is four 6-bit windows of two codes, which
+    make one byte of ``B`` (the first in the low nibble); signed codes move from their offset
+    4 to the kernel's 8; the bytes are cut to the codes (rows of whole bytes: an even number
+    of inputs) and each row is padded to whole blocks."""
+    spec = weight.spec
+    assert isinstance(spec, GroupSpec) and spec.group_size is not None
+    out_features, in_features = weight.shape
+    signed = isinstance(weight, AffineWeight) and weight.signed
+    constant = rewrite.constant
+    packed = rewrite.packed_words(weight.arrays()["codes"], "codes", WORD_CODE_BITS, signed)
+    triples = rewrite.node("Pad", [rewrite.node("Reshape", [packed, constant([-1, 3])]),
+                                   constant([0, 0, 0, 1])])  # a zero fourth byte
+    low = rewrite.node("BitShift", [rewrite.node("Gather", [triples, constant([0, 0, 1, 2])],
+                                                 {"axis": 1}),
+                                    constant([[0, 6, 4, 2]], np.uint8)], {"direction": "RIGHT"})
+    high = rewrite.node("BitShift", [rewrite.node("Gather", [triples, constant([3, 1, 2, 3])],
+                                                  {"axis": 1}),
+                                     constant([[0, 2, 4, 0]], np.uint8)], {"direction": "LEFT"})
+    windows = rewrite.node("BitwiseOr", [low, high])
+    mask = rewrite.layout_constant("codes", "mask", [(1 << WORD_CODE_BITS) - 1], np.uint8)
+    second = rewrite.node("BitShift", [windows, constant([WORD_CODE_BITS], np.uint8)],
+                          {"direction": "RIGHT"})
+    second = rewrite.node("BitShift", [rewrite.node("BitwiseAnd", [second, mask]),
+                                       constant([4], np.uint8)], {"direction": "LEFT"})
+    lanes = rewrite.node("BitwiseOr", [rewrite.node("BitwiseAnd", [windows, mask]), second])
+    if signed:  # both codes of the byte up by 8 - 4, within their nibbles
+        lanes = rewrite.node("Add", [lanes, constant([0x44], np.uint8)])
+    flat = rewrite.node("Slice", [rewrite.node("Reshape", [lanes, constant([-1])]),
+                                  constant([0]), constant([out_features * in_features // 2])])
+    shape = rewrite.node("Div", [rewrite.layout_constant("codes", "shape", list(weight.shape)),
+                                 constant([1, 2])])
+    rows = rewrite.node("Reshape", [flat, shape])
+    blocks = spec.groups(in_features)
+    padding = (blocks * spec.group_size - in_features) // 2
+    if padding:
+        rows = rewrite.node("Pad", [rows, constant([0, 0, 0, padding])])
+    return rewrite.node("Reshape", [rows, constant([out_features, blocks,
+                                                    spec.group_size // 2])])
 
 
 def read_codes(blob: np.ndarray, width: int, in_features: int) -> np.ndarray:

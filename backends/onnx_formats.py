@@ -150,9 +150,7 @@ class SiteRewrite:
             array = self.orient(array)
         width = self.code_bits(bits)
         if name in CODE_ARRAYS and width in WORD_PACKED:
-            values = array.astype(np.int32) + (1 << (width - 1) if signed else 0)
-            packed = self.initializer(f"{self.site_id}.weight_{name}",
-                                      pack_words(values.astype(np.uint8), width))
+            packed = self.packed_words(array, name, width, signed)
             unpack = self.unpack_words_bytewise if self.bytes_only else self.unpack_words
             return unpack(packed, name, array.shape, width, signed)
         if name in CODE_ARRAYS and self.bytes_only and width < 8:
@@ -163,6 +161,14 @@ class SiteRewrite:
         if name in CODE_ARRAYS:
             array = array.astype(CODE_TYPES[(width, signed)])
         return self.initializer(f"{self.site_id}.weight_{name}", array)
+
+    def packed_words(self, array: np.ndarray, name: str, width: int,
+                     signed: bool) -> ir.Value:
+        """Codes of a word-packed ``width`` (3 or 6 bits; signed ones offset by
+        ``2^(width-1)``) as their packed initializer."""
+        values = array.astype(np.int32) + (1 << (width - 1) if signed else 0)
+        return self.initializer(f"{self.site_id}.weight_{name}",
+                                pack_words(values.astype(np.uint8), width))
 
     def unpack_words(self, packed: ir.Value, name: str, shape: tuple[int, ...], width: int,
                      signed: bool) -> ir.Value:

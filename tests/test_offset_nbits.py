@@ -74,6 +74,17 @@ def _site_graph(weights, in_features: int, accuracy_level: int, rank: int | None
     return model
 
 
+def _computing_ops(value: ir.Value) -> set[str]:
+    """The ops of every node that ``value`` is computed by."""
+    ops, pending = set(), [value.producer()]
+    while pending:
+        node = pending.pop()
+        if node is not None:
+            ops.add(node.op_type)
+            pending.extend(v.producer() for v in node.inputs if v is not None)
+    return ops
+
+
 def _shuffled_rows(weights) -> dict[str, np.ndarray]:
     """Inputs of ``_site_graph``'s lookups: every row of each site, in a shuffled order."""
     return {f"rows{i}": np.random.default_rng(i).permutation(w.shape[0])[None]
@@ -97,7 +108,7 @@ def _session(model, optimized=None) -> ort.InferenceSession:
 @pytest.mark.parametrize("scheme", ["float-offset", "float-offset-dq", "rtn-asym", "rtn-sym"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize(("in_features", "group_size"),
-                         [(96, 32), (80, 32), (576, 64), (576, 128), (1536, 128)])
+                         [(96, 32), (80, 32), (75, 16), (576, 64), (576, 128), (1536, 128)])
 def test_ort_computes_with_the_formats_weights(scheme, bits, in_features, group_size, tmp_path):
     rng = np.random.default_rng(bits)
     float_weight = rng.normal(size=(24, in_features)).astype(np.float32)
@@ -111,6 +122,9 @@ def test_ort_computes_with_the_formats_weights(scheme, bits, in_features, group_
     # unsigned codes of the kernel's width in whole blocks are stored as its B: nothing to fold
     direct = bits in (4, 8) and in_features % group_size == 0 and scheme != "rtn-sym"
     assert (kernels[0].inputs[1].name == "w0.weight_codes") == direct
+    # B from 3-bit codes packed in words: byte ops on the packed bytes, nothing widened
+    if bits == 3 and in_features % 2 == 0:
+        assert "Cast" not in _computing_ops(kernels[0].inputs[1])
     # the file holds the format's arrays at their physical size, nothing derived from them
     stored = sum(v.const_value.nbytes for name, v in model.graph.initializers.items()
                  if name.startswith("w0.weight_"))
