@@ -308,8 +308,8 @@ def unpack_words(packed: np.ndarray, count: int, width: int) -> np.ndarray:
     return codes.reshape(-1)[:count].astype(np.uint8)
 
 
-def dequantize_linear(rewrite: SiteRewrite, weight: WeightFormat, inputs: list[ir.Value],
-                       name: str, spelled_out: bool = False) -> ir.Value:
+def _dequantize_linear(rewrite: SiteRewrite, weight: WeightFormat, inputs: list[ir.Value],
+                        name: str, spelled_out: bool = False) -> ir.Value:
     """``DequantizeLinear(codes, scales[, zero points])`` in B's orientation, or with
     ``spelled_out`` (and in ``bytes_only`` mode) the same formula in Cast, Sub and Mul."""
     spec = weight.spec
@@ -338,7 +338,7 @@ def lower_affine(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
     inputs = [rewrite.array(weight, "codes", signed), rewrite.array(weight, "scales")]
     if not signed:
         inputs.append(rewrite.array(weight, "zero_points"))
-    return dequantize_linear(rewrite, weight, inputs, "weight_dequantized")
+    return _dequantize_linear(rewrite, weight, inputs, "weight_dequantized")
 
 
 def _repeat_groups(rewrite: SiteRewrite, per_group: ir.Value, weight: WeightFormat) -> ir.Value:
@@ -376,20 +376,20 @@ def float_offset_parameters(rewrite: SiteRewrite,
     return scales, rewrite.node("Neg", [magnitudes])
 
 
-def float_offset_weight(rewrite: SiteRewrite, weight: WeightFormat, codes: ir.Value,
-                        scales: ir.Value, offsets: ir.Value) -> ir.Value:
+def _float_offset_weight(rewrite: SiteRewrite, weight: WeightFormat, codes: ir.Value,
+                         scales: ir.Value, offsets: ir.Value) -> ir.Value:
     """``Cast(codes) * scales + offsets``, the per-group tensors repeated to the weight's
     shape."""
-    scaled = dequantize_linear(rewrite, weight, [codes, scales], "weight_scaled",
-                                spelled_out=True)
+    scaled = _dequantize_linear(rewrite, weight, [codes, scales], "weight_scaled",
+                                 spelled_out=True)
     return rewrite.node("Add", [scaled, _repeat_groups(rewrite, offsets, weight)],
                         output="weight_dequantized")
 
 
 def lower_float_offset(rewrite: SiteRewrite, weight: WeightFormat) -> ir.Value:
     """Both float-offset formats (``float-offset``, ``float-offset-dq``)."""
-    return float_offset_weight(rewrite, weight, rewrite.array(weight, "codes"),
-                               *float_offset_parameters(rewrite, weight))
+    return _float_offset_weight(rewrite, weight, rewrite.array(weight, "codes"),
+                                *float_offset_parameters(rewrite, weight))
 
 
 def _dq_parameter(rewrite: SiteRewrite, weight: WeightFormat, kind: str) -> ir.Value:
