@@ -6,7 +6,8 @@ RSS): the builder at fp32, at int4 (its CPU default: RTN, block 32, symmetric, i
 embedding, accuracy level 4) and with ``algo_config=k_quant_mixed``; lwqc uniform int4 in the
 builder's format (block 32, symmetric) and at block 128; lwqc mixed plans (``--policy lim``,
 4 and 8 bits) sized to the builder's two int4 files (never larger: a plan whose file comes out
-larger is rebuilt with the excess taken off its budget). The builder reads a transformers
+larger is rebuilt with the excess taken off its budget); ``lwqc compile --policy sensitivity
+--bits 4.5`` with its defaults. The builder reads a transformers
 directory written from the GGUF beforehand (not timed); lwqc reads the GGUF itself.
 
 Quality: perplexity and KL(float || artifact) per token on the first N WikiText-2 windows of
@@ -18,7 +19,8 @@ them alike. ``--large`` adds the ~1B model (hidden 2048, 16 layers, vocabulary 3
 size, compile time and peak RSS, and decode speed against its fp32 decoder.
 
 Each artifact's row is appended to ``bench/deploy/results.jsonl`` when measured; a rerun skips
-rows already there. Writes ``bench/deploy.json`` and ``bench/deploy.md``.
+rows already there whose artifact directory is still in place. Writes ``bench/deploy.json``
+and ``bench/deploy.md``.
 Usage: python tools/bench_deploy.py [--windows 32] [--large] [--out-dir bench]
 """
 
@@ -85,9 +87,8 @@ SMOLLM2_ARTIFACTS = (
     Artifact("lwqc lim 4/8 at k_quant_mixed size", "lwqc",
              ("--policy", "lim", "--hi", "8", "--lo", "4"),
              size_of="builder int4 k_quant_mixed"),
-    Artifact("lwqc sensitivity --bits 4.5, float-offset-dq g32, widths 2+3+4+8", "lwqc",
-             ("--policy", "sensitivity", "--bits", "4.5", "--widths", "2+3+4+8",
-              "--granularity", "matmul")),
+    Artifact("lwqc sensitivity --bits 4.5 (the defaults)", "lwqc",
+             ("--policy", "sensitivity", "--bits", "4.5")),
 )
 LARGE_ARTIFACTS = (
     Artifact("~1B builder fp32", "builder", ("-p", "fp32")),
@@ -275,9 +276,10 @@ def large_model(work: Path) -> Path:
 
 def measure(bench: Bench, artifacts: tuple[Artifact, ...], hf_dir: Path, lwqc_input: Path,
             vocab: int) -> None:
-    """Build what is not built yet, then time every artifact of the model side by side."""
+    """Build what is not built yet (or whose directory is gone: its row is measured anew),
+    then time every artifact of the model side by side."""
     for artifact in artifacts:
-        if artifact.label not in bench.rows:
+        if artifact.label not in bench.rows or not bench.directory(artifact).is_dir():
             bench.save(bench.build(artifact, hf_dir, lwqc_input))
     directories = {a.label: bench.directory(a) for a in artifacts}
     for label, timing in speeds(directories, vocab).items():
