@@ -121,6 +121,21 @@ def run_measured(command: list[str]) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024
 
 
+def cpu_description() -> str:
+    """The CPU's model name and which of the vector extensions ONNX Runtime's int4 and int8
+    kernels choose between it has: speeds and their ratios change with them."""
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        return platform.processor() or platform.machine()
+    fields = {key.strip(): value.strip() for key, _, value in
+              (line.partition(":") for line in info.read_text().splitlines())}
+    flags = set(fields.get("flags", "").split())
+    extensions = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+                  if f in flags]
+    name = fields.get("model name", platform.machine())
+    return f"{name} with {', '.join(extensions)}" if extensions else f"{name} without AVX2"
+
+
 def model_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("model.onnx*"))
 
@@ -292,7 +307,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Deployment: lwqc decoders vs the ONNX Runtime GenAI model builder",
         "",
-        f"Measured {meta['date']} on {meta['machine']} ({meta['cores']} cores), "
+        f"Measured {meta['date']} on {meta['cpu']}, {meta['cores']} cores ({meta['machine']}), "
         f"onnxruntime {meta['onnxruntime']}, onnxruntime-genai {meta['onnxruntime_genai']}. "
         f"Quality: first {meta['windows']} WikiText-2 windows of 512 tokens against the float "
         "model (float32 from the GGUF); speed: onnxruntime-genai, prefill of 512 tokens, "
@@ -346,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     labels = [a.label for a in (*SMOLLM2_ARTIFACTS, *LARGE_ARTIFACTS) if a.label in bench.rows]
     result = {
         "meta": {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
-                 "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
+                 "cpu": cpu_description(), "cores": os.cpu_count(),
+                 "onnxruntime": onnxruntime.__version__,
                  "onnxruntime_genai": onnxruntime_genai.__version__, "windows": args.windows},
         "rows": [bench.rows[label] for label in labels],
     }
